@@ -1,0 +1,260 @@
+"""A GPT whose attention layers are SP-KV: Llama-family or GPT-2 blocks, chosen by one config.
+
+Config -> RoPE -> Attention (with its utility predictor) -> MLP -> Block -> GPT, as in nanoGPT.
+The SP-KV parts (the predictor, the gate views, the bias) come from spkv.py; the attention kernels
+from kernels.py. Layers listed in `dense_layers` keep plain causal attention (hybrid layouts; all
+layers dense is the baseline every SP-KV number is compared against).
+Shapes: B batch, T length, H query heads, Hkv KV heads, D head dim, d = n_embd model width.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+import spkv
+
+ARCHS = ("llama", "gpt2")
+
+
+@dataclass
+class GPTConfig:
+    arch: str = "llama"  # "llama": RMSNorm, RoPE, SwiGLU, GQA; "gpt2": LayerNorm, learned positions, GELU
+    vocab_size: int = 49152
+    n_layer: int = 30
+    n_head: int = 9
+    n_kv_head: int = 3  # GQA: each KV head serves n_head // n_kv_head query heads
+    n_embd: int = 576
+    n_hidden: int = 1536  # MLP hidden width
+    block_size: int = 8192  # longest context: RoPE table or learned position embeddings
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_factor: float = 1.0  # Llama-3 RoPE scaling factor; 1.0 means no scaling
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192  # context the scaled model was pretrained at
+    qkv_bias: bool = False  # Qwen2 and GPT-2 put biases on q, k, v
+    tie_embeddings: bool = True  # output head shares the token embedding
+    # SP-KV (METHOD.md): the knobs of the method, all per model
+    window: int = 128  # local window w: the last w keys are always visible, never gated
+    tau: float = 0.5  # hard-gate threshold: an old key stays iff u >= tau
+    predictor_hidden: int = 0  # predictor MLP width; 0 means n_embd // 4
+    predictor_init_bias: float = 5.0  # open init: u = sigmoid(5) = 0.993 everywhere
+    dense_layers: tuple = field(default_factory=tuple)  # layer indices kept as plain attention
+
+    def __post_init__(self):
+        self.dense_layers = tuple(int(i) for i in self.dense_layers)
+        if self.predictor_hidden == 0:
+            self.predictor_hidden = self.n_embd // 4
+        problems = []
+        if self.arch not in ARCHS:
+            problems.append(f"arch={self.arch!r} is not supported; use one of {ARCHS}")
+        if not 0.0 <= self.tau <= 1.0:
+            problems.append(f"tau={self.tau} is outside [0, 1]; a gate u is a probability, pick tau in [0, 1]")
+        if self.window < 1:
+            problems.append(f"window={self.window} must be >= 1 (the current token is always visible)")
+        if self.n_head % self.n_kv_head or self.n_embd % self.n_head:
+            problems.append(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head} "
+                            f"and divide n_embd={self.n_embd}")
+        if any(not 0 <= i < self.n_layer for i in self.dense_layers):
+            problems.append(f"dense_layers={self.dense_layers} must index layers 0..{self.n_layer - 1}")
+        if problems:
+            raise ValueError("bad model config: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def spkv_layers(self) -> list:
+        return [i for i in range(self.n_layer) if i not in self.dense_layers]
+
+
+# ---------------------------------------------------------------------------------------------
+# Positions
+
+
+def rope_inv_freq(cfg: GPTConfig) -> torch.Tensor:
+    """RoPE inverse frequencies (D/2,), with Llama-3 style scaling when rope_factor != 1:
+    long wavelengths are slowed by `factor`, short ones kept, the band between interpolated."""
+    D = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))  # (D/2,)
+    if cfg.rope_factor == 1.0:
+        return inv.float()
+    wavelen = 2 * math.pi / inv
+    low_wavelen = cfg.rope_original_context / cfg.rope_low_freq_factor
+    high_wavelen = cfg.rope_original_context / cfg.rope_high_freq_factor
+    smooth = (cfg.rope_original_context / wavelen - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    mid = (1 - smooth) * inv / cfg.rope_factor + smooth * inv
+    scaled = torch.where(wavelen > low_wavelen, inv / cfg.rope_factor, inv)
+    scaled = torch.where((wavelen >= high_wavelen) & (wavelen <= low_wavelen), mid, scaled)
+    return scaled.float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (B, H, T, D) in the Hugging Face "rotate half" layout: pairs are (i, i + D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    return RMSNorm(cfg.n_embd, cfg.norm_eps) if cfg.arch == "llama" else nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with GQA; an SP-KV layer also owns a utility predictor."""
+
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.is_spkv = layer not in cfg.dense_layers
+        D, Hkv = cfg.head_dim, cfg.n_kv_head
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * D, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, Hkv * D, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, Hkv * D, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * D, cfg.n_embd, bias=cfg.arch == "gpt2")
+        if self.is_spkv:
+            self.predictor = spkv.UtilityPredictor(cfg.n_embd, cfg.predictor_hidden, Hkv, cfg.predictor_init_bias)
+
+    def qkv(self, x, rope):
+        """Project x (B, T, d) to q (B, H, T, D), k and v (B, Hkv, T, D), RoPE applied at their
+        positions, and the gate logits (B, Hkv, T) (None for a dense layer)."""
+        B, T, _ = x.shape
+        D = self.cfg.head_dim
+        q = self.q_proj(x).view(B, T, -1, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, -1, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, -1, D).transpose(1, 2)  # (B, Hkv, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # the predictor reads the same normalized x as q/k/v; logits kept in fp32 under autocast
+        logit = self.predictor(x).float().transpose(1, 2) if self.is_spkv else None  # (B, Hkv, T)
+        return q, k, v, logit
+
+    def forward(self, x, rope, view, anneal, impl, gates):
+        q, k, v, logit = self.qkv(x, rope)
+        lg = None
+        if logit is not None:
+            if view == "anneal":  # the predictor is frozen while gates anneal: no gradient through it
+                logit = logit.detach()
+            if gates is not None:
+                gates.append(logit.detach())
+            lg = spkv.log_gate(logit, view, self.cfg.tau, anneal)
+        y = kernels.attention(q, k, v, lg, self.cfg.window, impl)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU for Llama-family blocks, GELU (tanh) with biases for GPT-2."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.arch = cfg.arch
+        bias = cfg.arch == "gpt2"
+        if cfg.arch == "llama":
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.n_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.n_hidden, bias=bias)
+        self.down_proj = nn.Linear(cfg.n_hidden, cfg.n_embd, bias=bias)
+
+    def forward(self, x):
+        if self.arch == "llama":
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h, rope, view, anneal, impl, gates):
+        h = h + self.attn(self.attn_norm(h), rope, view, anneal, impl, gates)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig, attn_impl: str = "sdpa"):
+        super().__init__()
+        self.cfg = cfg
+        self.attn_impl = attn_impl  # which kernels.py path runs attention; see kernels.choose_attention
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.arch == "gpt2":
+            self.pos_embed = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        if cfg.arch == "llama":
+            self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # (D/2,)
+        self.apply(self._init_weights)
+        for m in self.modules():  # the generic init above must not close the gates
+            if isinstance(m, spkv.UtilityPredictor):
+                m.reset_open()
+
+    @staticmethod
+    def _init_weights(m):
+        """Random init for training from scratch (nanoGPT's); converted weights overwrite it."""
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def predictor_parameters(self) -> list:
+        return [p for n, p in self.named_parameters() if ".predictor." in n]
+
+    def rope(self, pos):
+        """cos, sin for positions pos: (T,) -> (T, D), or (B, T) -> (B, 1, T, D)."""
+        angles = pos.float()[..., None] * self.inv_freq  # (..., T, D/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (..., T, D)
+        cos, sin = angles.cos(), angles.sin()
+        return (cos, sin) if pos.dim() == 1 else (cos[:, None], sin[:, None])
+
+    def embed_tokens(self, idx, pos):
+        """Token (and, for GPT-2, position) embeddings; returns h (B, T, d) and the RoPE tables."""
+        h = self.embed(idx)  # (B, T, d)
+        if self.cfg.arch == "gpt2":
+            return h + self.pos_embed(pos), None
+        return h, self.rope(pos)
+
+    def forward(self, idx, targets=None, view="soft", anneal=0.0, gates=None):
+        """idx (B, T) token ids -> logits (B, T, V) and the mean next-token loss if targets given.
+
+        view: "soft" (training), "anneal" (soft-to-hard with weight `anneal`), "hard" (inference).
+        gates: optional list; each SP-KV layer appends its gate logits (B, Hkv, T), in layer order.
+        """
+        T = idx.shape[1]
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than the model's context "
+                             f"block_size={self.cfg.block_size}; use a shorter seq_len")
+        h, rope = self.embed_tokens(idx, torch.arange(T, device=idx.device))
+        for block in self.blocks:
+            h = block(h, rope, view, anneal, self.attn_impl, gates)
+        logits = self.lm_head(self.norm(h))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits, loss

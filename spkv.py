@@ -1,0 +1,173 @@
+"""SP-KV, the method in one file: the utility predictor, the three gate views, the bias they put on
+attention, a dense reference attention that defines correctness, and density statistics.
+
+Self-Pruned Key-Value attention (arXiv 2605.14037) scores every key/value pair the moment it is
+written, per KV head, with u = sigmoid(mlp(x)). Keys inside a local window of `window` tokens are
+always visible; an older key s is seen through its gate:
+
+    score[t, s] = q_t . k_s / sqrt(D) + bias[t, s]
+    bias[t, s]  = -inf if s > t;  0 if t - s < window;  log u_s otherwise      (training, "soft")
+    bias[t, s]  = -inf if s > t;  0 if t - s < window or u_s >= tau;  -inf otherwise   ("hard")
+
+Axis letters used in every shape comment of this project:
+    B batch, T query length, S key length, H query heads, Hkv key/value heads (each serves G = H/Hkv
+    query heads), D head dim, d model width, L layers.
+Everything here is plain PyTorch; the fast paths live in kernels.py and are tested against this file.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GATE_VIEWS = ("soft", "anneal", "hard")
+
+
+class UtilityPredictor(nn.Module):
+    """The per-layer utility predictor: one logit per KV head from the attention's normalized input.
+
+        logit = W2 @ silu(W1 @ x + b1) + b2        x: (B, T, d)  ->  logit: (B, T, Hkv)
+
+    It reads only the token that writes the pair, so the keep decision is known at write time.
+    Initialized "open" for adapting a pretrained model: W2 = 0 and b2 = init_bias, so every gate
+    starts at sigmoid(init_bias) (0.993 for the default 5) and the model is the pretrained one up to
+    a constant log(0.993) bias on old keys.
+    """
+
+    def __init__(self, n_embd: int, hidden: int, n_kv_head: int, init_bias: float):
+        super().__init__()
+        self.fc = nn.Linear(n_embd, hidden)
+        self.proj = nn.Linear(hidden, n_kv_head)
+        self.init_bias = init_bias
+        self.reset_open()
+
+    def reset_open(self):
+        """Open every gate: zero output weights, constant output bias (METHOD.md section 1)."""
+        nn.init.normal_(self.fc.weight, std=1.0 / math.sqrt(self.fc.in_features))
+        nn.init.zeros_(self.fc.bias)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.constant_(self.proj.bias, self.init_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.silu(self.fc(x)))  # (B, T, Hkv)
+
+
+# ---------------------------------------------------------------------------------------------
+# The three gate views. Each maps logits (B, Hkv, S) to the log-gate added to old keys' scores.
+
+
+def soft_log_gate(logit: torch.Tensor) -> torch.Tensor:
+    """Training view: log u, computed as logsigmoid(logit) so it never underflows to log(0)."""
+    return F.logsigmoid(logit)
+
+
+def hard_keep(logit: torch.Tensor, tau: float) -> torch.Tensor:
+    """Inference keep decision, keep_s = u_s >= tau. The one definition every path uses (the
+    cache included), always computed in fp32 so that bf16 logits do not move the threshold."""
+    return torch.sigmoid(logit.float()) >= tau
+
+
+def hard_log_gate(logit: torch.Tensor, tau: float) -> torch.Tensor:
+    """Inference view: 0 for kept keys, -inf for dropped ones."""
+    keep = hard_keep(logit, tau)
+    return torch.zeros_like(logit).masked_fill(~keep, float("-inf"))
+
+
+def annealed_log_gate(logit: torch.Tensor, tau: float, a: float) -> torch.Tensor:
+    """Closing the train/test gap (METHOD.md section 4): log u_tilde with
+        u_tilde = (1 - a) * u + a * 1[u >= tau],   a going 0 -> 1 over the last steps.
+    a = 0 is the soft view and a = 1 the hard view, taken from those functions exactly (the
+    formula itself would give log(0) and a NaN gradient for dropped keys at a = 1).
+    """
+    if a <= 0.0:
+        return soft_log_gate(logit)
+    if a >= 1.0:
+        return hard_log_gate(logit, tau)
+    u = torch.sigmoid(logit)
+    return torch.log((1.0 - a) * u + a * hard_keep(logit, tau).to(u.dtype))
+
+
+def log_gate(logit: torch.Tensor, view: str, tau: float, anneal: float = 0.0) -> torch.Tensor:
+    """Dispatch to one of GATE_VIEWS: 'soft' (training), 'anneal' (with weight `anneal`), 'hard'."""
+    if view == "soft":
+        return soft_log_gate(logit)
+    if view == "anneal":
+        return annealed_log_gate(logit, tau, anneal)
+    if view == "hard":
+        return hard_log_gate(logit, tau)
+    raise ValueError(f"unknown gate view {view!r}; use one of {GATE_VIEWS}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The bias over (query t, key s) and the dense reference attention.
+
+
+def gate_bias(lg: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """Materialize bias[t, s] for every query/key pair.
+
+    lg: (B, Hkv, S) log-gates of the keys; q_pos: (T,) and k_pos: (S,) absolute positions.
+    Returns (B, Hkv, T, S): -inf where s > t (causal), 0 inside the window (t - s < window, which
+    includes s = t, so no row is ever fully masked), lg[s] for keys older than the window.
+    """
+    rel = q_pos[:, None] - k_pos[None, :]  # (T, S) distance t - s
+    old = rel >= window  # (T, S) keys the gate applies to
+    bias = torch.where(old, lg[:, :, None, :], torch.zeros((), dtype=lg.dtype, device=lg.device))
+    return bias.masked_fill(rel < 0, float("-inf"))  # (B, Hkv, T, S)
+
+
+def reference_attention(q, k, v, lg, window, q_pos=None, k_pos=None):
+    """Dense, materialized SP-KV attention: the definition every fast path is tested against.
+
+    q: (B, H, T, D); k, v: (B, Hkv, S, D); lg: (B, Hkv, S) log-gates, or None for plain causal
+    attention. Positions default to 0..T-1 and 0..S-1 (a full sequence, T == S).
+    One gate per KV head is shared by the G = H / Hkv query heads of its group (GQA).
+    """
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    q_pos = torch.arange(T, device=q.device) if q_pos is None else q_pos
+    k_pos = torch.arange(S, device=q.device) if k_pos is None else k_pos
+    if lg is None:  # plain causal attention: a window that covers everything
+        lg, window = torch.zeros(B, Hkv, S, dtype=q.dtype, device=q.device), S + int(q_pos.max()) + 1
+    qg = q.view(B, Hkv, G, T, D)  # (B, Hkv, G, T, D) query heads grouped by their KV head
+    scores = qg @ k.unsqueeze(2).transpose(-1, -2) / math.sqrt(D)  # (B, Hkv, G, T, S)
+    scores = scores + gate_bias(lg, q_pos, k_pos, window).unsqueeze(2).to(scores.dtype)
+    out = scores.softmax(dim=-1) @ v.unsqueeze(2)  # (B, Hkv, G, T, D)
+    return out.reshape(B, H, T, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# Density: the fraction of pairs older than the window that the hard gates keep.
+
+
+def kept_counts(keep: torch.Tensor, window: int, lengths=None):
+    """Count (kept, total) pairs older than the window, per KV head, at the end of each sequence.
+
+    keep: (B, Hkv, S) booleans; lengths: (B,) valid lengths (default S for every row). A pair at
+    position s of a row of length n is "old" when n - 1 - s >= window: it has left the local ring
+    and lives in the long-term store only if kept. Returns two (Hkv,) integer tensors.
+    """
+    B, Hkv, S = keep.shape
+    n = torch.full((B,), S, device=keep.device) if lengths is None else lengths.to(keep.device)
+    old = torch.arange(S, device=keep.device)[None, :] <= (n[:, None] - 1 - window)  # (B, S)
+    old = old[:, None, :].expand(B, Hkv, S)
+    return (keep & old).sum(dim=(0, 2)), old.sum(dim=(0, 2))
+
+
+def density_stats(keeps, window: int, lengths=None) -> dict:
+    """Density overall, per layer and per (layer, KV head), from one keep tensor per SP-KV layer.
+
+    keeps: dict {layer index: (B, Hkv, S) bool}. Returns plain Python numbers (nan where no pair is
+    old yet, i.e. the sequence is not longer than the window):
+        {"overall": float, "per_layer": {l: float}, "per_head": {l: [float] * Hkv},
+         "kept": int, "old": int}
+    """
+    per_layer, per_head, kept_all, old_all = {}, {}, 0, 0
+    for layer, keep in keeps.items():
+        kept, old = kept_counts(keep, window, lengths)
+        per_head[layer] = [k / o if o else float("nan") for k, o in zip(kept.tolist(), old.tolist())]
+        per_layer[layer] = kept.sum().item() / old.sum().item() if old.sum() else float("nan")
+        kept_all, old_all = kept_all + kept.sum().item(), old_all + old.sum().item()
+    overall = kept_all / old_all if old_all else float("nan")
+    return {"overall": overall, "per_layer": per_layer, "per_head": per_head, "kept": kept_all, "old": old_all}

@@ -1,0 +1,235 @@
+"""Property tests: SP-KV attention against dense attention and against METHOD.md's formulas.
+
+The oracles here are written independently of spkv.py: dense attention over an explicit boolean
+mask (keys repeated per query head), and the soft formula in its multiplicative form
+p[t, s] ~ exp(q.k / sqrt(D)) * (u_s if t - s >= w else 1), normalized over s <= t.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import kernels
+import spkv
+from conftest import needs_cuda
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+@st.composite
+def problems(draw, max_t=40):
+    """A random attention problem: q (B, H, T, D), k, v (B, Hkv, T, D), gate logits (B, Hkv, T)."""
+    B, Hkv, G = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    T, D = draw(st.integers(1, max_t)), draw(st.sampled_from([4, 8, 16]))
+    window = draw(st.integers(1, max_t + 4))
+    tau = draw(st.floats(0.0, 1.0))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    q = torch.randn(B, Hkv * G, T, D, generator=g, dtype=dtype)
+    k = torch.randn(B, Hkv, T, D, generator=g, dtype=dtype)
+    v = torch.randn(B, Hkv, T, D, generator=g, dtype=dtype)
+    logit = 3 * torch.randn(B, Hkv, T, generator=g, dtype=dtype)
+    return dict(q=q, k=k, v=v, logit=logit, window=window, tau=tau)
+
+
+def dense_masked(q, k, v, allowed):
+    """Plain softmax attention over allowed (B, Hkv, T, S) pairs, k/v repeated per query head."""
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    allowed = allowed.repeat_interleave(G, 1)
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+
+def causal(B, Hkv, T):
+    return torch.ones(T, T, dtype=torch.bool).tril().expand(B, Hkv, T, T)
+
+
+def in_window(T, window):
+    i = torch.arange(T)
+    return (i[:, None] - i[None, :]) < window  # (T, S)
+
+
+def soft_formula(q, k, v, logit, window):
+    """METHOD.md section 2 in multiplicative form: exp(score) * u_s for keys older than the window."""
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    u = torch.sigmoid(logit).repeat_interleave(G, 1)  # (B, H, S)
+    T = q.shape[2]
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    s = s - s.amax(-1, keepdim=True)  # stabilizer; cancels in the ratio
+    mult = torch.where(in_window(T, window), torch.ones_like(u[:, :, None, :]), u[:, :, None, :])
+    w = torch.exp(s) * mult * torch.ones(T, T, dtype=q.dtype).tril()
+    return (w / w.sum(-1, keepdim=True)) @ v
+
+
+def close(a, b, tol):
+    assert a.shape == b.shape
+    err = (a - b).abs().max().item() if a.numel() else 0.0
+    assert err <= tol, f"max abs diff {err:.3g} > {tol:.3g}"
+
+
+@given(problems())
+def test_open_gates_are_dense_causal_attention(p):
+    q, k, v = p["q"], p["k"], p["v"]
+    lg = torch.zeros_like(p["logit"])  # u = 1 everywhere
+    out = spkv.reference_attention(q, k, v, lg, p["window"])
+    close(out, dense_masked(q, k, v, causal(q.shape[0], k.shape[1], q.shape[2])), TOL[q.dtype])
+
+
+@given(problems())
+def test_window_covering_everything_is_dense_whatever_u(p):
+    q, k, v = p["q"], p["k"], p["v"]
+    T = q.shape[2]
+    for view in ("soft", "hard"):
+        lg = spkv.log_gate(p["logit"], view, p["tau"])
+        out = spkv.reference_attention(q, k, v, lg, window=T + p["window"])
+        close(out, dense_masked(q, k, v, causal(q.shape[0], k.shape[1], T)), TOL[q.dtype])
+
+
+@given(problems())
+def test_soft_matches_formula_outputs_and_gradients(p):
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4}[p["q"].dtype]
+    leaves = [p[n].clone().requires_grad_() for n in ("q", "k", "v", "logit")]
+    out = spkv.reference_attention(*leaves[:3], spkv.soft_log_gate(leaves[3]), p["window"])
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    leaves2 = [x.detach().clone().requires_grad_() for x in leaves]
+    ref = soft_formula(*leaves2, p["window"])
+    ref_grads = torch.autograd.grad(ref, leaves2, grad_out, allow_unused=True)
+    close(out, ref, tol)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        close(g, r, tol * 10)
+    close(grads[3], ref_grads[3] if ref_grads[3] is not None else torch.zeros_like(grads[3]), tol * 10)
+
+
+@given(problems())
+def test_hard_is_dense_over_window_and_kept(p):
+    q, k, v = p["q"], p["k"], p["v"]
+    B, Hkv, T = p["logit"].shape
+    keep = torch.sigmoid(p["logit"].float()) >= p["tau"]  # (B, Hkv, S): written out, not from spkv
+    allowed = causal(B, Hkv, T) & (in_window(T, p["window"]) | keep[:, :, None, :])
+    out = spkv.reference_attention(q, k, v, spkv.hard_log_gate(p["logit"], p["tau"]), p["window"])
+    close(out, dense_masked(q, k, v, allowed), TOL[q.dtype])
+
+
+@given(problems(), st.floats(0.0, 1.0), st.floats(0.0, 1.0))
+def test_kept_set_only_shrinks_as_tau_grows(p, t1, t2):
+    lo, hi = sorted((t1, t2))
+    keep_lo, keep_hi = spkv.hard_keep(p["logit"], lo), spkv.hard_keep(p["logit"], hi)
+    assert not (keep_hi & ~keep_lo).any()
+    assert spkv.hard_keep(p["logit"], 0.0).all()  # tau = 0 keeps everything
+
+
+@given(problems())
+def test_anneal_endpoints_and_continuity(p):
+    logit, tau = p["logit"], p["tau"]
+    assert torch.equal(spkv.annealed_log_gate(logit, tau, 0.0), spkv.soft_log_gate(logit))
+    assert torch.equal(spkv.annealed_log_gate(logit, tau, 1.0), spkv.hard_log_gate(logit, tau))
+    # the formula itself approaches both ends: near a = 0 it is soft, near a = 1 kept keys are ~0
+    close(spkv.annealed_log_gate(logit, tau, 1e-9), spkv.soft_log_gate(logit), 1e-6)
+    near_hard = spkv.annealed_log_gate(logit, tau, 1 - 1e-9)
+    keep = spkv.hard_keep(logit, tau)
+    close(near_hard[keep], torch.zeros_like(near_hard[keep]), 1e-6)
+    assert (near_hard[~keep] < -15).all()
+    # and it is monotone in a for dropped keys: annealing only ever lowers their weight
+    mid1, mid2 = spkv.annealed_log_gate(logit, tau, 0.3), spkv.annealed_log_gate(logit, tau, 0.6)
+    assert (mid2[~keep] <= mid1[~keep] + 1e-12).all()
+
+
+@given(problems())
+def test_attention_under_annealed_view_matches_formula(p):
+    """The annealed view is soft attention with u replaced by u_tilde (METHOD.md section 4)."""
+    a = 0.4
+    q, k, v, logit = p["q"], p["k"], p["v"], p["logit"]
+    out = spkv.reference_attention(q, k, v, spkv.annealed_log_gate(logit, p["tau"], a), p["window"])
+    u = torch.sigmoid(logit)
+    u_tilde = (1 - a) * u + a * (u >= p["tau"]).to(u.dtype)
+    ref = soft_formula(q, k, v, torch.logit(u_tilde.clamp(1e-300, 1 - 1e-16)), p["window"])
+    close(out, ref, {torch.float64: 1e-9, torch.float32: 1e-4}[q.dtype])
+
+
+@given(problems(), st.sampled_from(["soft", "hard", None]))
+def test_sdpa_path_matches_reference_forward_and_backward(p, view):
+    leaves = [p[n].clone().requires_grad_() for n in ("q", "k", "v", "logit")]
+    grads = {}
+    for impl in ("reference", "sdpa"):
+        lg = None if view is None else spkv.log_gate(leaves[3], view, p["tau"])
+        out = kernels.attention(*leaves[:3], lg, p["window"], impl)
+        g = torch.autograd.grad(out.sum() + (out ** 2).mean(), leaves, allow_unused=True)
+        grads[impl] = (out, g)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5}[p["q"].dtype]
+    close(grads["sdpa"][0], grads["reference"][0], tol)
+    for a, b in zip(grads["sdpa"][1], grads["reference"][1]):
+        if a is None or b is None:
+            assert a is None and b is None or view != "soft"
+            continue
+        close(a, b, tol * 20)
+
+
+@given(problems(max_t=300), st.sampled_from(["soft", "hard", None]))
+def test_flex_eager_forward_matches_reference_fp32(p, view):
+    q, k, v = (p[n].float() for n in ("q", "k", "v"))
+    lg = None if view is None else spkv.log_gate(p["logit"].float(), view, p["tau"])
+    ref = spkv.reference_attention(q, k, v, lg, p["window"])
+    close(kernels.attention(q, k, v, lg, p["window"], "flex"), ref, 1e-5)
+
+
+@pytest.mark.parametrize("B,Hkv,G,T,window", [(1, 2, 3, 256, 32), (2, 1, 1, 128, 200)])
+def test_flex_compiled_forward_matches_reference_fp32(B, Hkv, G, T, window):
+    g = torch.Generator().manual_seed(T)
+    q = torch.randn(B, Hkv * G, T, 16, generator=g)
+    k, v = torch.randn(B, Hkv, T, 16, generator=g), torch.randn(B, Hkv, T, 16, generator=g)
+    for lg in (spkv.soft_log_gate(3 * torch.randn(B, Hkv, T, generator=g)),
+               spkv.hard_log_gate(3 * torch.randn(B, Hkv, T, generator=g), 0.5)):
+        close(kernels.attention(q, k, v, lg, window, "flex_compiled"),
+              spkv.reference_attention(q, k, v, lg, window), 1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-3), (torch.bfloat16, 3e-2)])
+def test_flex_on_cuda_forward_backward_matches_reference(dtype, tol):
+    B, Hkv, G, T, D, window = 2, 2, 3, 512, 64, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    make = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
+    base = [make(B, Hkv * G, T, D), make(B, Hkv, T, D), make(B, Hkv, T, D), 3 * make(B, Hkv, T)]
+    results = {}
+    for impl in ("reference", "flex_compiled"):
+        leaves = [x.clone().to(dtype if i < 3 else torch.float32).requires_grad_() for i, x in enumerate(base)]
+        out = kernels.attention(*leaves[:3], spkv.soft_log_gate(leaves[3]), window, impl)
+        out.float().square().mean().backward()
+        results[impl] = [out.float()] + [x.grad.float() for x in leaves]
+    for a, b in zip(results["flex_compiled"], results["reference"]):
+        scale = b.abs().max().item() + 1e-6
+        assert (a - b).abs().max().item() <= tol * scale
+
+
+@given(problems())
+def test_density_counts_match_brute_force(p):
+    keep = spkv.hard_keep(p["logit"], p["tau"])
+    B, Hkv, S = keep.shape
+    lengths = torch.randint(1, S + 1, (B,), generator=torch.Generator().manual_seed(S))
+    kept, old = spkv.kept_counts(keep, p["window"], lengths)
+    for h in range(Hkv):
+        want_old = sum(1 for b in range(B) for s in range(S) if lengths[b] - 1 - s >= p["window"])
+        want_kept = sum(int(keep[b, h, s]) for b in range(B) for s in range(S) if lengths[b] - 1 - s >= p["window"])
+        assert (kept[h].item(), old[h].item()) == (want_kept, want_old)
+    stats = spkv.density_stats({0: keep, 3: keep}, p["window"], lengths)
+    if stats["old"]:
+        assert stats["overall"] == pytest.approx(kept.sum().item() / old.sum().item())
+        assert stats["per_layer"][3] == pytest.approx(stats["overall"])
+    assert len(stats["per_head"][0]) == Hkv
+
+
+def test_log_gate_rejects_unknown_view():
+    with pytest.raises(ValueError, match="unknown gate view"):
+        spkv.log_gate(torch.zeros(1, 1, 2), "medium", 0.5)
+
+
+def test_predictor_starts_open_and_shape():
+    pred = spkv.UtilityPredictor(n_embd=32, hidden=8, n_kv_head=3, init_bias=5.0)
+    u = torch.sigmoid(pred(torch.randn(2, 7, 32)))  # (B, T, Hkv)
+    assert u.shape == (2, 7, 3)
+    close(u, torch.full_like(u, 1 / (1 + math.exp(-5))), 1e-6)

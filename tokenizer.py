@@ -97,8 +97,10 @@ def _chars_led_by(b: int):
 
 
 class Tokenizer:
-    """encode/decode with tiktoken; characters whose bytes the vocabulary lacks are dropped, as the
-    Hugging Face BPE does when there is no unknown token (SmolLM2 lacks a few control bytes)."""
+    """encode/decode with tiktoken. Characters whose bytes the vocabulary lacks are dropped before
+    encoding (tiktoken would panic): SmolLM2 lacks six ASCII control bytes, which the Hugging Face
+    BPE drops too, and the lead byte 0xF1 of the unassigned planes U+40000-U+7FFFF, where HF drops
+    only that byte and we drop the whole character (the one known difference)."""
 
     def __init__(self, spec: dict):
         self.spec = spec

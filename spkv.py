@@ -74,18 +74,18 @@ def hard_log_gate(logit: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.zeros_like(logit).masked_fill(~keep, float("-inf"))
 
 
-def annealed_log_gate(logit: torch.Tensor, tau: float, a: float) -> torch.Tensor:
+def annealed_log_gate(logit: torch.Tensor, tau: float, a) -> torch.Tensor:
     """Closing the train/test gap (METHOD.md section 4): log u_tilde with
         u_tilde = (1 - a) * u + a * 1[u >= tau],   a going 0 -> 1 over the last steps.
-    a = 0 is the soft view and a = 1 the hard view, taken from those functions exactly (the
-    formula itself would give log(0) and a NaN gradient for dropped keys at a = 1).
+    Computed as logaddexp(log(1 - a) + log u, log(a) + log 1[u >= tau]), which is exactly the soft
+    view at a = 0 and exactly the hard view at a = 1, with no branch on a: `a` may be a float or a
+    0-dim tensor (a tensor keeps torch.compile from recompiling as a changes every step).
+    Warning: at a = 1 a dropped key is logaddexp(-inf, -inf), whose gradient is NaN; the predictor
+    is frozen while annealing, so callers pass a detached logit (model.py does).
     """
-    if a <= 0.0:
-        return soft_log_gate(logit)
-    if a >= 1.0:
-        return hard_log_gate(logit, tau)
-    u = torch.sigmoid(logit)
-    return torch.log((1.0 - a) * u + a * hard_keep(logit, tau).to(u.dtype))
+    a = torch.as_tensor(a, dtype=logit.dtype, device=logit.device)
+    log_keep = torch.log(hard_keep(logit, tau).to(logit.dtype))  # 0 kept, -inf dropped
+    return torch.logaddexp(torch.log1p(-a) + F.logsigmoid(logit), torch.log(a) + log_keep)
 
 
 def log_gate(logit: torch.Tensor, view: str, tau: float, anneal: float = 0.0) -> torch.Tensor:

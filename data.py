@@ -1,0 +1,142 @@
+"""Training data: text tokenized once into uint16/uint32 memmaps, then random windows (nanoGPT).
+
+Sources (train.py's --data):
+  ""            the Python standard library source of the running interpreter, split by file
+  a text file   split by position: the first 90% train, the rest val
+  a folder      every text file under it, split by file (binary files are skipped, with a note)
+  a prepared folder holding train.bin, val.bin and meta.json (from an earlier run)
+The cache folder's name hashes the tokenizer and the source, and meta.json records the
+tokenizer's identity, so a cache made with another tokenizer is never reused.
+"""
+
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+
+import numpy as np
+import torch
+
+VAL_EVERY = 10  # every 10th file (sorted) goes to the validation split
+
+
+def tokenizer_id(spec: dict) -> str:
+    """A short hash that changes whenever the tokenizer would encode differently."""
+    h = hashlib.sha256(spec["pattern"].encode())
+    for p in spec["pieces"]:
+        h.update(b"\0" if p is None else p + b"\1")
+    return h.hexdigest()[:16]
+
+
+def stdlib_files() -> list:
+    root = sysconfig.get_paths()["stdlib"]
+    files = glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
+    skip = ("site-packages", f"{os.sep}test{os.sep}", "idlelib", "lib2to3")
+    return sorted(f for f in files if not any(s in f for s in skip))
+
+
+def read_text(path: str):
+    """File contents as text, or None if it is binary (NUL bytes or not UTF-8)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if b"\0" in raw:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def split_sources(data: str):
+    """(train texts, val texts, description) for a data argument."""
+    if data == "":
+        files = stdlib_files()
+    elif os.path.isdir(data):
+        files = sorted(f for f in glob.glob(os.path.join(data, "**", "*"), recursive=True) if os.path.isfile(f))
+    elif os.path.isfile(data):
+        text = read_text(data)
+        if text is None:
+            raise ValueError(f"--data={data} is a binary file; give a UTF-8 text file, a folder of them, "
+                             "or a prepared folder with train.bin/val.bin/meta.json")
+        if not text.strip():
+            raise ValueError(f"--data={data} is empty; give a text file with content")
+        cut = int(len(text) * 0.9)
+        return [text[:cut]], [text[cut:]], data
+    else:
+        raise FileNotFoundError(f"--data={data} does not exist; give a text file, a folder, or omit it for stdlib")
+    texts = [(f, read_text(f)) for f in files]
+    binary = [f for f, t in texts if t is None]
+    if binary:
+        print(f"data: skipping {len(binary)} binary files, e.g. {binary[0]}")
+    texts = [t for _, t in texts if t and t.strip()]  # empty files carry nothing
+    if len(texts) < 2:
+        raise ValueError(f"--data={data or 'stdlib'} is empty or nearly: {len(texts)} non-empty text files; need at least 2 "
+                         "(one for training, one for validation), or pass a single text file")
+    val_every = min(VAL_EVERY, len(texts))
+    train = [t for i, t in enumerate(texts) if i % val_every != val_every - 1]
+    val = [t for i, t in enumerate(texts) if i % val_every == val_every - 1]
+    return train, val, data or "stdlib"
+
+
+def write_split(path: str, texts: list, tok, dtype):
+    ids = []
+    for t in texts:
+        ids.extend(tok.encode(t))
+        if tok.eos_id is not None:
+            ids.append(tok.eos_id)  # documents are separated by end-of-text
+    arr = np.array(ids, dtype=dtype)
+    tmp = path + ".tmp"
+    arr.tofile(tmp)
+    os.replace(tmp, path)
+    return len(arr)
+
+
+def prepare(data: str, tok, cache_root: str) -> str:
+    """Tokenize `data` once; return the folder holding train.bin, val.bin, meta.json."""
+    tid = tokenizer_id(tok.spec)
+    if data and os.path.isfile(os.path.join(data, "meta.json")):
+        with open(os.path.join(data, "meta.json")) as f:
+            meta = json.load(f)
+        if meta.get("tokenizer_id") != tid:
+            raise ValueError(f"prepared data in {data} was made with tokenizer {meta.get('tokenizer_id')}, "
+                             f"this model's is {tid}; point --data at the raw text to re-tokenize")
+        return data
+    key = hashlib.sha256(f"{tid}|{os.path.abspath(data) if data else 'stdlib'}".encode()).hexdigest()[:12]
+    folder = os.path.join(cache_root, key)
+    if os.path.isfile(os.path.join(folder, "meta.json")):
+        return folder
+    train, val, desc = split_sources(data)
+    os.makedirs(folder, exist_ok=True)
+    dtype = np.uint16 if tok.n_vocab <= 2**16 else np.uint32
+    n_train = write_split(os.path.join(folder, "train.bin"), train, tok, dtype)
+    n_val = write_split(os.path.join(folder, "val.bin"), val, tok, dtype)
+    if n_train == 0 or n_val == 0:
+        raise ValueError(f"--data={desc} tokenized to {n_train} train / {n_val} val tokens; it is empty")
+    meta = {"tokenizer_id": tid, "dtype": np.dtype(dtype).name, "source": desc, "train_tokens": n_train,
+            "val_tokens": n_val}
+    with open(os.path.join(folder, "meta.json"), "w") as f:  # written last: marks the cache complete
+        json.dump(meta, f)
+    print(f"data: tokenized {desc}: {n_train:,} train / {n_val:,} val tokens -> {folder}")
+    return folder
+
+
+class Batches:
+    """Random windows of seq_len + 1 tokens from one split, drawn from an explicit generator whose
+    state is saved in checkpoints (the data position), so a resumed run sees the same batches."""
+
+    def __init__(self, folder: str, split: str, seq_len: int):
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+        self.tokens = np.memmap(os.path.join(folder, f"{split}.bin"), dtype=meta["dtype"], mode="r")
+        self.seq_len = seq_len
+        if len(self.tokens) <= seq_len + 1:
+            raise ValueError(f"the {split} split has {len(self.tokens)} tokens, too few for seq_len={seq_len}; "
+                             "use more data or a shorter --seq_len")
+
+    def sample(self, n: int, gen: torch.Generator):
+        """n windows: x, y of shape (n, seq_len), y shifted by one."""
+        ix = torch.randint(len(self.tokens) - self.seq_len - 1, (n,), generator=gen).tolist()
+        rows = np.stack([self.tokens[i:i + self.seq_len + 1].astype(np.int64) for i in ix])  # (n, T + 1)
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1], rows[:, 1:]

@@ -1,0 +1,195 @@
+"""train.py on tiny models: the optimizer step, the frozen/annealed phase, checkpoints that survive
+kill -9 and Ctrl-C, exact resume, DDP equivalence, and clear errors for bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from checkpoint import load_model, read_checkpoint
+from model import GPT
+from tiny import tiny_checkpoint, tiny_config, tiny_text_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def flags(tmp_path, ckpt, **kw) -> list:
+    base = dict(ckpt=ckpt, data=tiny_text_dir(tmp_path / "text"), data_cache=str(tmp_path / "cache"),
+                out_dir=str(tmp_path / "out"), preset="cpu", seq_len=64, batch_size=2, max_steps=8,
+                warmup_steps=1, eval_every=4, eval_batches=2, ckpt_every=4, window=8, lr=3e-3)
+    base.update(kw)
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def read_log(out_dir) -> list:
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def fixed_batch(T=48):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 257, (2, T), generator=g), torch.randint(0, 257, (2, T), generator=g)
+
+
+def test_one_step_lowers_loss_and_trains_predictor():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(window=4))
+    cfg = train.TrainConfig(lr=1e-3)
+    opt = train.make_optimizer(model, cfg, fused=False)
+    x, y = fixed_batch()
+    _, loss0 = model(x, y, view="soft")
+    loss0.backward()
+    proj_grads = [m.attn.predictor.proj.weight.grad for m in model.blocks]
+    assert all(g is not None and g.abs().sum() > 0 for g in proj_grads)
+    opt.step()
+    _, loss1 = model(x, y, view="soft")
+    assert loss1.item() < loss0.item()
+
+
+def test_frozen_phase_leaves_predictor_unchanged():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(window=4))
+    opt = train.make_optimizer(model, train.TrainConfig(lr=1e-3), fused=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for a in (0.0, 0.5, 1.0):
+        _, loss = model(*fixed_batch(), view="anneal", anneal=torch.tensor(a))
+        loss.backward()
+        assert all(p.grad is None for p in model.predictor_parameters())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for n, p in model.named_parameters():
+        same = torch.equal(p, before[n])
+        assert same if ".predictor." in n else not same, n
+
+
+def test_schedule_ends_fully_hard():
+    cfg = train.TrainConfig(max_steps=100, warmup_steps=10, anneal_steps=500, freeze_frac=0.25)
+    freeze, length = train.gate_schedule(cfg)
+    assert freeze == 78 and length == 11  # capped at half the frozen phase
+    assert train.gate_view_at(freeze - 1, cfg) == ("soft", 0.0)
+    assert train.gate_view_at(99, cfg) == ("anneal", 1.0)
+
+
+def test_after_anneal_the_gap_is_closed(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    train.main(flags(tmp_path, ckpt))
+    log = read_log(tmp_path / "out")
+    assert log[-1]["view"] == "anneal" and log[-1]["anneal"] == 1.0
+    model, _, _ = load_model(str(tmp_path / "out" / "ckpt.pt"))
+    x, y = fixed_batch()
+    with torch.no_grad():
+        trained_view = model(x, y, view="anneal", anneal=torch.tensor(1.0))[1]
+        hard = model(x, y, view="hard")[1]
+    assert torch.equal(trained_view, hard)  # trained under exactly the attention it decodes with
+    final = json.load(open(tmp_path / "out" / "final.json"))
+    assert 0 <= final["density"] <= 1 and set(final["density_per_layer"]) == {"0", "1"}
+
+
+def test_dense_baseline_has_no_predictor(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    train.main(flags(tmp_path, ckpt, dense=True, max_steps=2, eval_every=2))
+    model, _, raw = load_model(str(tmp_path / "out" / "ckpt.pt"))
+    assert not any(".predictor." in k for k in raw["model"])
+    assert read_log(tmp_path / "out")[-1]["val_soft"] == read_log(tmp_path / "out")[-1]["val_hard"]
+
+
+def test_checkpoint_survives_kill_9_during_write(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    writer = (f"import sys, torch; sys.path.insert(0, {ROOT!r}); from checkpoint import atomic_save\n"
+              f"i = 0\nwhile True:\n    i += 1\n"
+              f"    atomic_save({{'format': 'spkv-1', 'i': i, 'w': torch.full((4_000_000,), float(i))}}, {str(path)!r})\n")
+    for trial in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", writer])
+        while not path.exists():
+            time.sleep(0.02)
+        time.sleep(0.2 + 0.17 * trial)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpt = read_checkpoint(str(path))  # complete, never torn
+        assert torch.equal(ckpt["w"], torch.full((4_000_000,), float(ckpt["i"])))
+
+
+def test_ctrl_c_saves_and_resume_reproduces_losses_exactly(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    common = dict(max_steps=12, ckpt_every=100, eval_every=100, seq_len=128, batch_size=4)
+    train.main(flags(tmp_path, ckpt, out_dir=tmp_path / "straight", **common))
+    want = {r["step"]: r["loss"] for r in read_log(tmp_path / "straight")}
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, "train.py", *flags(tmp_path, ckpt, out_dir=out, **common)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while not (out / "log.jsonl").exists() or len(read_log(out)) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    text = proc.communicate()[0]
+    assert proc.returncode == 130, text
+    stopped_at = read_checkpoint(str(out / "ckpt.pt"))["step"]
+    assert 2 <= stopped_at < 12, text
+    train.main([f"--out_dir={out}", "--resume=True"])  # everything else comes from the checkpoint
+    got = {r["step"]: r["loss"] for r in read_log(out)}
+    assert [got[s] for s in range(stopped_at, 12)] == [want[s] for s in range(stopped_at, 12)]
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    one = flags(tmp_path, ckpt, out_dir=tmp_path / "one", batch_size=4, max_steps=3, eval_every=100)
+    two = flags(tmp_path, ckpt, out_dir=tmp_path / "two", batch_size=2, max_steps=3, eval_every=100)
+    train.main(one)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *two], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    a, b = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-5, (ra["loss"], rb["loss"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--bogus=1"], "unknown or malformed flag '--bogus=1'"),
+    (["--lr=fast"], "--lr takes a float, not 'fast'"),
+    (["--dense=maybe"], "--dense takes True or False"),
+    (["max_steps=3"], "unknown or malformed flag"),
+    (["--preset=tpu"], "unknown preset 'tpu'"),
+    (["--tau=1.5"], "--tau=1.5 must be in \\[0, 1\\]"),
+    (["--lr=nan"], "--lr=nan must be a finite number"),
+])
+def test_bad_flags_are_refused_with_the_valid_keys(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        train.parse_flags(argv)
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train.main(flags(tmp_path, str(tmp_path / "nope.pt")))
+
+
+@pytest.mark.parametrize("content,message", [(b"", "empty"), (b"\x00\x01binary\x00" * 50, "binary file")])
+def test_empty_or_binary_data_is_refused(tmp_path, content, message):
+    (tmp_path / "data.txt").write_bytes(content)
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    with pytest.raises(ValueError, match=message):
+        train.main(flags(tmp_path, ckpt, data=tmp_path / "data.txt"))
+
+
+def test_seq_len_beyond_context_is_refused(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    with pytest.raises(SystemExit, match="beyond the model's context of 256"):
+        train.main(flags(tmp_path, ckpt, seq_len=512))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    train.main(flags(tmp_path, ckpt, max_steps=2, ckpt_every=1, eval_every=100))
+    good = (tmp_path / "out" / "ckpt.pt").read_bytes()
+    raw = read_checkpoint(ckpt)
+    raw["model"]["blocks.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    torch.save(raw, tmp_path / "poisoned.pt")
+    with pytest.raises(SystemExit, match="loss nan .* last good checkpoint stays"):
+        train.main(flags(tmp_path, str(tmp_path / "poisoned.pt"), max_steps=2, ckpt_every=1))
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == good

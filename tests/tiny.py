@@ -1,0 +1,39 @@
+"""Tiny checkpoints and data that tests make themselves (no download, seconds to build)."""
+
+import json
+import os
+
+import torch
+
+from checkpoint import save_checkpoint
+from model import GPT, GPTConfig
+from tokenizer import GPT2_PATTERN
+
+
+def byte_tokenizer_spec() -> dict:
+    """A byte-level tokenizer with no merges: ids 0..255 are the bytes, 256 is end-of-text."""
+    return {"name": "bytes", "pattern": GPT2_PATTERN, "pieces": [bytes([b]) for b in range(256)] + [None],
+            "special": {"<|endoftext|>": 256}, "bos_id": None, "eos_id": 256, "chat_template": None}
+
+
+def tiny_config(**overrides) -> GPTConfig:
+    cfg = dict(vocab_size=257, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_hidden=64, block_size=256,
+               window=8, tau=0.5)
+    return GPTConfig(**{**cfg, **overrides})
+
+
+def tiny_checkpoint(path, seed=0, **overrides) -> str:
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(**overrides))
+    save_checkpoint(str(path), model, byte_tokenizer_spec(), source="tests/tiny.py")
+    return str(path)
+
+
+def tiny_text_dir(folder) -> str:
+    """Three real stdlib files as a small corpus (json package source)."""
+    os.makedirs(folder, exist_ok=True)
+    src = os.path.dirname(json.__file__)
+    for name in ("__init__.py", "decoder.py", "encoder.py", "scanner.py"):
+        with open(os.path.join(src, name)) as f, open(os.path.join(folder, name + ".txt"), "w") as g:
+            g.write(f.read())
+    return str(folder)

@@ -1,0 +1,427 @@
+"""Adapt a converted pretrained model to SP-KV with next-token loss only (or train from scratch).
+
+    python train.py                        # embedded SmolLM2-135M, stdlib source, CPU or one GPU
+    python train.py --dense=True           # the same recipe with plain attention: the baseline
+    python train.py --preset=gpu --seq_len=4096
+    torchrun --nproc_per_node=2 train.py   # DDP, as in nanoGPT
+
+Recipe (METHOD.md sections 4-5): start from pretrained weights with predictors open; train the
+model and predictors jointly (predictor LR x5, weight decay 0.1); warmup + cosine decay; for the
+last 25% of the decay freeze the predictor and anneal every gate to its hard value, so the final
+checkpoint is trained under exactly the attention it will decode with.
+Flags are `--key=value` for any TrainConfig field; unknown keys and wrong types are refused.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import data as datalib
+import kernels
+import spkv
+from checkpoint import atomic_save, load_model, read_checkpoint
+from model import GPT, GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "auto"  # "cpu" | "gpu" | "auto" (gpu when CUDA is present); explicit flags win
+    init: str = "pretrained"  # "pretrained": a converted checkpoint; "scratch": random weights
+    ckpt: str = ""  # converted checkpoint to adapt; "" = the embedded SmolLM2-135M
+    out_dir: str = "out/spkv"
+    resume: bool = False  # continue from out_dir/ckpt.pt
+    dense: bool = False  # plain attention everywhere: the baseline
+    data: str = ""  # "" = Python stdlib source; a text file, a folder, or prepared memmaps
+    data_cache: str = ""  # where tokenized memmaps are cached; "" = data_cache/ beside train.py
+    seq_len: int = 512
+    batch_size: int = 2  # sequences per micro-step per process
+    grad_accum: int = 1
+    max_steps: int = 60
+    lr: float = 1e-4  # base learning rate (peak); the predictor gets lr * predictor_lr_mult
+    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
+    warmup_steps: int = 5
+    weight_decay: float = 0.0  # on the model's matrices (0: we adapt, not pretrain)
+    predictor_lr_mult: float = 5.0
+    predictor_weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    freeze_frac: float = 0.25  # last fraction of the decay: predictor frozen, gates annealed
+    anneal_steps: int = 500  # soft -> hard over this many steps (capped at half the frozen phase)
+    window: int = 128
+    tau: float = 0.5
+    eval_every: int = 20
+    eval_batches: int = 4
+    log_every: int = 1
+    ckpt_every: int = 20
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    compile: bool = True  # torch.compile the model on CUDA (ignored on CPU)
+    attn: str = "auto"  # attention path, see kernels.ATTN_IMPLS
+    seed: int = 1337
+    n_layer: int = 4  # --init=scratch model shape; the tokenizer comes from --ckpt
+    n_embd: int = 256
+    n_head: int = 4
+    n_kv_head: int = 2
+
+
+PRESETS = {  # plain dicts of overrides, applied before explicit flags
+    "cpu": dict(seq_len=512, batch_size=2, grad_accum=1, max_steps=60, warmup_steps=5, eval_every=20,
+                eval_batches=4, ckpt_every=20),
+    "gpu": dict(seq_len=4096, batch_size=8, grad_accum=4, max_steps=2000, warmup_steps=100, eval_every=200,
+                eval_batches=20, ckpt_every=200),
+}
+
+
+def parse_flags(argv: list) -> tuple:
+    """--key=value flags -> (TrainConfig, set of keys given explicitly)."""
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    given = {}
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq or key not in fields:
+            sys.exit(f"train.py: unknown or malformed flag {arg!r}; use --key=value with key one of: "
+                     + ", ".join(fields))
+        given[key] = parse_value(key, value, fields[key])
+    preset = given.get("preset", "auto")
+    if preset == "auto":
+        preset = "gpu" if torch.cuda.is_available() and given.get("device") != "cpu" else "cpu"
+    if preset not in PRESETS:
+        sys.exit(f"train.py: unknown preset {preset!r}; use one of {sorted(PRESETS)} or auto")
+    cfg = TrainConfig(**{**PRESETS[preset], **given, "preset": preset})
+    validate(cfg)
+    return cfg, set(given)
+
+
+def validate(cfg: TrainConfig):
+    """Refuse values that cannot train, naming the flag and the fix."""
+    problems = [f"--{k}={getattr(cfg, k)} must be >= 1" for k in
+                ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "log_every",
+                 "ckpt_every", "anneal_steps") if getattr(cfg, k) < 1]
+    problems += [f"--{k}={getattr(cfg, k)} must be a finite number > 0" for k in ("lr", "predictor_lr_mult",
+                 "grad_clip") if not (math.isfinite(getattr(cfg, k)) and getattr(cfg, k) > 0)]
+    problems += [f"--{k}={getattr(cfg, k)} must be in [0, 1]" for k in ("min_lr_frac", "freeze_frac", "tau")
+                 if not 0 <= getattr(cfg, k) <= 1]
+    if cfg.warmup_steps >= cfg.max_steps:
+        problems.append(f"--warmup_steps={cfg.warmup_steps} must be below --max_steps={cfg.max_steps}")
+    if cfg.window < 1:
+        problems.append(f"--window={cfg.window} must be >= 1")
+    if problems:
+        sys.exit("train.py: " + "; ".join(problems))
+
+
+def parse_value(key: str, value: str, typ):
+    typ = {"str": str, "int": int, "float": float, "bool": bool}.get(typ, typ)
+    if typ is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+            sys.exit(f"train.py: --{key} takes True or False, not {value!r}")
+        return value.lower() in ("true", "1")
+    try:
+        return typ(value)
+    except ValueError:
+        sys.exit(f"train.py: --{key} takes a {typ.__name__}, not {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup: processes, device, model, optimizer.
+
+
+def setup_processes(cfg: TrainConfig):
+    """(rank, world size, device, reason). Under torchrun, one process per device joins DDP."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if want == "cuda" and not torch.cuda.is_available():
+        sys.exit("train.py: --device=cuda but no CUDA device is visible; use --device=cpu")
+    reason = "CUDA is available" if want == "cuda" else "no CUDA device (or --device=cpu)"
+    device = torch.device(want)
+    if world > 1:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if want == "cuda":
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend="nccl" if want == "cuda" else "gloo")
+        reason += f"; DDP rank {rank}/{world}"
+    return rank, world, device, reason
+
+
+def build_model(cfg: TrainConfig, device):
+    """(model, tokenizer, where the weights came from). Pretrained: predictors start open."""
+    from convert import default_checkpoint
+
+    path = cfg.ckpt or default_checkpoint()
+    spkv_knobs = dict(window=cfg.window, tau=cfg.tau)
+    model, tok, _ = load_model(path, dense=cfg.dense, **spkv_knobs)
+    if tok is None:
+        sys.exit(f"train.py: checkpoint {path} has no tokenizer; convert it with its tokenizer.json")
+    if cfg.init == "scratch":
+        mc = GPTConfig(vocab_size=model.cfg.vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
+                       n_kv_head=cfg.n_kv_head, n_hidden=4 * cfg.n_embd, block_size=max(cfg.seq_len, 1024),
+                       **spkv_knobs, dense_layers=tuple(range(cfg.n_layer)) if cfg.dense else ())
+        return GPT(mc).to(device), tok, "scratch"
+    if cfg.init != "pretrained":
+        sys.exit(f"train.py: --init={cfg.init!r} is not one of pretrained, scratch")
+    return model.to(device), tok, path
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, fused: bool):
+    """AdamW with three groups: model matrices (weight_decay), model vectors (no decay), and the
+    predictors (lr x predictor_lr_mult, predictor_weight_decay). Each group keeps its lr multiplier."""
+    pred = {id(p) for p in model.predictor_parameters()}
+    params = [p for p in model.parameters() if id(p) not in pred]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay, lr_mult=1.0),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0, lr_mult=1.0),
+              dict(params=model.predictor_parameters(), weight_decay=cfg.predictor_weight_decay,
+                   lr_mult=cfg.predictor_lr_mult)]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules: learning rate, and the gate view (soft, then frozen + annealed, then hard).
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def gate_schedule(cfg: TrainConfig) -> tuple:
+    """(step the predictor freezes at, number of steps the anneal takes)."""
+    freeze = cfg.warmup_steps + round((1 - cfg.freeze_frac) * (cfg.max_steps - cfg.warmup_steps))
+    return freeze, max(1, min(cfg.anneal_steps, (cfg.max_steps - freeze) // 2))
+
+
+def gate_view_at(step: int, cfg: TrainConfig) -> tuple:
+    """("soft", 0) while the predictor learns; ("anneal", a) with a: 0 -> 1 once it is frozen.
+    Freezing is done by the view: model.py detaches the gate logits under "anneal", so predictor
+    parameters get no gradient and AdamW skips them (their weight decay included)."""
+    freeze, length = gate_schedule(cfg)
+    if cfg.dense or step < freeze:
+        return "soft", 0.0
+    return "anneal", min(1.0, (step - freeze + 1) / length)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model: GPT, val: datalib.Batches, cfg: TrainConfig, device, autocast) -> dict:
+    """Val loss under soft and hard gates on fixed batches, and hard-gate density."""
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same batches at every eval
+    soft = hard = 0.0
+    keeps = {layer: [] for layer in model.cfg.spkv_layers()}
+    for _ in range(cfg.eval_batches):
+        x, y = (t.to(device) for t in val.sample(cfg.batch_size, gen))
+        gates = []
+        with autocast:
+            soft += model(x, y, view="soft")[1].item() / cfg.eval_batches
+            hard += model(x, y, view="hard", gates=gates)[1].item() / cfg.eval_batches
+        for layer, logit in zip(keeps, gates):
+            keeps[layer].append(spkv.hard_keep(logit, model.cfg.tau).cpu())
+    model.train()
+    out = {"val_soft": soft, "val_hard": hard}
+    if keeps:
+        stats = spkv.density_stats({k: torch.cat(v) for k, v in keeps.items()}, model.cfg.window)
+        out.update(density=stats["overall"], density_per_layer=stats["per_layer"],
+                   density_per_head=stats["per_head"])
+    return out
+
+
+def report_density(stats: dict):
+    """Print per layer x KV head density as a table."""
+    if "density_per_head" not in stats:
+        return
+    print(f"density per layer x KV head (overall {stats['density']:.3f}):")
+    for layer, heads in stats["density_per_head"].items():
+        print(f"  layer {layer:2d}: " + " ".join(f"{d:.3f}" for d in heads) + f"   | {stats['density_per_layer'][layer]:.3f}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and logs
+
+
+def save_state(path, model, tok, source, opt, step, gen, cfg):
+    """Model + tokenizer in the shared format, plus what a resume needs: optimizer, step, data RNG.
+    A state with a non-finite weight is never written: the last good checkpoint stays."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        sys.exit(f"train.py: non-finite weights at step {step}; not saved, {path} keeps the last good state")
+    atomic_save({"format": "spkv-1", "config": dataclasses.asdict(model.cfg), "model": model.state_dict(),
+                 "tokenizer": tok.spec, "source": source, "optimizer": opt.state_dict(), "step": step,
+                 "data_rng": gen.get_state(), "train_config": dataclasses.asdict(cfg)}, path)
+
+
+def restore_state(path, model, opt, gen) -> int:
+    ckpt = read_checkpoint(path)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    gen.set_state(ckpt["data_rng"])
+    return ckpt["step"]
+
+
+class StopFlag:
+    """First Ctrl-C (SIGINT) asks the loop to stop at the end of the current step, so the state it
+    saves is never half-updated; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self.request)
+
+    def request(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nCtrl-C: finishing this step, then saving (press again to abort without saving)", flush=True)
+
+
+def log_line(path: str, record: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def progress(step, total, t0, start, text):
+    done = step + 1 - start
+    eta = (time.time() - t0) / max(done, 1) * (total - step - 1)
+    bar = "#" * int(20 * (step + 1) / total)
+    line = f"[{bar:<20}] {step + 1}/{total} {text} eta {eta / 60:5.1f}m"
+    print("\r" + line, end="", flush=True) if sys.stdout.isatty() else print(line, flush=True)
+
+
+def flops_per_token(model: GPT, T: int) -> float:
+    """Training FLOPs per token (nanoGPT's estimate: 6N plus attention)."""
+    n = sum(p.numel() for p in model.parameters())
+    c = model.cfg
+    return 6 * n + 12 * c.n_layer * c.n_embd * T
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def main(argv):
+    cfg, given = parse_flags(argv)
+    rank, world, device, why_device = setup_processes(cfg)
+    master = rank == 0
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume:  # the saved recipe, with the flags given now on top (e.g. a longer max_steps)
+        saved = read_checkpoint(ckpt_path)["train_config"]
+        cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given}, "resume": True})
+    torch.manual_seed(cfg.seed)
+    model, tok, source = build_model(cfg, device)
+    if cfg.seq_len > model.cfg.block_size:
+        sys.exit(f"train.py: --seq_len={cfg.seq_len} is beyond the model's context of {model.cfg.block_size}")
+    cuda = device.type == "cuda"
+    impl, why_attn = kernels.choose_attention(device, cfg.attn)
+    model.attn_impl = impl
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    cache = cfg.data_cache or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_cache")
+    folder = datalib.prepare(cfg.data, tok, cache)
+    train, val = datalib.Batches(folder, "train", cfg.seq_len), datalib.Batches(folder, "val", cfg.seq_len)
+    opt = make_optimizer(model, cfg, fused=cuda)
+    gen = torch.Generator().manual_seed(cfg.seed)  # the data position: saved and restored
+    step = restore_state(ckpt_path, model, opt, gen) if cfg.resume else 0
+    fwd = model
+    if cuda and cfg.compile:
+        fwd = torch.compile(model)
+    if world > 1:
+        fwd = torch.nn.parallel.DistributedDataParallel(  # frozen predictors get no gradient: "unused"
+            fwd, device_ids=[device.index] if cuda else None, find_unused_parameters=not cfg.dense)
+    if master:
+        freeze, anneal_len = gate_schedule(cfg)
+        print(f"device: {device} ({why_device}); dtype: {'bf16 autocast' if cuda else 'fp32'}; "
+              f"compile: {cuda and cfg.compile}")
+        print(f"attention: {impl} ({why_attn})")
+        print(f"model: {source}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+              f"{'dense baseline' if cfg.dense else f'SP-KV window={cfg.window} tau={cfg.tau}'}")
+        if not cfg.dense:
+            print(f"schedule: soft gates to step {freeze}, then predictor frozen and gates annealed to hard "
+                  f"over {anneal_len} steps (hard from step {freeze + anneal_len})")
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
+    t0, start, stop = time.time(), step, StopFlag()
+    while step < cfg.max_steps:
+        view, a = gate_view_at(step, cfg)
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr * g["lr_mult"]
+        t_step = time.time()
+        loss, norm = train_step(fwd, model, opt, train.sample(cfg.grad_accum * world * cfg.batch_size, gen),
+                                cfg, rank, world, view, a, autocast, device)
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            sys.exit(f"\ntrain.py: loss {loss} / grad norm {norm} at step {step}; stopped before the update, "
+                     f"the last good checkpoint stays at {ckpt_path}. Lower --lr or check the data.")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "view": view, "anneal": a,
+               "tokens_per_s": tokens_per_step / (time.time() - t_step)}
+        if cuda:
+            rec["mfu"] = flops_per_token(model, cfg.seq_len) * rec["tokens_per_s"] / world / 989e12  # H100 bf16
+        step += 1
+        stopping = any_rank(stop.requested, world, device)
+        if master and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            rec.update(evaluate(model, val, cfg, device, autocast))
+            print(f"\nstep {step}: train {loss:.4f} val soft {rec['val_soft']:.4f} hard {rec['val_hard']:.4f}"
+                  + (f" density {rec['density']:.3f}" if "density" in rec else ""))
+        if master:
+            log_line(log_path, rec)
+            if step % cfg.log_every == 0:
+                progress(step - 1, cfg.max_steps, t0, start, f"loss {loss:.4f} {view}"
+                         + ("" if view == "soft" else f" a={a:.2f}") + f" {rec['tokens_per_s']:.0f} tok/s")
+            if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stopping:
+                save_state(ckpt_path, model, tok, source, opt, step, gen, cfg)
+        if stopping:
+            if master:
+                print(f"\ninterrupted: saved step {step} to {ckpt_path}; "
+                      f"continue with --resume=True --out_dir={cfg.out_dir}")
+            sys.exit(130)
+    if master:
+        final = evaluate(model, val, cfg, device, autocast)
+        print(f"\ndone: val loss soft {final['val_soft']:.4f}, hard {final['val_hard']:.4f} -> {ckpt_path}")
+        report_density(final)
+        with open(os.path.join(cfg.out_dir, "final.json"), "w") as f:
+            json.dump({"step": step, **final, "train_config": dataclasses.asdict(cfg)}, f, indent=1)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def train_step(fwd, model, opt, batch, cfg, rank, world, view, a, autocast, device) -> tuple:
+    """Forward/backward over the micro-batches of one global batch; returns (mean loss, grad norm).
+    The global batch (grad_accum, world * batch_size, T) is the same on every rank; rank r takes
+    columns r * batch_size ... so N processes see exactly what one process with N x the batch sees."""
+    x_all, y_all = (t.view(cfg.grad_accum, world * cfg.batch_size, cfg.seq_len) for t in batch)
+    cols = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+    anneal = torch.tensor(a)  # a tensor, so torch.compile does not recompile as a changes
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(cfg.grad_accum):
+        if world > 1:  # all-reduce gradients only on the last micro-batch
+            fwd.require_backward_grad_sync = micro == cfg.grad_accum - 1
+        with autocast:
+            _, loss = fwd(x_all[micro, cols].to(device), y_all[micro, cols].to(device), view=view, anneal=anneal)
+        (loss / cfg.grad_accum).backward()
+        loss_sum += loss.detach() / cfg.grad_accum
+    if world > 1:
+        torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    return loss_sum.item(), norm.item()
+
+
+def any_rank(flag: bool, world: int, device) -> bool:
+    """True if any process has the flag set (so every rank stops at the same step)."""
+    if world == 1:
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
+        sys.exit(f"train.py: {e}")

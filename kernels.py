@@ -12,6 +12,7 @@ Shapes: q (B, H, T, D); k, v (B, Hkv, T, D); lg (B, Hkv, T) log-gates or None (p
 """
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -105,3 +106,37 @@ def attention(q, k, v, lg, window, impl: str):
     if impl == "reference":
         return spkv.reference_attention(q, k, v, lg, window)
     raise ValueError(f"unknown attention path {impl!r}; use one of {ATTN_IMPLS}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention over a cache (prefill chunks and decode steps), after gathering the ragged store.
+
+
+def cache_bias(q_pos, k_pos, keep, window):
+    """The hard-gate rule of METHOD.md section 3 for cached keys with per-head positions.
+
+    q_pos (R, T); k_pos (R, Hkv, S) with -1 for empty slots; keep (R, Hkv, S).
+    Key s is visible to query t iff it exists, s <= t, and (t - s < window or keep_s).
+    Returns an additive bias (R, Hkv, T, S) of 0 / -inf.
+    """
+    rel = q_pos[:, None, :, None] - k_pos[:, :, None, :]  # (R, Hkv, T, S)
+    visible = (k_pos >= 0)[:, :, None, :] & (rel >= 0) & ((rel < window) | keep[:, :, None, :])
+    return torch.zeros(visible.shape, device=q_pos.device).masked_fill(~visible, float("-inf"))
+
+
+def cached_attention(q, k, v, bias, impl: str):
+    """q (R, H, T, D) over cached k, v (R, Hkv, S, D) with bias (R, Hkv, T, S).
+    "sdpa": gather + scaled_dot_product_attention (GQA by grouping queries, no k/v copies);
+    "reference": the same in plain tensor ops."""
+    R, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    qg = q.view(R, Hkv, G, T, D)
+    bias = bias.to(q.dtype)[:, :, None]  # (R, Hkv, 1, T, S)
+    if impl == "reference":
+        scores = qg @ k[:, :, None].transpose(-1, -2) / math.sqrt(D) + bias  # (R, Hkv, G, T, S)
+        out = scores.softmax(-1) @ v[:, :, None]
+    else:
+        out = F.scaled_dot_product_attention(qg, k[:, :, None].expand(R, Hkv, G, S, D),
+                                             v[:, :, None].expand(R, Hkv, G, S, D), attn_mask=bias)
+    return out.reshape(R, H, T, D)

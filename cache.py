@@ -1,0 +1,178 @@
+"""The decode-time KV caches: SP-KV's compacting cache (a ring + a paged long-term store) and the
+plain dense cache it is measured against. Containers only: they store what they are told to keep
+(spkv.hard_keep decides) and report what they hold, so tests can look.
+
+SPKVCache, per layer, per sequence (row), per KV head ("stream" = (row, head)):
+  ring   the last `window` pairs, slot = position % window, always attended;
+  store  older pairs with u >= tau, in a pool of fixed-size pages with a page table per stream.
+A pair leaving the ring goes to the store if it was kept, and is dropped for good otherwise. Pages
+are taken from the pool only for kept pairs, so bytes in use follow the kept pairs (at most one
+partly filled page per stream), not the densest head. Keys are stored after RoPE, at their
+original positions: nothing is ever re-rotated.
+Shapes: B rows, Hkv KV heads, w window, D head dim, P pages, p page size, S = B * Hkv streams.
+"""
+
+import torch
+
+
+class PagedStore:
+    """One layer's long-term store: pools k, v (P, p, D), pos (P, p), and per stream a row of the
+    page table (S, max pages) and a length. The pool grows (doubling) when it runs out of pages."""
+
+    def __init__(self, n_streams, head_dim, page_size, dtype, device, init_pages=8):
+        self.page_size = page_size
+        self.k = torch.zeros(init_pages, page_size, head_dim, dtype=dtype, device=device)  # (P, p, D)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.full((init_pages, page_size), -1, dtype=torch.long, device=device)  # (P, p)
+        self.free = list(range(init_pages - 1, -1, -1))  # page ids not held by any stream
+        self.table = torch.zeros(n_streams, 1, dtype=torch.long, device=device)  # (S, max pages)
+        self.length = torch.zeros(n_streams, dtype=torch.long, device=device)  # (S,) pairs held
+
+    def pages_in_use(self) -> int:
+        return self.k.shape[0] - len(self.free)
+
+    def _grow_pool(self, n_needed: int):
+        old = self.k.shape[0]
+        new = max(2 * old, old + n_needed)
+        pad = lambda t, fill: torch.cat([t, t.new_full((new - old, *t.shape[1:]), fill)])  # noqa: E731
+        self.k, self.v, self.pos = pad(self.k, 0), pad(self.v, 0), pad(self.pos, -1)
+        self.free = list(range(new - 1, old - 1, -1)) + self.free
+
+    def _alloc(self, n: int) -> torch.Tensor:
+        if n > len(self.free):
+            self._grow_pool(n - len(self.free))
+        ids, self.free = self.free[len(self.free) - n:], self.free[:len(self.free) - n]
+        return torch.tensor(ids[::-1], dtype=torch.long, device=self.k.device)
+
+    def append(self, streams, k, v, pos):
+        """Append pairs in order: streams (N,) (repeats allowed), k, v (N, D), pos (N,)."""
+        if streams.numel() == 0:
+            return
+        S, p = self.length.shape[0], self.page_size
+        counts = torch.bincount(streams, minlength=S)  # (S,) new pairs per stream
+        order = torch.argsort(streams, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(streams)
+        rank[order] = torch.arange(streams.numel(), device=streams.device) - starts[streams[order]]
+        old_pages = (self.length + p - 1) // p
+        new_pages = (self.length + counts + p - 1) // p  # (S,)
+        if int(new_pages.max()) > self.table.shape[1]:
+            self.table = torch.cat([self.table, self.table.new_zeros(S, int(new_pages.max()) - self.table.shape[1])], 1)
+        need = new_pages - old_pages
+        if int(need.sum()) > 0:
+            owner = torch.repeat_interleave(torch.arange(S, device=streams.device), need)
+            col = old_pages[owner] + torch.arange(owner.numel(), device=owner.device) - (torch.cumsum(need, 0) - need)[owner]
+            self.table[owner, col] = self._alloc(owner.numel())
+        slot = self.length[streams] + rank
+        page = self.table[streams, slot // p]
+        self.k[page, slot % p], self.v[page, slot % p], self.pos[page, slot % p] = k, v, pos
+        self.length += counts
+
+    def gather(self, streams):
+        """Padded views of the given streams: k, v (N, L, D), pos (N, L) with -1 for padding."""
+        n_pages = int(((self.length[streams].max() + self.page_size - 1) // self.page_size).clamp(min=1))
+        pages = self.table[streams, :n_pages]  # (N, n_pages)
+        L = n_pages * self.page_size
+        valid = torch.arange(L, device=pages.device)[None] < self.length[streams][:, None]  # (N, L)
+        pos = self.pos[pages].flatten(1).masked_fill(~valid, -1)
+        return self.k[pages].flatten(1, 2), self.v[pages].flatten(1, 2), pos
+
+    def free_streams(self, streams):
+        """Return the pages of finished streams to the pool."""
+        for s in streams.tolist():
+            n = int((self.length[s] + self.page_size - 1) // self.page_size)
+            self.free += self.table[s, :n].tolist()
+            self.length[s] = 0
+
+
+class SPKVCache:
+    """Ring + paged store for every layer. `keep` flags arrive with each pair (decided by
+    spkv.hard_keep at write time, or all True for a dense layer of a hybrid model)."""
+
+    def __init__(self, n_layer, B, n_kv_head, head_dim, window, dtype, device, page_size=16):
+        self.B, self.Hkv, self.w, self.D = B, n_kv_head, window, head_dim
+        shape = (n_layer, B, n_kv_head, window)
+        self.ring_k = torch.zeros(*shape, head_dim, dtype=dtype, device=device)  # (L, B, Hkv, w, D)
+        self.ring_v = torch.zeros_like(self.ring_k)
+        self.ring_keep = torch.zeros(shape, dtype=torch.bool, device=device)  # (L, B, Hkv, w)
+        self.ring_pos = torch.full((n_layer, B, window), -1, dtype=torch.long, device=device)  # (L, B, w)
+        self.stores = [PagedStore(B * n_kv_head, head_dim, page_size, dtype, device) for _ in range(n_layer)]
+
+    def streams(self, rows):
+        """Stream ids (R, Hkv) of the given rows."""
+        return rows[:, None] * self.Hkv + torch.arange(self.Hkv, device=rows.device)
+
+    def write(self, layer, rows, k, v, keep, pos):
+        """Write one new pair per row: k, v (R, Hkv, D), keep (R, Hkv), pos (R,). The pair it
+        displaces from the ring (position pos - w) moves to the store if it was kept."""
+        slot = pos % self.w  # (R,)
+        old_pos = self.ring_pos[layer, rows, slot]  # (R,)
+        leaving = (old_pos >= 0)[:, None] & self.ring_keep[layer, rows, :, slot]  # (R, Hkv)
+        if leaving.any():
+            r, h = leaving.nonzero(as_tuple=True)
+            self.stores[layer].append(self.streams(rows)[r, h], self.ring_k[layer, rows[r], h, slot[r]],
+                                      self.ring_v[layer, rows[r], h, slot[r]], old_pos[r])
+        self.ring_k[layer, rows, :, slot], self.ring_v[layer, rows, :, slot] = k, v
+        self.ring_keep[layer, rows, :, slot], self.ring_pos[layer, rows, slot] = keep, pos
+
+    def write_chunk(self, layer, row, k, v, keep, pos):
+        """Write C consecutive pairs of one row: k, v (Hkv, C, D), keep (Hkv, C), pos (C,). Pairs
+        that leave the window inside the chunk go straight to the store (if kept)."""
+        rp = self.ring_pos[layer, row]
+        order = torch.argsort(rp)[rp.sort().values >= 0]  # occupied slots, oldest first
+        all_k = torch.cat([self.ring_k[layer, row][:, order], k], 1)  # (Hkv, n, D)
+        all_v = torch.cat([self.ring_v[layer, row][:, order], v], 1)
+        all_keep = torch.cat([self.ring_keep[layer, row][:, order], keep], 1)  # (Hkv, n)
+        all_pos = torch.cat([rp[order], pos])  # (n,)
+        n_leave = max(0, all_pos.numel() - self.w)
+        h, i = all_keep[:, :n_leave].T.nonzero(as_tuple=True)[::-1]  # position-major order
+        self.stores[layer].append(row * self.Hkv + h, all_k[h, i], all_v[h, i], all_pos[i])
+        stay_pos, slot = all_pos[n_leave:], all_pos[n_leave:] % self.w
+        self.ring_pos[layer, row] = -1
+        self.ring_pos[layer, row, slot] = stay_pos
+        self.ring_k[layer, row][:, slot], self.ring_v[layer, row][:, slot] = all_k[:, n_leave:], all_v[:, n_leave:]
+        self.ring_keep[layer, row][:, slot] = all_keep[:, n_leave:]
+
+    def keys(self, layer, rows):
+        """Everything row(s) can attend to: k, v (R, Hkv, L + w, D), pos (R, Hkv, L + w) with -1 for
+        empty; a store entry's flag is always kept, a ring entry carries its own keep flag."""
+        R = rows.numel()
+        sk, sv, spos = self.stores[layer].gather(self.streams(rows).flatten())
+        sk, sv, spos = sk.view(R, self.Hkv, -1, self.D), sv.view(R, self.Hkv, -1, self.D), spos.view(R, self.Hkv, -1)
+        k = torch.cat([sk, self.ring_k[layer, rows]], 2)
+        v = torch.cat([sv, self.ring_v[layer, rows]], 2)
+        pos = torch.cat([spos, self.ring_pos[layer, rows][:, None].expand(R, self.Hkv, self.w)], 2)
+        keep = torch.cat([spos >= 0, self.ring_keep[layer, rows]], 2)
+        return k, v, pos, keep
+
+    def held_positions(self, layer, row, head) -> set:
+        """Positions of every pair held for one stream (ring and store), for tests."""
+        store = self.stores[layer]
+        s = row * self.Hkv + head
+        k, v, pos = store.gather(torch.tensor([s], device=store.length.device))
+        ring = self.ring_pos[layer, row]
+        return set(pos[pos >= 0].tolist()) | set(ring[ring >= 0].tolist())
+
+    def nbytes(self) -> dict:
+        """Bytes in use (ring + store pages held) and allocated (ring + whole pool capacity)."""
+        per_pair = 2 * self.D * self.ring_k.element_size() + 8  # k + v + position
+        ring = self.ring_k.numel() // self.D * per_pair
+        pages = sum(s.pages_in_use() for s in self.stores) * self.stores[0].page_size * per_pair
+        pool = sum(s.k.shape[0] for s in self.stores) * self.stores[0].page_size * per_pair
+        kept = sum(int(s.length.sum()) for s in self.stores) * per_pair
+        return {"ring": ring, "store_kept": kept, "store_pages": pages, "store_pool": pool,
+                "in_use": ring + pages, "allocated": ring + pool}
+
+
+class DenseKVCache:
+    """The plain cache SP-KV is measured against: preallocated (L, B, Hkv, max_len, D), written by
+    position (gpt-fast's KVCache). Holds every pair; nothing is evicted."""
+
+    def __init__(self, n_layer, B, n_kv_head, head_dim, max_len, dtype, device):
+        self.k = torch.zeros(n_layer, B, n_kv_head, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.length = torch.zeros(B, dtype=torch.long, device=device)  # valid pairs per row
+
+    def nbytes(self) -> dict:
+        b = 2 * self.k.numel() * self.k.element_size()
+        return {"in_use": b, "allocated": b}

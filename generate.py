@@ -1,0 +1,260 @@
+"""Decode with SP-KV's compacting KV cache (or a plain dense one) and report what the cache did.
+
+    python generate.py --prompt="def fibonacci(n):" --max_new_tokens=64 --tau=0.5
+    python generate.py --prompt="..." --dense=True          # plain KV cache, same model
+Defaults to the embedded SmolLM2-135M, so it runs offline. The steps, as in gpt-fast: prefill
+(chunks that evict as they go, so a long prompt never needs a dense cache), decode_one_token,
+decode_n_tokens. The oracle the cached path is tested against is generate_uncached: one full
+forward under hard gates per new token.
+"""
+
+import sys
+import time
+
+import torch
+
+import kernels
+import spkv
+from cache import DenseKVCache, SPKVCache
+
+
+# ---------------------------------------------------------------------------------------------
+# One forward pass over new tokens, reading and writing a cache.
+
+
+def attend_spkv(cache: SPKVCache, layer, q, k, v, keep, pos, rows, impl):
+    """Attend new queries (R, H, T, D) to the cache plus themselves, then store the new pairs."""
+    ck, cv, cpos, ckeep = cache.keys(layer, rows)  # (R, Hkv, S, D), ...
+    R, Hkv = k.shape[:2]
+    k_all, v_all = torch.cat([ck, k], 2), torch.cat([cv, v], 2)
+    pos_all = torch.cat([cpos, pos[:, None].expand(R, Hkv, -1)], 2)
+    keep_all = torch.cat([ckeep, keep], 2)
+    y = kernels.cached_attention(q, k_all, v_all, kernels.cache_bias(pos, pos_all, keep_all, cache.w), impl)
+    if q.shape[2] == 1:  # decode: one pair per row, vectorized over rows
+        cache.write(layer, rows, k[:, :, 0], v[:, :, 0], keep[:, :, 0], pos[:, 0])
+    else:  # prefill chunk of one row
+        cache.write_chunk(layer, int(rows[0]), k[0], v[0], keep[0], pos[0])
+    return y
+
+
+def attend_dense(cache: DenseKVCache, layer, q, k, v, pos, rows, impl):
+    """Plain KV cache: write the new pairs at their positions, attend causally to all of them."""
+    for i, r in enumerate(rows.tolist()):
+        cache.k[layer, r, :, pos[i]], cache.v[layer, r, :, pos[i]] = k[i], v[i]
+    n = int(pos.max()) + 1
+    k_pos = torch.arange(n, device=q.device).expand(len(rows), k.shape[1], n)  # (R, Hkv, n)
+    bias = kernels.cache_bias(pos, k_pos, torch.ones_like(k_pos, dtype=torch.bool), window=n + 1)
+    return kernels.cached_attention(q, cache.k[layer, rows, :, :n], cache.v[layer, rows, :, :n], bias, impl)
+
+
+def forward_cached(model, cache, idx, pos, rows, impl="sdpa"):
+    """idx, pos (R, T) new tokens of rows (R,) -> logits (R, T, V), updating the cache.
+    Mirrors GPT.forward under hard gates; keep = spkv.hard_keep decides, dense layers keep all."""
+    h, rope = model.embed_tokens(idx, pos)
+    for layer, block in enumerate(model.blocks):
+        x = block.attn_norm(h)
+        q, k, v, logit = block.attn.qkv(x, rope)
+        if isinstance(cache, DenseKVCache):
+            y = attend_dense(cache, layer, q, k, v, pos, rows, impl)
+        else:
+            keep = spkv.hard_keep(logit, model.cfg.tau) if logit is not None else torch.ones(
+                k.shape[:3], dtype=torch.bool, device=k.device)  # (R, Hkv, T)
+            y = attend_spkv(cache, layer, q, k, v, keep, pos, rows, impl)
+        h = h + block.attn.o_proj(y.transpose(1, 2).reshape(*idx.shape, -1))
+        h = h + block.mlp(block.mlp_norm(h))
+    return model.lm_head(model.norm(h))
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill, decode, sampling
+
+
+def new_cache(model, B, max_len, dense, page_size=16):
+    c, p = model.cfg, next(model.parameters())
+    if dense:
+        return DenseKVCache(c.n_layer, B, c.n_kv_head, c.head_dim, max_len, p.dtype, p.device)
+    return SPKVCache(c.n_layer, B, c.n_kv_head, c.head_dim, c.window, p.dtype, p.device, page_size)
+
+
+@torch.no_grad()
+def prefill(model, cache, prompts, chunk, impl="sdpa"):
+    """Each row's prompt in chunks of `chunk` tokens; returns every row's last logits (B, V)."""
+    last = []
+    device = next(model.parameters()).device
+    for r, ids in enumerate(prompts):
+        for s in range(0, len(ids), chunk):
+            piece = torch.tensor(ids[s:s + chunk], device=device)[None]  # (1, C)
+            pos = torch.arange(s, s + piece.shape[1], device=device)[None]  # (1, C)
+            logits = forward_cached(model, cache, piece, pos, torch.tensor([r], device=device), impl)
+        last.append(logits[0, -1])
+    return torch.stack(last)
+
+
+@torch.no_grad()
+def decode_one_token(model, cache, tokens, pos, impl="sdpa"):
+    """tokens, pos (B,) -> next-token logits (B, V)."""
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    return forward_cached(model, cache, tokens[:, None], pos[:, None], rows, impl)[:, 0]
+
+
+def sample(logits, temperature=0.0, top_k=0, top_p=1.0, gen=None):
+    """Greedy when temperature == 0, else softmax sampling with optional top-k / nucleus top-p."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+
+
+def decode_n_tokens(model, cache, first_logits, lengths, n, sampling, impl="sdpa"):
+    """Sample n tokens per row after the prompts; returns (new tokens (B, n), logits (B, n, V))."""
+    tokens, all_logits, logits = [], [], first_logits
+    pos = torch.tensor(lengths, device=first_logits.device)
+    for _ in range(n):
+        tok = sample(logits, **sampling)
+        tokens.append(tok)
+        all_logits.append(logits)
+        logits = decode_one_token(model, cache, tok, pos, impl)
+        pos = pos + 1
+    if not tokens:
+        return first_logits.new_zeros(len(lengths), 0, dtype=torch.long), first_logits[:, None, :0]
+    return torch.stack(tokens, 1), torch.stack(all_logits, 1)
+
+
+def generate(model, prompts, max_new_tokens, dense=False, chunk=256, sampling=None, impl="sdpa", page_size=16):
+    """Cached generation for a batch of prompts (lists of ids, any lengths).
+    Returns (new tokens (B, n), their logits (B, n, V), the cache)."""
+    check_request(model, prompts, max_new_tokens)
+    cache = new_cache(model, len(prompts), max(map(len, prompts)) + max_new_tokens, dense, page_size)
+    first = prefill(model, cache, prompts, chunk, impl)
+    tokens, logits = decode_n_tokens(model, cache, first, [len(p) for p in prompts], max_new_tokens,
+                                     sampling or {}, impl)
+    return tokens, logits, cache
+
+
+@torch.no_grad()
+def generate_uncached(model, prompts, max_new_tokens, view="hard"):
+    """The oracle: greedy decoding by one full forward per new token (no cache at all)."""
+    out_tokens, out_logits = [], []
+    for ids in prompts:
+        seq, row_logits = list(ids), []
+        for _ in range(max_new_tokens):
+            logits = model(torch.tensor(seq)[None], view=view)[0][0, -1]
+            row_logits.append(logits)
+            seq.append(int(logits.argmax()))
+        out_tokens.append(seq[len(ids):])
+        out_logits.append(torch.stack(row_logits) if row_logits else torch.zeros(0))
+    return out_tokens, out_logits
+
+
+def check_request(model, prompts, max_new_tokens):
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: give at least one token of text")
+    longest = max(map(len, prompts)) + max_new_tokens
+    if longest > model.cfg.block_size:
+        raise ValueError(f"prompt + max_new_tokens = {longest} tokens is longer than the model's context "
+                         f"of {model.cfg.block_size}; shorten the prompt or lower max_new_tokens")
+
+
+# ---------------------------------------------------------------------------------------------
+# What the cache did
+
+
+def cache_report(cache, lengths, dense_bytes_per_pair, n_layer, Hkv) -> dict:
+    """Kept pairs and density per layer, KV bytes in use vs a dense cache of the same length."""
+    if isinstance(cache, DenseKVCache):
+        total = sum(lengths) * n_layer * Hkv
+        return {"pairs": total, "dense_pairs": total, "bytes": total * dense_bytes_per_pair,
+                "dense_bytes": total * dense_bytes_per_pair, "density_per_layer": {}}
+    old = sum(max(0, n - cache.w) for n in lengths) * Hkv  # per layer: pairs that left the window
+    kept = [int(s.length.sum()) for s in cache.stores]
+    ring = sum(min(n, cache.w) for n in lengths) * Hkv
+    nb = cache.nbytes()
+    return {"pairs": ring * n_layer + sum(kept), "dense_pairs": sum(lengths) * n_layer * Hkv,
+            "bytes": nb["in_use"], "allocated": nb["allocated"],
+            "dense_bytes": sum(lengths) * n_layer * Hkv * dense_bytes_per_pair,
+            "density_per_layer": {i: (k / old if old else float("nan")) for i, k in enumerate(kept)},
+            "density": sum(kept) / (old * n_layer) if old else float("nan")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+DEFAULTS = dict(ckpt="", prompt="Write a Python function that checks whether a number is prime.",
+                max_new_tokens=64, tau=-1.0, dense=False, temperature=0.0, top_k=0, top_p=1.0, chunk=256,
+                chat=True, seed=0, page_size=16)
+
+
+def parse_flags(argv) -> dict:
+    opts = dict(DEFAULTS)
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq or key not in DEFAULTS:
+            sys.exit(f"generate.py: unknown or malformed flag {arg!r}; use --key=value with key one of: "
+                     + ", ".join(DEFAULTS))
+        typ = type(DEFAULTS[key])
+        try:
+            opts[key] = value.lower() in ("true", "1") if typ is bool else typ(value)
+        except ValueError:
+            sys.exit(f"generate.py: --{key} takes a {typ.__name__}, not {value!r}")
+    return opts
+
+
+def chat_prompt(tok, text: str) -> list:
+    """ChatML (<|im_start|>role ... <|im_end|>) when the checkpoint's template uses it; else plain."""
+    template = tok.spec.get("chat_template") or ""
+    if "<|im_start|>" not in template:
+        return tok.encode(text)
+    start, end = tok.special_id("<|im_start|>"), tok.special_id("<|im_end|>")
+    return [start, *tok.encode("user\n" + text), end, *tok.encode("\n"), start, *tok.encode("assistant\n")]
+
+
+def main(argv):
+    from checkpoint import load_model
+    from convert import default_checkpoint
+
+    o = parse_flags(argv)
+    overrides = {} if o["tau"] == -1.0 else {"tau": o["tau"]}  # -1: the checkpoint's own tau
+    model, tok, _ = load_model(o["ckpt"] or default_checkpoint(), dense=o["dense"], **overrides)
+    if tok is None:
+        sys.exit("generate.py: this checkpoint has no tokenizer; convert it from a folder with tokenizer.json")
+    model.eval()
+    torch.manual_seed(o["seed"])
+    ids = chat_prompt(tok, o["prompt"]) if o["chat"] else tok.encode(o["prompt"])
+    print(f"cache: {'dense KV cache' if o['dense'] else f'SP-KV ring of {model.cfg.window} + paged store, tau={model.cfg.tau}'}"
+          f"; attention: gather + SDPA; device: cpu")
+    t0 = time.time()
+    sampling = dict(temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"])
+    tokens, _, cache = generate(model, [ids], o["max_new_tokens"], o["dense"], o["chunk"], sampling,
+                                page_size=o["page_size"])
+    dt = time.time() - t0
+    out = tokens[0].tolist()
+    if tok.eos_id in out:
+        out = out[:out.index(tok.eos_id)]
+    print(tok.decode(out))
+    c = model.cfg
+    rep = cache_report(cache, [len(ids) + o["max_new_tokens"]], 2 * c.head_dim * 4, c.n_layer, c.n_kv_head)
+    print(f"\n--- {len(ids)} prompt + {o['max_new_tokens']} new tokens in {dt:.2f}s "
+          f"({(len(ids) + o['max_new_tokens']) / dt:.1f} tokens/s, prefill included)")
+    if rep["density_per_layer"]:
+        print(f"density of pairs older than the window: {rep['density']:.3f}; per layer: "
+              + " ".join(f"{d:.2f}" for d in rep["density_per_layer"].values()))
+    print(f"KV pairs held {rep['pairs']:,} vs dense {rep['dense_pairs']:,}; KV bytes in use {rep['bytes']:,} vs "
+          f"dense {rep['dense_bytes']:,}: compression {rep['dense_bytes'] / rep['bytes']:.2f}x")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"generate.py: {e}")

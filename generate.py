@@ -117,12 +117,13 @@ def decode_n_tokens(model, cache, first_logits, lengths, n, sampling, impl="sdpa
     """Sample n tokens per row after the prompts; returns (new tokens (B, n), logits (B, n, V))."""
     tokens, all_logits, logits = [], [], first_logits
     pos = torch.tensor(lengths, device=first_logits.device)
-    for _ in range(n):
+    for i in range(n):
         tok = sample(logits, **sampling)
         tokens.append(tok)
         all_logits.append(logits)
-        logits = decode_one_token(model, cache, tok, pos, impl)
-        pos = pos + 1
+        if i < n - 1:  # the last sample needs no forward pass
+            logits = decode_one_token(model, cache, tok, pos, impl)
+            pos = pos + 1
     if not tokens:
         return first_logits.new_zeros(len(lengths), 0, dtype=torch.long), first_logits[:, None, :0]
     return torch.stack(tokens, 1), torch.stack(all_logits, 1)

@@ -1,0 +1,162 @@
+"""Property tests of the compacting cache: cached decoding equals full recompute under hard gates,
+the cache holds exactly what the method says, and its bytes follow the kept pairs."""
+
+import pytest
+import torch
+from hypothesis import assume, given, strategies as st
+
+import generate as G
+import spkv
+from checkpoint import load_model, save_checkpoint
+from model import GPT
+from tiny import tiny_checkpoint, tiny_config
+
+
+def random_gate_model(seed, **cfg):
+    """A tiny model whose predictors give spread-out gates (not the open init)."""
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(**cfg)).eval()
+    for block in model.blocks:
+        if block.attn.is_spkv:
+            torch.nn.init.normal_(block.attn.predictor.proj.weight, std=1.0)
+            torch.nn.init.normal_(block.attn.predictor.proj.bias, std=1.5)
+    return model
+
+
+def full_gates(model, seq):
+    """Gate logits of every SP-KV layer for one full sequence: list of (Hkv, T)."""
+    gates = []
+    with torch.no_grad():
+        model(torch.tensor(seq)[None], view="hard", gates=gates)
+    return [g[0] for g in gates]
+
+
+@st.composite
+def setups(draw):
+    n_kv = draw(st.sampled_from([1, 2]))
+    cfg = dict(window=draw(st.integers(1, 12)), tau=draw(st.floats(0.05, 0.95)), n_kv_head=n_kv,
+               n_head=n_kv * draw(st.sampled_from([1, 2])), n_embd=32 if n_kv == 1 else 32,
+               dense_layers=draw(st.sampled_from([(), (1,)])))
+    lengths = draw(st.lists(st.integers(1, 40), min_size=1, max_size=3))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 10**6)))
+    prompts = [torch.randint(0, 257, (n,), generator=g).tolist() for n in lengths]
+    return cfg, prompts, draw(st.integers(1, 17)), draw(st.integers(0, 12)), draw(st.integers(0, 10**6))
+
+
+@given(setups())
+def test_cached_decoding_equals_full_recompute_under_hard_gates(setup):
+    cfg, prompts, chunk, n_new, seed = setup
+    model = random_gate_model(seed, **cfg)
+    tokens, logits, cache = G.generate(model, prompts, n_new, chunk=chunk)
+    want_tokens, want_logits = G.generate_uncached(model, prompts, n_new)
+    for r, p in enumerate(prompts):  # a gate within 1e-5 of tau may flip between two float paths
+        u = torch.cat([torch.sigmoid(g) for g in full_gates(model, p + want_tokens[r])])
+        assume(((u - model.cfg.tau).abs() > 1e-5).all())
+    for r in range(len(prompts)):
+        assert tokens[r].tolist() == want_tokens[r]
+        if n_new:
+            assert (logits[r] - want_logits[r]).abs().max().item() <= 1e-4
+
+
+@given(setups())
+def test_cache_holds_exactly_window_and_kept(setup):
+    cfg, prompts, chunk, n_new, seed = setup
+    model = random_gate_model(seed, **cfg)
+    tokens, _, cache = G.generate(model, prompts, n_new, chunk=chunk)
+    w, page = model.cfg.window, cache.stores[0].page_size
+    for r, p in enumerate(prompts):
+        # the cache holds the pairs of every token fed to the model: prompt + all but the last sample
+        seq = p + tokens[r].tolist()[:-1] if n_new else p
+        n = len(seq)
+        gates = iter(full_gates(model, seq))
+        for layer, block in enumerate(model.blocks):
+            keep = spkv.hard_keep(next(gates), model.cfg.tau) if block.attn.is_spkv else None
+            for h in range(model.cfg.n_kv_head):
+                want = {s for s in range(n) if n - 1 - s < w or keep is None or keep[h, s]}
+                assert cache.held_positions(layer, r, h) == want
+    for store in cache.stores:  # pages held: kept pairs plus at most one partly filled page per stream
+        kept_pages = -(-store.length // page)
+        assert store.pages_in_use() == int(kept_pages.sum())
+        assert store.pages_in_use() * page <= int(store.length.sum()) + page * store.length.numel()
+
+
+@given(setups())
+def test_tau_zero_equals_dense_cache_equals_uncached(setup):
+    cfg, prompts, chunk, n_new, seed = setup
+    model = random_gate_model(seed, **{**cfg, "tau": 0.0})
+    spkv_tokens, spkv_logits, _ = G.generate(model, prompts, n_new, chunk=chunk)
+    dense_tokens, dense_logits, _ = G.generate(model, prompts, n_new, dense=True, chunk=chunk)
+    model.cfg.dense_layers = tuple(range(model.cfg.n_layer))  # plain attention for the oracle
+    for b in model.blocks:
+        b.attn.is_spkv = False
+    ref_tokens, ref_logits = G.generate_uncached(model, prompts, n_new, view="soft")
+    for r in range(len(prompts)):
+        assert spkv_tokens[r].tolist() == dense_tokens[r].tolist() == ref_tokens[r]
+        if n_new:
+            assert (spkv_logits[r] - dense_logits[r]).abs().max().item() <= 1e-4
+            assert (dense_logits[r] - ref_logits[r]).abs().max().item() <= 1e-4
+
+
+def test_heads_that_keep_nothing_and_everything():
+    torch.manual_seed(3)
+    model = GPT(tiny_config(window=4, n_kv_head=2, n_head=4)).eval()
+    for block in model.blocks:  # head 0 drops every old pair, head 1 keeps every one
+        block.attn.predictor.proj.bias.data = torch.tensor([-30.0, 30.0])
+    prompt = torch.randint(0, 257, (37,)).tolist()
+    tokens, logits, cache = G.generate(model, [prompt], 5, chunk=6)
+    want_tokens, want_logits = G.generate_uncached(model, [prompt], 5)
+    assert tokens[0].tolist() == want_tokens[0]
+    assert (logits[0] - want_logits[0]).abs().max().item() <= 1e-4
+    n = 37 + 4
+    for layer in range(2):
+        assert cache.held_positions(layer, 0, 0) == set(range(n - 4, n))
+        assert cache.held_positions(layer, 0, 1) == set(range(n))
+        assert cache.stores[layer].length.tolist() == [0, n - 4]
+
+
+def test_pages_are_only_taken_for_kept_pairs():
+    """A store whose heads keep nothing allocates no page however long the sequence."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(window=3)).eval()
+    for block in model.blocks:
+        block.attn.predictor.proj.bias.data.fill_(-30.0)
+    _, _, cache = G.generate(model, [list(range(100))], 20, chunk=7)
+    assert all(s.pages_in_use() == 0 for s in cache.stores)
+    report = G.cache_report(cache, [120], 2 * 8 * 4, 2, 2)
+    assert report["density"] == 0.0 and report["pairs"] == 2 * 2 * 3
+
+
+def test_sampling_modes():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]]).repeat(200, 1)
+    gen = torch.Generator().manual_seed(0)
+    assert (G.sample(logits) == 1).all()
+    assert (G.sample(logits, temperature=1.0, top_k=1, gen=gen) == 1).all()
+    assert set(G.sample(logits, temperature=1.0, top_k=2, gen=gen).tolist()) == {1, 3}
+    assert (G.sample(logits, temperature=1.0, top_p=0.01, gen=gen) == 1).all()
+    assert set(G.sample(logits, temperature=5.0, gen=gen).tolist()) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("prompts,n,message", [([[]], 4, "empty prompt"), ([[1] * 250], 10, "longer than the model's context"),
+                                               ([[1, 2]], -1, "max_new_tokens=-1 must be >= 0")])
+def test_bad_requests_are_refused(prompts, n, message):
+    with pytest.raises(ValueError, match=message):
+        G.generate(GPT(tiny_config()).eval(), prompts, n)
+
+
+def test_bad_tau_and_missing_tokenizer(tmp_path):
+    path = tiny_checkpoint(tmp_path / "t.pt")
+    with pytest.raises(SystemExit, match="unknown or malformed flag"):
+        G.main([f"--ckpt={path}", "--temp=1"])
+    with pytest.raises(ValueError, match="tau=1.5 is outside"):
+        G.main([f"--ckpt={path}", "--tau=1.5"])
+    model, _, _ = load_model(path)
+    save_checkpoint(str(tmp_path / "notok.pt"), model, None, source="test")
+    with pytest.raises(SystemExit, match="has no tokenizer"):
+        G.main([f"--ckpt={tmp_path / 'notok.pt'}"])
+
+
+def test_cli_prints_text_and_cache_figures(tmp_path, capsys):
+    path = tiny_checkpoint(tmp_path / "t.pt")
+    G.main([f"--ckpt={path}", "--prompt=hello world, " * 5, "--max_new_tokens=8", "--tau=0.5"])
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "compression" in out and "density" in out

@@ -134,16 +134,15 @@ class SPKVCache:
         self.ring_keep[layer, row][:, slot] = all_keep[:, n_leave:]
 
     def keys(self, layer, rows):
-        """Everything row(s) can attend to: k, v (R, Hkv, L + w, D), pos (R, Hkv, L + w) with -1 for
-        empty; a store entry's flag is always kept, a ring entry carries its own keep flag."""
+        """What row(s) can attend to, as pieces [store, ring] to concatenate along the sequence:
+        k, v (R, Hkv, n, D), pos (R, Hkv, n) with -1 for empty, keep (R, Hkv, n) (store pairs are
+        kept by definition; ring pairs carry their own flag)."""
         R = rows.numel()
         sk, sv, spos = self.stores[layer].gather(self.streams(rows).flatten())
-        sk, sv, spos = sk.view(R, self.Hkv, -1, self.D), sv.view(R, self.Hkv, -1, self.D), spos.view(R, self.Hkv, -1)
-        k = torch.cat([sk, self.ring_k[layer, rows]], 2)
-        v = torch.cat([sv, self.ring_v[layer, rows]], 2)
-        pos = torch.cat([spos, self.ring_pos[layer, rows][:, None].expand(R, self.Hkv, self.w)], 2)
-        keep = torch.cat([spos >= 0, self.ring_keep[layer, rows]], 2)
-        return k, v, pos, keep
+        store = (sk.view(R, self.Hkv, -1, self.D), sv.view(R, self.Hkv, -1, self.D), spos.view(R, self.Hkv, -1))
+        ring = (self.ring_k[layer, rows], self.ring_v[layer, rows],
+                self.ring_pos[layer, rows][:, None].expand(R, self.Hkv, self.w))
+        return [(*store, store[2] >= 0), (*ring, self.ring_keep[layer, rows])]
 
     def held_positions(self, layer, row, head) -> set:
         """Positions of every pair held for one stream (ring and store), for tests."""

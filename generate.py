@@ -24,11 +24,9 @@ from cache import DenseKVCache, SPKVCache
 
 def attend_spkv(cache: SPKVCache, layer, q, k, v, keep, pos, rows, impl):
     """Attend new queries (R, H, T, D) to the cache plus themselves, then store the new pairs."""
-    ck, cv, cpos, ckeep = cache.keys(layer, rows)  # (R, Hkv, S, D), ...
     R, Hkv = k.shape[:2]
-    k_all, v_all = torch.cat([ck, k], 2), torch.cat([cv, v], 2)
-    pos_all = torch.cat([cpos, pos[:, None].expand(R, Hkv, -1)], 2)
-    keep_all = torch.cat([ckeep, keep], 2)
+    pieces = cache.keys(layer, rows) + [(k, v, pos[:, None].expand(R, Hkv, -1), keep)]
+    k_all, v_all, pos_all, keep_all = (torch.cat(t, 2) for t in zip(*pieces))  # one copy each
     y = kernels.cached_attention(q, k_all, v_all, kernels.cache_bias(pos, pos_all, keep_all, cache.w), impl)
     if q.shape[2] == 1:  # decode: one pair per row, vectorized over rows
         cache.write(layer, rows, k[:, :, 0], v[:, :, 0], keep[:, :, 0], pos[:, 0])
@@ -39,12 +37,16 @@ def attend_spkv(cache: SPKVCache, layer, q, k, v, keep, pos, rows, impl):
 
 def attend_dense(cache: DenseKVCache, layer, q, k, v, pos, rows, impl):
     """Plain KV cache: write the new pairs at their positions, attend causally to all of them."""
-    for i, r in enumerate(rows.tolist()):
-        cache.k[layer, r, :, pos[i]], cache.v[layer, r, :, pos[i]] = k[i], v[i]
+    if q.shape[2] == 1:  # decode: one pair per row
+        cache.k[layer, rows, :, pos[:, 0]], cache.v[layer, rows, :, pos[:, 0]] = k[:, :, 0], v[:, :, 0]
+    else:  # prefill chunk of one row, consecutive positions
+        p0, p1 = int(pos[0, 0]), int(pos[0, -1]) + 1
+        cache.k[layer, int(rows[0]), :, p0:p1], cache.v[layer, int(rows[0]), :, p0:p1] = k[0], v[0]
     n = int(pos.max()) + 1
     k_pos = torch.arange(n, device=q.device).expand(len(rows), k.shape[1], n)  # (R, Hkv, n)
     bias = kernels.cache_bias(pos, k_pos, torch.ones_like(k_pos, dtype=torch.bool), window=n + 1)
-    return kernels.cached_attention(q, cache.k[layer, rows, :, :n], cache.v[layer, rows, :, :n], bias, impl)
+    span = slice(int(rows[0]), int(rows[-1]) + 1)  # rows are one row (prefill) or all rows: a view, no copy
+    return kernels.cached_attention(q, cache.k[layer, span, :, :n], cache.v[layer, span, :, :n], bias, impl)
 
 
 def forward_cached(model, cache, idx, pos, rows, impl="sdpa"):

@@ -1,0 +1,124 @@
+"""Decode speed: the dense KV cache and the SP-KV cache side by side, in one process.
+
+    python bench_decode.py                                   # SmolLM2-135M shape, batch 16, 2k and 8k
+    python bench_decode.py --contexts=2048 --ckpt=out/spkv/ckpt.pt   # adds a row with real gates
+
+For each context length the dense cache is filled to that length and, for each forced density d,
+an SP-KV cache holds a full window plus d of the older pairs per (layer, row, head) (random
+positions; decode speed does not depend on the values). With --ckpt, one real text is prefilled
+with the checkpoint's own gates and its cache is copied to every row. Each case then decodes
+--steps tokens for the whole batch after one warm-up step. Printed per case: decode tokens/s of
+both, their ratio, KV bytes of both (density marked "r" is the checkpoint's real gates), and the ideal ratio from bytes moved per token,
+(weights + dense KV) / (weights + kept KV). Timings are noisy: compare ratios within one run.
+"""
+
+import sys
+import time
+
+import torch
+
+import generate as G
+from cache import DenseKVCache, SPKVCache
+from model import GPT, GPTConfig
+
+
+def fill_dense(model, B, ctx):
+    c, dtype = model.cfg, next(model.parameters()).dtype
+    cache = DenseKVCache(c.n_layer, B, c.n_kv_head, c.head_dim, ctx + 64, dtype, "cpu")
+    cache.k[:, :, :, :ctx].normal_()
+    cache.v[:, :, :, :ctx].normal_()
+    return cache
+
+
+def fill_spkv(model, B, ctx, density, gen):
+    """Window full, and round(density * (ctx - w)) random older positions kept per stream."""
+    c, dtype = model.cfg, next(model.parameters()).dtype
+    cache = SPKVCache(c.n_layer, B, c.n_kv_head, c.head_dim, c.window, dtype, "cpu")
+    w, S = c.window, B * c.n_kv_head
+    n_keep = round(density * max(0, ctx - w))
+    pos = torch.arange(ctx - w, ctx)
+    cache.ring_pos[:, :, pos % w] = pos
+    cache.ring_keep[:] = True
+    cache.ring_k.normal_()
+    cache.ring_v.normal_()
+    for store in cache.stores:
+        kept = torch.stack([torch.randperm(ctx - w, generator=gen)[:n_keep].sort().values for _ in range(S)])
+        streams = torch.arange(S).repeat_interleave(n_keep)
+        store.append(streams, torch.randn(S * n_keep, c.head_dim, dtype=dtype),
+                     torch.randn(S * n_keep, c.head_dim, dtype=dtype), kept.flatten())
+    return cache
+
+
+def fill_real(model, B, ids):
+    """Prefill one real text with the model's own gates, then copy its cache to all B rows."""
+    one = G.new_cache(model, 1, len(ids) + 64, dense=False)
+    G.prefill(model, one, [ids], chunk=512)
+    c = model.cfg
+    cache = SPKVCache(c.n_layer, B, c.n_kv_head, c.head_dim, c.window, next(model.parameters()).dtype, "cpu")
+    for name in ("ring_k", "ring_v", "ring_keep", "ring_pos"):
+        getattr(cache, name).copy_(getattr(one, name).expand_as(getattr(cache, name)))
+    for src, dst in zip(one.stores, cache.stores):
+        for h in range(c.n_kv_head):
+            k, v, pos = src.gather(torch.tensor([h]))
+            n = int(src.length[h])
+            streams = torch.arange(h, B * c.n_kv_head, c.n_kv_head).repeat_interleave(n)
+            dst.append(streams, k[0, :n].repeat(B, 1), v[0, :n].repeat(B, 1), pos[0, :n].repeat(B))
+    return cache
+
+
+@torch.no_grad()
+def time_decode(model, cache, B, ctx, steps) -> float:
+    """Decode tokens per second over `steps` steps for the whole batch, after one warm-up step."""
+    tok = torch.zeros(B, dtype=torch.long)
+    G.decode_one_token(model, cache, tok, torch.full((B,), ctx))
+    t0 = time.perf_counter()
+    for i in range(steps):
+        G.decode_one_token(model, cache, tok, torch.full((B,), ctx + 1 + i))
+    return B * steps / (time.perf_counter() - t0)
+
+
+def main(argv):
+    opts = dict(contexts="2048,8192", batch="16", densities="0.1,0.25,0.5", steps="8", ckpt="", threads="0")
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if key not in opts or not eq:
+            sys.exit(f"bench_decode.py: unknown flag {arg!r}; flags: {', '.join(opts)}")
+        opts[key] = value
+    if int(opts["threads"]):
+        torch.set_num_threads(int(opts["threads"]))
+    B, steps = int(opts["batch"]), int(opts["steps"])
+    if opts["ckpt"]:
+        from checkpoint import load_model
+        model, tok, _ = load_model(opts["ckpt"])
+    else:  # the SmolLM2-135M shape with random weights: speed does not depend on the values
+        model, tok = GPT(GPTConfig()), None
+    model.eval()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    print(f"device: cpu, {torch.get_num_threads()} threads; model {weights / 1e6:.0f} MB of weights; batch {B}; "
+          f"window {model.cfg.window}; {steps} timed decode steps per case")
+    print(f"{'context':>8} {'density':>8} {'dense tok/s':>12} {'spkv tok/s':>11} {'speedup':>8} {'ideal':>6} "
+          f"{'dense KV MB':>12} {'spkv KV MB':>11} {'compress':>9}")
+    for ctx in map(int, opts["contexts"].split(",")):
+        dense = fill_dense(model, B, ctx)
+        dense_bytes = B * ctx * model.cfg.n_layer * model.cfg.n_kv_head * 2 * model.cfg.head_dim * 4
+        dense_tps = time_decode(model, dense, B, ctx, steps)
+        del dense
+        cases = [(f"{d:.2f}", lambda d=d: fill_spkv(model, B, ctx, d, gen)) for d in map(float, opts["densities"].split(","))]
+        if tok is not None:
+            ids = (tok.encode(open(G.__file__).read()) * 64)[:ctx]
+            cases.append(("real", lambda: fill_real(model, B, ids)))
+        for name, make in cases:
+            cache = make()
+            kv = cache.nbytes()["in_use"]
+            old = model.cfg.n_layer * B * model.cfg.n_kv_head * max(1, ctx - model.cfg.window)
+            name = f"{sum(int(st.length.sum()) for st in cache.stores) / old:.3f}" + ("r" if name == "real" else "")
+            spkv_tps = time_decode(model, cache, B, ctx, steps)
+            ideal = (weights + dense_bytes) / (weights + kv)
+            print(f"{ctx:>8} {name:>8} {dense_tps:>12.1f} {spkv_tps:>11.1f} {spkv_tps / dense_tps:>7.2f}x {ideal:>5.2f}x "
+                  f"{dense_bytes / 1e6:>12.1f} {kv / 1e6:>11.1f} {dense_bytes / kv:>8.2f}x", flush=True)
+            del cache
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -113,15 +113,15 @@ def attention(q, k, v, lg, window, impl: str):
 
 
 def cache_bias(q_pos, k_pos, keep, window):
-    """The hard-gate rule of METHOD.md section 3 for cached keys with per-head positions.
+    """The hard-gate bias of METHOD.md section 3 over cached keys, from spkv.gate_bias.
 
-    q_pos (R, T); k_pos (R, Hkv, S) with -1 for empty slots; keep (R, Hkv, S).
-    Key s is visible to query t iff it exists, s <= t, and (t - s < window or keep_s).
-    Returns an additive bias (R, Hkv, T, S) of 0 / -inf.
+    q_pos (R, T); k_pos (R, Hkv, S) with -1 for an empty slot; keep (R, Hkv, S).
+    Key s is visible to query t iff it exists, s <= t, and (t - s < window or keep_s). An empty
+    slot is placed in the far future, so the causal rule hides it. Returns (R, Hkv, T, S).
     """
-    rel = q_pos[:, None, :, None] - k_pos[:, :, None, :]  # (R, Hkv, T, S)
-    visible = (k_pos >= 0)[:, :, None, :] & (rel >= 0) & ((rel < window) | keep[:, :, None, :])
-    return torch.zeros(visible.shape, device=q_pos.device).masked_fill(~visible, float("-inf"))
+    lg = torch.zeros(keep.shape, device=keep.device).masked_fill(~keep, float("-inf"))  # hard log-gate
+    k_pos = k_pos.masked_fill(k_pos < 0, torch.iinfo(torch.long).max // 2)
+    return spkv.gate_bias(lg, q_pos[:, None, :], k_pos, window)
 
 
 def cached_attention(q, k, v, bias, impl: str):

@@ -106,33 +106,32 @@ def log_gate(logit: torch.Tensor, view: str, tau: float, anneal: float = 0.0) ->
 def gate_bias(lg: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
     """Materialize bias[t, s] for every query/key pair.
 
-    lg: (B, Hkv, S) log-gates of the keys; q_pos: (T,) and k_pos: (S,) absolute positions.
+    lg: (B, Hkv, S) log-gates of the keys; q_pos: (T,) and k_pos: (S,) absolute positions (or
+    anything broadcasting to (B, Hkv, T) and (B, Hkv, S): a cache gives each head its own keys).
     Returns (B, Hkv, T, S): -inf where s > t (causal), 0 inside the window (t - s < window, which
     includes s = t, so no row is ever fully masked), lg[s] for keys older than the window.
     """
-    rel = q_pos[:, None] - k_pos[None, :]  # (T, S) distance t - s
-    old = rel >= window  # (T, S) keys the gate applies to
-    bias = torch.where(old, lg[:, :, None, :], torch.zeros((), dtype=lg.dtype, device=lg.device))
+    rel = q_pos[..., :, None] - k_pos[..., None, :]  # (..., T, S) distance t - s
+    old = rel >= window  # keys the gate applies to
+    bias = torch.where(old, lg[..., None, :], torch.zeros((), dtype=lg.dtype, device=lg.device))
     return bias.masked_fill(rel < 0, float("-inf"))  # (B, Hkv, T, S)
 
 
-def reference_attention(q, k, v, lg, window, q_pos=None, k_pos=None):
-    """Dense, materialized SP-KV attention: the definition every fast path is tested against.
-
-    q: (B, H, T, D); k, v: (B, Hkv, S, D); lg: (B, Hkv, S) log-gates, or None for plain causal
-    attention. Positions default to 0..T-1 and 0..S-1 (a full sequence, T == S).
-    One gate per KV head is shared by the G = H / Hkv query heads of its group (GQA).
+def reference_attention(q, k, v, lg, window):
+    """Dense, materialized SP-KV attention over a full sequence: the definition every fast path is
+    tested against. q: (B, H, T, D); k, v: (B, Hkv, T, D); lg: (B, Hkv, T) log-gates, or None for
+    plain causal attention. One gate per KV head is shared by the G = H / Hkv query heads of its
+    group (GQA).
     """
     B, H, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     G = H // Hkv
-    q_pos = torch.arange(T, device=q.device) if q_pos is None else q_pos
-    k_pos = torch.arange(S, device=q.device) if k_pos is None else k_pos
-    if lg is None:  # plain causal attention: a window that covers everything
-        lg, window = torch.zeros(B, Hkv, S, dtype=q.dtype, device=q.device), S + int(q_pos.max()) + 1
+    pos = torch.arange(T, device=q.device)
+    if lg is None:  # plain causal attention: no key is older than a window of T
+        lg, window = torch.zeros(B, Hkv, T, dtype=q.dtype, device=q.device), T
     qg = q.view(B, Hkv, G, T, D)  # (B, Hkv, G, T, D) query heads grouped by their KV head
-    scores = qg @ k.unsqueeze(2).transpose(-1, -2) / math.sqrt(D)  # (B, Hkv, G, T, S)
-    scores = scores + gate_bias(lg, q_pos, k_pos, window).unsqueeze(2).to(scores.dtype)
+    scores = qg @ k.unsqueeze(2).transpose(-1, -2) / math.sqrt(D)  # (B, Hkv, G, T, T)
+    scores = scores + gate_bias(lg, pos, pos, window).unsqueeze(2).to(scores.dtype)
     out = scores.softmax(dim=-1) @ v.unsqueeze(2)  # (B, Hkv, G, T, D)
     return out.reshape(B, H, T, D)
 

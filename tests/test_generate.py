@@ -160,3 +160,14 @@ def test_cli_prints_text_and_cache_figures(tmp_path, capsys):
     G.main([f"--ckpt={path}", "--prompt=hello world, " * 5, "--max_new_tokens=8", "--tau=0.5"])
     out = capsys.readouterr().out
     assert "tokens/s" in out and "compression" in out and "density" in out
+
+
+@given(setups())
+def test_sdpa_cached_path_matches_its_reference_twin(setup):
+    cfg, prompts, chunk, n_new, seed = setup
+    model = random_gate_model(seed, **cfg)
+    fast = G.generate(model, prompts, n_new, chunk=chunk, impl="sdpa")
+    plain = G.generate(model, prompts, n_new, chunk=chunk, impl="reference")
+    assert torch.equal(fast[0], plain[0])
+    if n_new:
+        assert (fast[1] - plain[1]).abs().max().item() <= 1e-4

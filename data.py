@@ -130,13 +130,15 @@ class Batches:
             meta = json.load(f)
         self.tokens = np.memmap(os.path.join(folder, f"{split}.bin"), dtype=meta["dtype"], mode="r")
         self.seq_len = seq_len
+        self.align = meta.get("align", 1)  # > 1: windows start at document boundaries (synthetic.py)
         if len(self.tokens) <= seq_len + 1:
             raise ValueError(f"the {split} split has {len(self.tokens)} tokens, too few for seq_len={seq_len}; "
                              "use more data or a shorter --seq_len")
 
     def sample(self, n: int, gen: torch.Generator):
         """n windows: x, y of shape (n, seq_len), y shifted by one."""
-        ix = torch.randint(len(self.tokens) - self.seq_len - 1, (n,), generator=gen).tolist()
+        starts = (len(self.tokens) - self.seq_len - 1) // self.align + 1
+        ix = (torch.randint(starts, (n,), generator=gen) * self.align).tolist()
         rows = np.stack([self.tokens[i:i + self.seq_len + 1].astype(np.int64) for i in ix])  # (n, T + 1)
         rows = torch.from_numpy(rows)
         return rows[:, :-1], rows[:, 1:]

@@ -228,14 +228,16 @@ def main(argv):
 
     o = parse_flags(argv)
     overrides = {} if o["tau"] == -1.0 else {"tau": o["tau"]}  # -1: the checkpoint's own tau
-    model, tok, _ = load_model(o["ckpt"] or default_checkpoint(), dense=o["dense"], **overrides)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok, _ = load_model(o["ckpt"] or default_checkpoint(), device, dense=o["dense"], **overrides)
     if tok is None:
         sys.exit("generate.py: this checkpoint has no tokenizer; convert it from a folder with tokenizer.json")
     model.eval()
     torch.manual_seed(o["seed"])
     ids = chat_prompt(tok, o["prompt"]) if o["chat"] else tok.encode(o["prompt"])
     print(f"cache: {'dense KV cache' if o['dense'] else f'SP-KV ring of {model.cfg.window} + paged store, tau={model.cfg.tau}'}"
-          f"; attention: gather + SDPA; device: cpu")
+          f"; attention: gather + SDPA (kernels.cached_attention); device: {device}"
+          + ("" if device == "cuda" else " (no CUDA device)"))
     t0 = time.time()
     sampling = dict(temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"])
     tokens, _, cache = generate(model, [ids], o["max_new_tokens"], o["dense"], o["chunk"], sampling,

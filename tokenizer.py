@@ -24,6 +24,13 @@ GGUF_PRE_PATTERNS = {"smollm": SMOLLM_PATTERN, "gpt-2": GPT2_PATTERN, "llama-bpe
                      "qwen2": QWEN2_PATTERN}
 
 
+def byte_spec() -> dict:
+    """A byte tokenizer with no merges: ids 0..255 are the bytes, 256 is end-of-text. For models
+    trained from scratch on synthetic data, and for tests."""
+    return make_spec("bytes", [], {"<|endoftext|>": 256}, GPT2_PATTERN, eos_id=256) | {
+        "pieces": [bytes([b]) for b in range(256)] + [None]}
+
+
 def byte_level_alphabet() -> dict:
     """GPT-2's map from each of the 256 bytes to a printable unicode character, inverted."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]

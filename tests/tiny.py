@@ -7,13 +7,7 @@ import torch
 
 from checkpoint import save_checkpoint
 from model import GPT, GPTConfig
-from tokenizer import GPT2_PATTERN
-
-
-def byte_tokenizer_spec() -> dict:
-    """A byte-level tokenizer with no merges: ids 0..255 are the bytes, 256 is end-of-text."""
-    return {"name": "bytes", "pattern": GPT2_PATTERN, "pieces": [bytes([b]) for b in range(256)] + [None],
-            "special": {"<|endoftext|>": 256}, "bos_id": None, "eos_id": 256, "chat_template": None}
+from tokenizer import byte_spec
 
 
 def tiny_config(**overrides) -> GPTConfig:
@@ -25,7 +19,7 @@ def tiny_config(**overrides) -> GPTConfig:
 def tiny_checkpoint(path, seed=0, **overrides) -> str:
     torch.manual_seed(seed)
     model = GPT(tiny_config(**overrides))
-    save_checkpoint(str(path), model, byte_tokenizer_spec(), source="tests/tiny.py")
+    save_checkpoint(str(path), model, byte_spec(), source="tests/tiny.py")
     return str(path)
 
 

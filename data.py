@@ -137,7 +137,7 @@ class Batches:
 
     def sample(self, n: int, gen: torch.Generator):
         """n windows: x, y of shape (n, seq_len), y shifted by one."""
-        starts = (len(self.tokens) - self.seq_len - 1) // self.align + 1
+        starts = (len(self.tokens) - self.seq_len - 2) // self.align + 1  # nanoGPT: 0 .. len - seq_len - 2
         ix = (torch.randint(starts, (n,), generator=gen) * self.align).tolist()
         rows = np.stack([self.tokens[i:i + self.seq_len + 1].astype(np.int64) for i in ix])  # (n, T + 1)
         rows = torch.from_numpy(rows)

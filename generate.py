@@ -8,6 +8,7 @@ decode_n_tokens. The oracle the cached path is tested against is generate_uncach
 forward under hard gates per new token.
 """
 
+import os
 import sys
 import time
 
@@ -195,7 +196,7 @@ def cache_report(cache, lengths, dense_bytes_per_pair, n_layer, Hkv) -> dict:
 
 DEFAULTS = dict(ckpt="", prompt="Write a Python function that checks whether a number is prime.",
                 max_new_tokens=64, tau=-1.0, dense=False, temperature=0.0, top_k=0, top_p=1.0, chunk=256,
-                chat=True, seed=0, page_size=16)
+                chat=True, seed=0, page_size=16, target_density=0.0)
 
 
 def parse_flags(argv) -> dict:
@@ -233,6 +234,13 @@ def main(argv):
     if tok is None:
         sys.exit("generate.py: this checkpoint has no tokenizer; convert it from a folder with tokenizer.json")
     model.eval()
+    if o["target_density"] > 0:  # pick tau on calibration text (stdlib source, train split)
+        import data as datalib
+        import tau as taulib
+
+        folder = datalib.prepare("", tok, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_cache"))
+        model.cfg.tau = taulib.calibrate(model, datalib.Batches(folder, "train", 512), o["target_density"])
+        print(f"tau calibrated to {model.cfg.tau:.4f} for target density {o['target_density']}")
     torch.manual_seed(o["seed"])
     ids = chat_prompt(tok, o["prompt"]) if o["chat"] else tok.encode(o["prompt"])
     print(f"cache: {'dense KV cache' if o['dense'] else f'SP-KV ring of {model.cfg.window} + paged store, tau={model.cfg.tau}'}"

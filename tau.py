@@ -1,0 +1,96 @@
+"""Choosing tau after training: the sweep (hard-gate loss and density per tau) and calibration
+(the tau that hits a requested density). tau is a deployment knob: no retraining needed.
+
+    python tau.py --ckpt=out/spkv/ckpt.pt                       # sweep tau = 0.1 ... 0.9
+    python tau.py --ckpt=... --target_density=0.2               # calibrate, then check held-out
+Options: --data=PATH (as train.py; default stdlib source), --seq_len, --batches, --batch_size.
+"""
+
+import os
+import sys
+
+import torch
+
+import data as datalib
+import spkv
+from checkpoint import load_model
+
+
+def tau_for_density(u: torch.Tensor, target: float) -> float:
+    """The threshold keeping a `target` fraction of gates: u (N,) pooled over layers, heads and
+    old positions of a calibration set; keep = u >= tau, so tau is the (1 - target) quantile."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target density {target} must be in (0, 1]")
+    ranked = u.flatten().sort().values
+    return float(ranked[min(int((1.0 - target) * ranked.numel()), ranked.numel() - 1)])
+
+
+@torch.no_grad()
+def old_gate_values(model, batches, n_batches, batch_size, gen) -> torch.Tensor:
+    """u of every pair older than the window (the ones the gate decides), pooled: (N,)."""
+    values = []
+    for _ in range(n_batches):
+        x, _ = batches.sample(batch_size, gen)
+        gates = []
+        model(x, view="soft", gates=gates)
+        T = x.shape[1]
+        old = torch.arange(T) <= T - 1 - model.cfg.window
+        values += [torch.sigmoid(g[..., old]).flatten() for g in gates]
+    return torch.cat(values)
+
+
+def calibrate(model, batches, target, n_batches=4, batch_size=2, seed=0) -> float:
+    """tau for `target` density on calibration batches drawn with `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    return tau_for_density(old_gate_values(model, batches, n_batches, batch_size, gen), target)
+
+
+@torch.no_grad()
+def hard_loss_and_density(model, batches, tau, n_batches, batch_size, seed=1) -> tuple:
+    """Hard-gate val loss and overall density at tau, on fixed batches."""
+    model.cfg.tau = tau
+    gen = torch.Generator().manual_seed(seed)
+    loss, keeps = 0.0, {}
+    for _ in range(n_batches):
+        x, y = batches.sample(batch_size, gen)
+        gates = []
+        loss += model(x, y, view="hard", gates=gates)[1].item() / n_batches
+        for layer, g in zip(model.cfg.spkv_layers(), gates):
+            keeps.setdefault(layer, []).append(spkv.hard_keep(g, tau))
+    stats = spkv.density_stats({k: torch.cat(v) for k, v in keeps.items()}, model.cfg.window)
+    return loss, stats["overall"]
+
+
+def main(argv):
+    o = dict(ckpt="", data="", seq_len=512, batches=4, batch_size=2, target_density=0.0,
+             taus="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if key not in o or not eq:
+            sys.exit(f"tau.py: unknown flag {arg!r}; flags: {', '.join(o)}")
+        o[key] = type(o[key])(value)
+    from convert import default_checkpoint
+
+    model, tok, _ = load_model(o["ckpt"] or default_checkpoint())
+    model.eval()
+    folder = datalib.prepare(o["data"], tok, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_cache"))
+    train, val = datalib.Batches(folder, "train", o["seq_len"]), datalib.Batches(folder, "val", o["seq_len"])
+    n, bs = o["batches"], o["batch_size"]
+    dense, _, _ = load_model(o["ckpt"] or default_checkpoint(), dense=True)
+    gen = torch.Generator().manual_seed(1)
+    dense_loss = sum(dense.eval()(*val.sample(bs, gen))[1].item() for _ in range(n)) / n
+    print(f"plain attention (same weights): val loss {dense_loss:.4f}")
+    if o["target_density"] > 0:
+        tau = calibrate(model, train, o["target_density"], n, bs)  # calibrate on train, check on val
+        loss, density = hard_loss_and_density(model, val, tau, n, bs)
+        print(f"target density {o['target_density']:.3f}: tau {tau:.4f} -> held-out density {density:.3f}, "
+              f"hard val loss {loss:.4f} ({100 * (loss / dense_loss - 1):+.2f}% vs plain)")
+        return
+    print(f"{'tau':>5} {'density':>8} {'hard val loss':>14} {'vs plain':>9}")
+    for tau in map(float, o["taus"].split(",")):
+        loss, density = hard_loss_and_density(model, val, tau, n, bs)
+        print(f"{tau:>5.2f} {density:>8.3f} {loss:>14.4f} {100 * (loss / dense_loss - 1):>+8.2f}%")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

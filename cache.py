@@ -140,9 +140,10 @@ class SPKVCache:
         R = rows.numel()
         sk, sv, spos = self.stores[layer].gather(self.streams(rows).flatten())
         store = (sk.view(R, self.Hkv, -1, self.D), sv.view(R, self.Hkv, -1, self.D), spos.view(R, self.Hkv, -1))
-        ring = (self.ring_k[layer, rows], self.ring_v[layer, rows],
-                self.ring_pos[layer, rows][:, None].expand(R, self.Hkv, self.w))
-        return [(*store, store[2] >= 0), (*ring, self.ring_keep[layer, rows])]
+        span = slice(int(rows[0]), int(rows[0]) + R)  # rows are consecutive (one row, or all): views
+        ring = (self.ring_k[layer, span], self.ring_v[layer, span],
+                self.ring_pos[layer, span][:, None].expand(R, self.Hkv, self.w))
+        return [(*store, store[2] >= 0), (*ring, self.ring_keep[layer, span])]
 
     def held_positions(self, layer, row, head) -> set:
         """Positions of every pair held for one stream (ring and store), for tests."""

@@ -27,8 +27,12 @@ def attend_spkv(cache: SPKVCache, layer, q, k, v, keep, pos, rows, impl):
     """Attend new queries (R, H, T, D) to the cache plus themselves, then store the new pairs."""
     R, Hkv = k.shape[:2]
     pieces = cache.keys(layer, rows) + [(k, v, pos[:, None].expand(R, Hkv, -1), keep)]
-    k_all, v_all, pos_all, keep_all = (torch.cat(t, 2) for t in zip(*pieces))  # one copy each
-    y = kernels.cached_attention(q, k_all, v_all, kernels.cache_bias(pos, pos_all, keep_all, cache.w), impl)
+    if impl == "split":  # no concatenation: one softmax across the pieces
+        y = kernels.split_cached_attention(q, [(pk, pv, kernels.cache_bias(pos, pp, pkeep, cache.w))
+                                               for pk, pv, pp, pkeep in pieces])
+    else:
+        k_all, v_all, pos_all, keep_all = (torch.cat(t, 2) for t in zip(*pieces))  # one copy each
+        y = kernels.cached_attention(q, k_all, v_all, kernels.cache_bias(pos, pos_all, keep_all, cache.w), impl)
     if q.shape[2] == 1:  # decode: one pair per row, vectorized over rows
         cache.write(layer, rows, k[:, :, 0], v[:, :, 0], keep[:, :, 0], pos[:, 0])
     else:  # prefill chunk of one row

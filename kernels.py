@@ -139,3 +139,20 @@ def cached_attention(q, k, v, bias, impl: str):
     out = F.scaled_dot_product_attention(q.reshape(R, Hkv, G * T, D), k, v,
                                          attn_mask=bias.reshape(R, Hkv, G * T, S))  # (R, Hkv, G*T, D)
     return out.reshape(R, H, T, D)
+
+
+def split_cached_attention(q, pieces):
+    """Attention over keys held in separate pieces [(k, v, bias)] (the gathered store, the ring,
+    the new tokens) without concatenating them: scores per piece, one softmax across all through
+    a shared max and summed normalizers. Saves the copy of the whole key set that "sdpa" makes.
+    q (R, H, T, D); each k, v (R, Hkv, S_i, D), bias (R, Hkv, T, S_i)."""
+    R, H, T, D = q.shape
+    Hkv = pieces[0][0].shape[1]
+    G = H // Hkv
+    qg = q.reshape(R, Hkv, G * T, D) / math.sqrt(D)  # (R, Hkv, G*T, D): G heads folded into rows
+    scores = [qg @ k.transpose(-1, -2) + b.to(q.dtype)[:, :, None].expand(R, Hkv, G, T, b.shape[-1]).reshape(
+        R, Hkv, G * T, -1) for k, _, b in pieces]  # each (R, Hkv, G*T, S_i)
+    top = torch.stack([s.amax(-1) for s in scores]).amax(0)[..., None]  # (R, Hkv, G*T, 1)
+    weights = [torch.exp(s - top) for s in scores]
+    out = sum(w @ v for w, (_, v, _) in zip(weights, pieces)) / sum(w.sum(-1, keepdim=True) for w in weights)
+    return out.reshape(R, H, T, D)

@@ -162,11 +162,11 @@ def test_cli_prints_text_and_cache_figures(tmp_path, capsys):
     assert "tokens/s" in out and "compression" in out and "density" in out
 
 
-@given(setups())
-def test_sdpa_cached_path_matches_its_reference_twin(setup):
+@given(setups(), st.sampled_from(["sdpa", "split"]))
+def test_fast_cached_paths_match_their_reference_twin(setup, impl):
     cfg, prompts, chunk, n_new, seed = setup
     model = random_gate_model(seed, **cfg)
-    fast = G.generate(model, prompts, n_new, chunk=chunk, impl="sdpa")
+    fast = G.generate(model, prompts, n_new, chunk=chunk, impl=impl)
     plain = G.generate(model, prompts, n_new, chunk=chunk, impl="reference")
     assert torch.equal(fast[0], plain[0])
     if n_new:

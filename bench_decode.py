@@ -4,12 +4,14 @@
     python bench_decode.py --contexts=2048 --ckpt=out/spkv/ckpt.pt   # adds a row with real gates
 
 For each context length the dense cache is filled to that length and, for each forced density d,
-an SP-KV cache holds a full window plus d of the older pairs per (layer, row, head) (random
-positions; decode speed does not depend on the values). With --ckpt, one real text is prefilled
-with the checkpoint's own gates and its cache is copied to every row. Each case then decodes
---steps tokens for the whole batch after one warm-up step. Printed per case: decode tokens/s of
-both, their ratio, KV bytes of both (density marked "r" is the checkpoint's real gates), and the ideal ratio from bytes moved per token,
-(weights + dense KV) / (weights + kept KV). Timings are noisy: compare ratios within one run.
+an SP-KV cache holds a full window plus d of the older pairs per (layer, row, head) at random
+positions (decode speed does not depend on the values). With --ckpt, one real text is prefilled
+with the checkpoint's own gates and its cache copied to every row (density marked "r"). Each case
+decodes --steps tokens for the whole batch after one warm-up step; --impl picks the SP-KV cached
+attention path ("split" or "sdpa", kernels.py), the dense cache always uses "sdpa". Printed per
+case: decode tokens/s of both and their ratio, KV bytes of both, and the ideal ratio from bytes
+moved per token, (weights + dense KV) / (weights + kept KV). Timings are noisy: compare the
+ratios within one run.
 """
 
 import sys
@@ -67,18 +69,18 @@ def fill_real(model, B, ids):
 
 
 @torch.no_grad()
-def time_decode(model, cache, B, ctx, steps) -> float:
+def time_decode(model, cache, B, ctx, steps, impl) -> float:
     """Decode tokens per second over `steps` steps for the whole batch, after one warm-up step."""
     tok = torch.zeros(B, dtype=torch.long)
-    G.decode_one_token(model, cache, tok, torch.full((B,), ctx))
+    G.decode_one_token(model, cache, tok, torch.full((B,), ctx), impl)
     t0 = time.perf_counter()
     for i in range(steps):
-        G.decode_one_token(model, cache, tok, torch.full((B,), ctx + 1 + i))
+        G.decode_one_token(model, cache, tok, torch.full((B,), ctx + 1 + i), impl)
     return B * steps / (time.perf_counter() - t0)
 
 
 def main(argv):
-    opts = dict(contexts="2048,8192", batch="16", densities="0.1,0.25,0.5", steps="8", ckpt="", threads="0")
+    opts = dict(contexts="2048,8192", batch="16", densities="0.1,0.25,0.5", steps="8", ckpt="", threads="0", impl="split")
     for arg in argv:
         key, eq, value = arg.removeprefix("--").partition("=")
         if key not in opts or not eq:
@@ -96,13 +98,14 @@ def main(argv):
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     gen = torch.Generator().manual_seed(0)
     print(f"device: cpu, {torch.get_num_threads()} threads; model {weights / 1e6:.0f} MB of weights; batch {B}; "
-          f"window {model.cfg.window}; {steps} timed decode steps per case")
+          f"window {model.cfg.window}; {steps} timed decode steps per case; SP-KV attention path "
+          f"{opts['impl']!r}, dense 'sdpa'")
     print(f"{'context':>8} {'density':>8} {'dense tok/s':>12} {'spkv tok/s':>11} {'speedup':>8} {'ideal':>6} "
           f"{'dense KV MB':>12} {'spkv KV MB':>11} {'compress':>9}")
     for ctx in map(int, opts["contexts"].split(",")):
         dense = fill_dense(model, B, ctx)
         dense_bytes = B * ctx * model.cfg.n_layer * model.cfg.n_kv_head * 2 * model.cfg.head_dim * 4
-        dense_tps = time_decode(model, dense, B, ctx, steps)
+        dense_tps = time_decode(model, dense, B, ctx, steps, "sdpa")
         del dense
         cases = [(f"{d:.2f}", lambda d=d: fill_spkv(model, B, ctx, d, gen)) for d in map(float, opts["densities"].split(","))]
         if tok is not None:
@@ -113,7 +116,7 @@ def main(argv):
             kv = cache.nbytes()["in_use"]
             old = model.cfg.n_layer * B * model.cfg.n_kv_head * max(1, ctx - model.cfg.window)
             name = f"{sum(int(st.length.sum()) for st in cache.stores) / old:.3f}" + ("r" if name == "real" else "")
-            spkv_tps = time_decode(model, cache, B, ctx, steps)
+            spkv_tps = time_decode(model, cache, B, ctx, steps, opts["impl"])
             ideal = (weights + dense_bytes) / (weights + kv)
             print(f"{ctx:>8} {name:>8} {dense_tps:>12.1f} {spkv_tps:>11.1f} {spkv_tps / dense_tps:>7.2f}x {ideal:>5.2f}x "
                   f"{dense_bytes / 1e6:>12.1f} {kv / 1e6:>11.1f} {dense_bytes / kv:>8.2f}x", flush=True)

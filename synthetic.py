@@ -81,6 +81,7 @@ def evaluate(ckpt, length, n_facts, n_queries, n_seqs=64, seed=12345, empty_stor
     rng = random.Random(seed)
     correct = total = hit = kept_total = needed_total = 0
     keeps = {layer: [] for layer in model.cfg.spkv_layers()}
+    per_layer = {}  # layer -> [fact bytes kept, fact bytes, filler kept, filler] (old positions)
     for _ in range(n_seqs):
         seq, needed, answers = make_sequence(rng, length, n_facts, n_queries)
         ids = torch.tensor(list(seq))[None]
@@ -96,6 +97,14 @@ def evaluate(ckpt, length, n_facts, n_queries, n_seqs=64, seed=12345, empty_stor
                 keeps[layer].append(k[None])
             old = torch.arange(length) <= length - 1 - model.cfg.window
             any_kept = torch.stack(kept).any(0).any(0) & old  # (T,) kept by some layer and head
+            facts = torch.tensor([c not in FILLER for c in seq]) & old  # every fact/query byte
+            for layer, k in zip(keeps, kept):
+                per_layer.setdefault(layer, [0, 0, 0, 0])
+                counts = per_layer[layer]
+                counts[0] += int((k.any(0) & facts).sum())
+                counts[1] += int(facts.sum())
+                counts[2] += int((k.any(0) & ~facts & old).sum())
+                counts[3] += int((~facts & old).sum())
             hit += int(any_kept[needed].sum())
             kept_total += int(any_kept.sum())
             needed_total += len(needed)
@@ -103,19 +112,23 @@ def evaluate(ckpt, length, n_facts, n_queries, n_seqs=64, seed=12345, empty_stor
     if keeps:
         stats = spkv.density_stats({k: torch.cat(v) for k, v in keeps.items()}, model.cfg.window)
         out.update(density=stats["overall"], recall=hit / needed_total,
-                   precision=hit / kept_total if kept_total else float("nan"))
+                   precision=hit / kept_total if kept_total else float("nan"),
+                   kept_fact_vs_filler={layer: (c[0] / c[1], c[2] / c[3]) for layer, c in per_layer.items()})
     return out
 
 
 def main(argv):
     o = dict(out="out/synthetic", seq_len=1024, steps=600, window=32, n_facts=8, n_queries=4, batch_size=8,
-             lr=2e-3, n_layer=4, n_embd=128, n_train=2000)
+             lr=2e-3, n_layer=4, n_embd=128, n_train=2000, eval_only=0)
     for arg in argv:
         key, eq, value = arg.removeprefix("--").partition("=")
         if key not in o or not eq:
             sys.exit(f"synthetic.py: unknown flag {arg!r}; flags: {', '.join(o)}")
         o[key] = type(o[key])(value)
     data_dir, L = os.path.join(o["out"], "data"), o["seq_len"]
+    if o["eval_only"]:  # re-evaluate the runs already in --out
+        return report(o, {name: evaluate(os.path.join(o["out"], name, "ckpt.pt"), L, o["n_facts"], o["n_queries"])
+                          for name in ("spkv", "dense")})
     prepare(data_dir, L, o["n_train"], 200, o["n_facts"], o["n_queries"])
     init = os.path.join(o["out"], "init.pt")  # carries the byte tokenizer; weights are re-drawn
     save_checkpoint(init, GPT(GPTConfig(vocab_size=257, n_layer=1, n_head=1, n_kv_head=1, n_embd=32,
@@ -131,14 +144,20 @@ def main(argv):
         subprocess.run([sys.executable, "train.py", *common, *extra, f"--out_dir={run_dir}"], check=True,
                        cwd=os.path.dirname(os.path.abspath(__file__)))
         results[name] = evaluate(os.path.join(run_dir, "ckpt.pt"), L, o["n_facts"], o["n_queries"])
-    results["window_only"] = evaluate(os.path.join(o["out"], "spkv", "ckpt.pt"), L, o["n_facts"], o["n_queries"],
-                                      empty_store=True)
+    report(o, results)
+
+
+def report(o, results):
+    results["window_only"] = evaluate(os.path.join(o["out"], "spkv", "ckpt.pt"), o["seq_len"], o["n_facts"],
+                                      o["n_queries"], empty_store=True)
     print(f"\n{'model':<12} {'accuracy':>9} {'density':>8} {'precision':>10} {'recall':>7}")
     for name, r in results.items():
         print(f"{name:<12} {r['accuracy']:>9.3f} {r.get('density', float('nan')):>8.3f} "
               f"{r.get('precision', float('nan')):>10.3f} {r.get('recall', float('nan')):>7.3f}")
     with open(os.path.join(o["out"], "results.json"), "w") as f:
         json.dump({"settings": o, "results": results}, f, indent=1)
+    for layer, (fact, filler) in results["spkv"].get("kept_fact_vs_filler", {}).items():
+        print(f"SP-KV layer {layer}: keeps {fact:.3f} of fact/query bytes, {filler:.3f} of filler bytes")
 
 
 if __name__ == "__main__":

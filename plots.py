@@ -1,0 +1,109 @@
+"""Pictures of what an SP-KV checkpoint keeps, written as PNG files by one command.
+
+    python plots.py --ckpt=out/spkv/ckpt.pt [--data=PATH] [--out=out/plots]
+
+  density_heatmap.png  density per layer x KV head (hard gates, held-out text)
+  kept_tokens.png      a text, one row per layer: each token shaded by how many of that layer's
+                       KV heads keep it once it leaves the window
+  tau_sweep.png        density and hard-gate val loss against tau (tau.py's sweep)
+Needs matplotlib (`pip install matplotlib`), used only here.
+"""
+
+import os
+import sys
+
+import torch
+
+import data as datalib
+import spkv
+import tau as taulib
+from checkpoint import load_model
+
+
+def plt_module():
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("plots.py needs matplotlib: pip install matplotlib") from e
+    matplotlib.use("Agg")  # files only, no screen
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+@torch.no_grad()
+def keep_masks(model, x):
+    """Hard keep flags per SP-KV layer for a batch x: {layer: (B, Hkv, T) bool}."""
+    gates = []
+    model(x, view="hard", gates=gates)
+    return {layer: spkv.hard_keep(g, model.cfg.tau) for layer, g in zip(model.cfg.spkv_layers(), gates)}
+
+
+def density_heatmap(plt, model, batches, path, n_batches=4, batch_size=2):
+    gen = torch.Generator().manual_seed(0)
+    keeps = {}
+    for _ in range(n_batches):
+        for layer, k in keep_masks(model, batches.sample(batch_size, gen)[0]).items():
+            keeps.setdefault(layer, []).append(k)
+    stats = spkv.density_stats({k: torch.cat(v) for k, v in keeps.items()}, model.cfg.window)
+    grid = torch.tensor([stats["per_head"][layer] for layer in sorted(stats["per_head"])])  # (L, Hkv)
+    fig, ax = plt.subplots(figsize=(2 + grid.shape[1], 1 + 0.25 * grid.shape[0]))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set(xlabel="KV head", ylabel="layer", title=f"kept fraction of old pairs (overall {stats['overall']:.3f})")
+    fig.colorbar(im, ax=ax)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return grid
+
+
+def kept_tokens(plt, model, tok, ids, path):
+    """Rows = layers, columns = tokens; shade = fraction of KV heads keeping the token."""
+    masks = keep_masks(model, torch.tensor(ids)[None])
+    grid = torch.stack([m[0].float().mean(0) for m in masks.values()])  # (L, T)
+    fig, ax = plt.subplots(figsize=(min(0.12 * len(ids) + 2, 40), 1 + 0.2 * grid.shape[0]))
+    ax.imshow(grid, vmin=0, vmax=1, cmap="Greens", aspect="auto")
+    labels = [tok.decode([i]).replace("\n", "\\n") for i in ids]
+    ax.set_xticks(range(len(ids)), labels, rotation=90, fontsize=6, family="monospace")
+    ax.set(ylabel="layer", title="which tokens each layer keeps (dark = all KV heads keep it)")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return grid
+
+
+def tau_sweep(plt, model, batches, path, taus=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)):
+    rows = [taulib.hard_loss_and_density(model, batches, t, n_batches=2, batch_size=2) for t in taus]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(taus, [d for _, d in rows], "o-", color="tab:green")
+    ax.set(xlabel="tau", ylabel="density", title="tau sweep (hard gates)")
+    ax2 = ax.twinx()
+    ax2.plot(taus, [loss for loss, _ in rows], "s--", color="tab:blue")
+    ax2.set_ylabel("val loss")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return rows
+
+
+def main(argv):
+    from convert import default_checkpoint
+
+    o = dict(ckpt="", data="", out="out/plots", seq_len=512)
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if key not in o or not eq:
+            sys.exit(f"plots.py: unknown flag {arg!r}; flags: {', '.join(o)}")
+        o[key] = type(o[key])(value)
+    plt = plt_module()
+    model, tok, _ = load_model(o["ckpt"] or default_checkpoint())
+    model.eval()
+    folder = datalib.prepare(o["data"], tok, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_cache"))
+    val = datalib.Batches(folder, "val", o["seq_len"])
+    os.makedirs(o["out"], exist_ok=True)
+    density_heatmap(plt, model, val, os.path.join(o["out"], "density_heatmap.png"))
+    ids = val.sample(1, torch.Generator().manual_seed(2))[0][0].tolist()
+    kept_tokens(plt, model, tok, ids[: min(len(ids), 160 + model.cfg.window)], os.path.join(o["out"], "kept_tokens.png"))
+    tau_sweep(plt, model, val, os.path.join(o["out"], "tau_sweep.png"))
+    print(f"plots: wrote density_heatmap.png, kept_tokens.png, tau_sweep.png to {o['out']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

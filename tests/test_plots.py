@@ -1,0 +1,30 @@
+"""plots.py writes its three pictures from any checkpoint (skipped without matplotlib)."""
+
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+
+import plots  # noqa: E402
+import synthetic as S  # noqa: E402
+from data import Batches  # noqa: E402
+from model import GPT  # noqa: E402
+from tiny import tiny_config  # noqa: E402
+from tokenizer import Tokenizer, byte_spec  # noqa: E402
+
+
+def test_pictures_are_written_with_the_right_grids(tmp_path):
+    S.prepare(str(tmp_path / "d"), 128, 8, 4, 3, 2)
+    val = Batches(str(tmp_path / "d"), "val", 128)
+    torch.manual_seed(0)
+    model = GPT(tiny_config(window=8, dense_layers=(0,))).eval()
+    plt = plots.plt_module()
+    grid = plots.density_heatmap(plt, model, val, tmp_path / "h.png", n_batches=1, batch_size=2)
+    assert grid.shape == (1, 2) and (grid == 1).all()  # open gates keep everything
+    ids = val.sample(1, torch.Generator().manual_seed(0))[0][0].tolist()
+    shade = plots.kept_tokens(plt, model, Tokenizer(byte_spec()), ids, tmp_path / "k.png")
+    assert shade.shape == (1, 128)
+    rows = plots.tau_sweep(plt, model, val, tmp_path / "s.png", taus=(0.5, 0.999))
+    assert rows[0][1] == 1.0 and rows[1][1] == 0.0  # sigmoid(5) = 0.9933: kept at 0.5, dropped at 0.999
+    for name in ("h.png", "k.png", "s.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 VAL_EVERY = 10  # every 10th file (sorted) goes to the validation split
+DEFAULT_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_cache")
 
 
 def tokenizer_id(spec: dict) -> str:
@@ -92,7 +93,7 @@ def write_split(path: str, texts: list, tok, dtype):
     return len(arr)
 
 
-def prepare(data: str, tok, cache_root: str) -> str:
+def prepare(data: str, tok, cache_root: str = DEFAULT_CACHE) -> str:
     """Tokenize `data` once; return the folder holding train.bin, val.bin, meta.json."""
     tid = tokenizer_id(tok.spec)
     if data and os.path.isfile(os.path.join(data, "meta.json")):

@@ -8,7 +8,6 @@ decode_n_tokens. The oracle the cached path is tested against is generate_uncach
 forward under hard gates per new token.
 """
 
-import os
 import sys
 import time
 
@@ -54,8 +53,9 @@ def attend_dense(cache: DenseKVCache, layer, q, k, v, pos, rows, impl):
     return kernels.cached_attention(q, cache.k[layer, span, :, :n], cache.v[layer, span, :, :n], bias, impl)
 
 
-def forward_cached(model, cache, idx, pos, rows, impl="sdpa"):
-    """idx, pos (R, T) new tokens of rows (R,) -> logits (R, T, V), updating the cache.
+def forward_cached(model, cache, idx, pos, rows, impl="sdpa", last_only=False):
+    """idx, pos (R, T) new tokens of rows (R,) -> logits (R, T, V), updating the cache; with
+    last_only, logits (R, 1, V) of the last token (prefill needs no others).
     Mirrors GPT.forward under hard gates; keep = spkv.hard_keep decides, dense layers keep all."""
     h, rope = model.embed_tokens(idx, pos)
     for layer, block in enumerate(model.blocks):
@@ -69,7 +69,7 @@ def forward_cached(model, cache, idx, pos, rows, impl="sdpa"):
             y = attend_spkv(cache, layer, q, k, v, keep, pos, rows, impl)
         h = h + block.attn.o_proj(y.transpose(1, 2).reshape(*idx.shape, -1))
         h = h + block.mlp(block.mlp_norm(h))
-    return model.lm_head(model.norm(h))
+    return model.lm_head(model.norm(h[:, -1:] if last_only else h))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ def prefill(model, cache, prompts, chunk, impl="sdpa"):
         for s in range(0, len(ids), chunk):
             piece = torch.tensor(ids[s:s + chunk], device=device)[None]  # (1, C)
             pos = torch.arange(s, s + piece.shape[1], device=device)[None]  # (1, C)
-            logits = forward_cached(model, cache, piece, pos, torch.tensor([r], device=device), impl)
+            logits = forward_cached(model, cache, piece, pos, torch.tensor([r], device=device), impl, last_only=True)
         last.append(logits[0, -1])
     return torch.stack(last)
 
@@ -242,7 +242,7 @@ def main(argv):
         import data as datalib
         import tau as taulib
 
-        folder = datalib.prepare("", tok, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_cache"))
+        folder = datalib.prepare("", tok)
         model.cfg.tau = taulib.calibrate(model, datalib.Batches(folder, "train", 512), o["target_density"])
         print(f"tau calibrated to {model.cfg.tau:.4f} for target density {o['target_density']}")
     torch.manual_seed(o["seed"])

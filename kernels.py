@@ -124,20 +124,26 @@ def cache_bias(q_pos, k_pos, keep, window):
     return spkv.gate_bias(lg, q_pos[:, None, :], k_pos, window)
 
 
+def fold_bias(bias, G):
+    """(R, Hkv, T, S) bias -> (R, Hkv, G * T, S): the rows of G query heads folded into one axis."""
+    R, Hkv, T, S = bias.shape
+    return bias[:, :, None].expand(R, Hkv, G, T, S).reshape(R, Hkv, G * T, S)
+
+
 def cached_attention(q, k, v, bias, impl: str):
     """q (R, H, T, D) over cached k, v (R, Hkv, S, D) with bias (R, Hkv, T, S).
     "sdpa": scaled_dot_product_attention with GQA folded into the query axis: the G query heads
     of a KV head become G * T query rows of one 4-D call, so k and v are read once, never copied
     per head (10x faster than broadcasting a 5-D k on CPU at decode time); "reference": plain ops."""
     R, H, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     G = H // Hkv
-    bias = bias.to(q.dtype)[:, :, None].expand(R, Hkv, G, T, S)  # (R, Hkv, G, T, S)
+    bias = fold_bias(bias.to(q.dtype), G)  # (R, Hkv, G*T, S)
+    qg = q.reshape(R, Hkv, G * T, D)
     if impl == "reference":
-        scores = q.view(R, Hkv, G, T, D) @ k[:, :, None].transpose(-1, -2) / math.sqrt(D) + bias
-        return (scores.softmax(-1) @ v[:, :, None]).reshape(R, H, T, D)
-    out = F.scaled_dot_product_attention(q.reshape(R, Hkv, G * T, D), k, v,
-                                         attn_mask=bias.reshape(R, Hkv, G * T, S))  # (R, Hkv, G*T, D)
+        out = (qg @ k.transpose(-1, -2) / math.sqrt(D) + bias).softmax(-1) @ v
+    else:
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=bias)  # (R, Hkv, G*T, D)
     return out.reshape(R, H, T, D)
 
 
@@ -150,8 +156,7 @@ def split_cached_attention(q, pieces):
     Hkv = pieces[0][0].shape[1]
     G = H // Hkv
     qg = q.reshape(R, Hkv, G * T, D) / math.sqrt(D)  # (R, Hkv, G*T, D): G heads folded into rows
-    scores = [qg @ k.transpose(-1, -2) + b.to(q.dtype)[:, :, None].expand(R, Hkv, G, T, b.shape[-1]).reshape(
-        R, Hkv, G * T, -1) for k, _, b in pieces]  # each (R, Hkv, G*T, S_i)
+    scores = [qg @ k.transpose(-1, -2) + fold_bias(b.to(q.dtype), G) for k, _, b in pieces]  # (R, Hkv, G*T, S_i)
     top = torch.stack([s.amax(-1) for s in scores]).amax(0)[..., None]  # (R, Hkv, G*T, 1)
     weights = [torch.exp(s - top) for s in scores]
     out = sum(w @ v for w, (_, v, _) in zip(weights, pieces)) / sum(w.sum(-1, keepdim=True) for w in weights)

@@ -95,7 +95,7 @@ def main(argv):
     plt = plt_module()
     model, tok, _ = load_model(o["ckpt"] or default_checkpoint())
     model.eval()
-    folder = datalib.prepare(o["data"], tok, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_cache"))
+    folder = datalib.prepare(o["data"], tok)
     val = datalib.Batches(folder, "val", o["seq_len"])
     os.makedirs(o["out"], exist_ok=True)
     density_heatmap(plt, model, val, os.path.join(o["out"], "density_heatmap.png"))

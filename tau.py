@@ -6,7 +6,6 @@
 Options: --data=PATH (as train.py; default stdlib source), --seq_len, --batches, --batch_size.
 """
 
-import os
 import sys
 
 import torch
@@ -73,7 +72,7 @@ def main(argv):
 
     model, tok, _ = load_model(o["ckpt"] or default_checkpoint())
     model.eval()
-    folder = datalib.prepare(o["data"], tok, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_cache"))
+    folder = datalib.prepare(o["data"], tok)
     train, val = datalib.Batches(folder, "train", o["seq_len"]), datalib.Batches(folder, "val", o["seq_len"])
     n, bs = o["batches"], o["batch_size"]
     dense, _, _ = load_model(o["ckpt"] or default_checkpoint(), dense=True)

@@ -26,8 +26,9 @@ import torch
 import data as datalib
 import kernels
 import spkv
-from checkpoint import atomic_save, load_model, read_checkpoint
+from checkpoint import load_model, read_checkpoint, save_checkpoint
 from model import GPT, GPTConfig
+from tokenizer import Tokenizer
 
 
 @dataclass
@@ -154,16 +155,19 @@ def build_model(cfg: TrainConfig, device):
 
     path = cfg.ckpt or default_checkpoint()
     spkv_knobs = dict(window=cfg.window, tau=cfg.tau)
+    if cfg.init == "scratch":  # only the tokenizer and vocabulary size come from the checkpoint
+        ckpt = read_checkpoint(path)
+        if not ckpt.get("tokenizer"):
+            sys.exit(f"train.py: checkpoint {path} has no tokenizer; convert it with its tokenizer.json")
+        mc = GPTConfig(vocab_size=ckpt["config"]["vocab_size"], n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
+                       n_kv_head=cfg.n_kv_head, n_hidden=4 * cfg.n_embd, block_size=max(cfg.seq_len, 1024),
+                       **spkv_knobs, dense_layers=tuple(range(cfg.n_layer)) if cfg.dense else ())
+        return GPT(mc).to(device), Tokenizer(ckpt["tokenizer"]), "scratch"
+    if cfg.init != "pretrained":
+        sys.exit(f"train.py: --init={cfg.init!r} is not one of pretrained, scratch")
     model, tok, _ = load_model(path, dense=cfg.dense, **spkv_knobs)
     if tok is None:
         sys.exit(f"train.py: checkpoint {path} has no tokenizer; convert it with its tokenizer.json")
-    if cfg.init == "scratch":
-        mc = GPTConfig(vocab_size=model.cfg.vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
-                       n_kv_head=cfg.n_kv_head, n_hidden=4 * cfg.n_embd, block_size=max(cfg.seq_len, 1024),
-                       **spkv_knobs, dense_layers=tuple(range(cfg.n_layer)) if cfg.dense else ())
-        return GPT(mc).to(device), tok, "scratch"
-    if cfg.init != "pretrained":
-        sys.exit(f"train.py: --init={cfg.init!r} is not one of pretrained, scratch")
     return model.to(device), tok, path
 
 
@@ -252,9 +256,8 @@ def save_state(path, model, tok, source, opt, step, gen, cfg):
     A state with a non-finite weight is never written: the last good checkpoint stays."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         sys.exit(f"train.py: non-finite weights at step {step}; not saved, {path} keeps the last good state")
-    atomic_save({"format": "spkv-1", "config": dataclasses.asdict(model.cfg), "model": model.state_dict(),
-                 "tokenizer": tok.spec, "source": source, "optimizer": opt.state_dict(), "step": step,
-                 "data_rng": gen.get_state(), "train_config": dataclasses.asdict(cfg)}, path)
+    save_checkpoint(path, model, tok.spec, source, optimizer=opt.state_dict(), step=step,
+                    data_rng=gen.get_state(), train_config=dataclasses.asdict(cfg))
 
 
 def restore_state(path, model, opt, gen) -> int:
@@ -319,8 +322,7 @@ def main(argv):
     impl, why_attn = kernels.choose_attention(device, cfg.attn)
     model.attn_impl = impl
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    cache = cfg.data_cache or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_cache")
-    folder = datalib.prepare(cfg.data, tok, cache)
+    folder = datalib.prepare(cfg.data, tok, cfg.data_cache or datalib.DEFAULT_CACHE)
     train, val = datalib.Batches(folder, "train", cfg.seq_len), datalib.Batches(folder, "val", cfg.seq_len)
     opt = make_optimizer(model, cfg, fused=cuda)
     gen = torch.Generator().manual_seed(cfg.seed)  # the data position: saved and restored

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+import cli
 import generate as G
 from cache import DenseKVCache, SPKVCache
 from model import GPT, GPTConfig
@@ -81,11 +82,7 @@ def time_decode(model, cache, B, ctx, steps, impl) -> float:
 
 def main(argv):
     opts = dict(contexts="2048,8192", batch="16", densities="0.1,0.25,0.5", steps="8", ckpt="", threads="0", impl="split")
-    for arg in argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if key not in opts or not eq:
-            sys.exit(f"bench_decode.py: unknown flag {arg!r}; flags: {', '.join(opts)}")
-        opts[key] = value
+    opts.update(cli.parse(argv, opts, "bench_decode.py"))
     if int(opts["threads"]):
         torch.set_num_threads(int(opts["threads"]))
     B, steps = int(opts["batch"]), int(opts["steps"])

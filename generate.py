@@ -13,6 +13,7 @@ import time
 
 import torch
 
+import cli
 import kernels
 import spkv
 from cache import DenseKVCache, SPKVCache
@@ -204,18 +205,7 @@ DEFAULTS = dict(ckpt="", prompt="Write a Python function that checks whether a n
 
 
 def parse_flags(argv) -> dict:
-    opts = dict(DEFAULTS)
-    for arg in argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq or key not in DEFAULTS:
-            sys.exit(f"generate.py: unknown or malformed flag {arg!r}; use --key=value with key one of: "
-                     + ", ".join(DEFAULTS))
-        typ = type(DEFAULTS[key])
-        try:
-            opts[key] = value.lower() in ("true", "1") if typ is bool else typ(value)
-        except ValueError:
-            sys.exit(f"generate.py: --{key} takes a {typ.__name__}, not {value!r}")
-    return opts
+    return {**DEFAULTS, **cli.parse(argv, DEFAULTS, "generate.py")}
 
 
 def chat_prompt(tok, text: str) -> list:

@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+import cli
 import data as datalib
 import spkv
 import tau as taulib
@@ -87,11 +88,7 @@ def main(argv):
     from convert import default_checkpoint
 
     o = dict(ckpt="", data="", out="out/plots", seq_len=512)
-    for arg in argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if key not in o or not eq:
-            sys.exit(f"plots.py: unknown flag {arg!r}; flags: {', '.join(o)}")
-        o[key] = type(o[key])(value)
+    o.update(cli.parse(argv, o, "plots.py"))
     plt = plt_module()
     model, tok, _ = load_model(o["ckpt"] or default_checkpoint())
     model.eval()

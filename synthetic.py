@@ -25,6 +25,7 @@ import sys
 import numpy as np
 import torch
 
+import cli
 import spkv
 from checkpoint import load_model, save_checkpoint
 from data import tokenizer_id
@@ -120,11 +121,7 @@ def evaluate(ckpt, length, n_facts, n_queries, n_seqs=64, seed=12345, empty_stor
 def main(argv):
     o = dict(out="out/synthetic", seq_len=1024, steps=600, window=32, n_facts=8, n_queries=4, batch_size=8,
              lr=2e-3, n_layer=4, n_embd=128, n_train=2000, eval_only=0)
-    for arg in argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if key not in o or not eq:
-            sys.exit(f"synthetic.py: unknown flag {arg!r}; flags: {', '.join(o)}")
-        o[key] = type(o[key])(value)
+    o.update(cli.parse(argv, o, "synthetic.py"))
     data_dir, L = os.path.join(o["out"], "data"), o["seq_len"]
     if o["eval_only"]:  # re-evaluate the runs already in --out
         return report(o, {name: evaluate(os.path.join(o["out"], name, "ckpt.pt"), L, o["n_facts"], o["n_queries"])

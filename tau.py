@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+import cli
 import data as datalib
 import spkv
 from checkpoint import load_model
@@ -63,11 +64,7 @@ def hard_loss_and_density(model, batches, tau, n_batches, batch_size, seed=1) ->
 def main(argv):
     o = dict(ckpt="", data="", seq_len=512, batches=4, batch_size=2, target_density=0.0,
              taus="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
-    for arg in argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if key not in o or not eq:
-            sys.exit(f"tau.py: unknown flag {arg!r}; flags: {', '.join(o)}")
-        o[key] = type(o[key])(value)
+    o.update(cli.parse(argv, o, "tau.py"))
     from convert import default_checkpoint
 
     model, tok, _ = load_model(o["ckpt"] or default_checkpoint())

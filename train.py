@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+import cli
 import data as datalib
 import kernels
 import spkv
@@ -80,14 +81,7 @@ PRESETS = {  # plain dicts of overrides, applied before explicit flags
 
 def parse_flags(argv: list) -> tuple:
     """--key=value flags -> (TrainConfig, set of keys given explicitly)."""
-    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    given = {}
-    for arg in argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq or key not in fields:
-            sys.exit(f"train.py: unknown or malformed flag {arg!r}; use --key=value with key one of: "
-                     + ", ".join(fields))
-        given[key] = parse_value(key, value, fields[key])
+    given = cli.parse(argv, dataclasses.asdict(TrainConfig()), "train.py")
     preset = given.get("preset", "auto")
     if preset == "auto":
         preset = "gpu" if torch.cuda.is_available() and given.get("device") != "cpu" else "cpu"
@@ -113,18 +107,6 @@ def validate(cfg: TrainConfig):
         problems.append(f"--window={cfg.window} must be >= 1")
     if problems:
         sys.exit("train.py: " + "; ".join(problems))
-
-
-def parse_value(key: str, value: str, typ):
-    typ = {"str": str, "int": int, "float": float, "bool": bool}.get(typ, typ)
-    if typ is bool:
-        if value.lower() not in ("true", "false", "1", "0"):
-            sys.exit(f"train.py: --{key} takes True or False, not {value!r}")
-        return value.lower() in ("true", "1")
-    try:
-        return typ(value)
-    except ValueError:
-        sys.exit(f"train.py: --{key} takes a {typ.__name__}, not {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------

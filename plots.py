@@ -57,13 +57,19 @@ def density_heatmap(plt, model, batches, path, n_batches=4, batch_size=2):
     return grid
 
 
+def token_label(tok, i: int) -> str:
+    """A token as printable text; a token that is not whole UTF-8 by itself shows as <id>."""
+    text = tok.decode([i])
+    return f"<{i}>" if "\ufffd" in text else text.replace("\n", "\\n")
+
+
 def kept_tokens(plt, model, tok, ids, path):
     """Rows = layers, columns = tokens; shade = fraction of KV heads keeping the token."""
     masks = keep_masks(model, torch.tensor(ids)[None])
     grid = torch.stack([m[0].float().mean(0) for m in masks.values()])  # (L, T)
     fig, ax = plt.subplots(figsize=(min(0.12 * len(ids) + 2, 40), 1 + 0.2 * grid.shape[0]))
     ax.imshow(grid, vmin=0, vmax=1, cmap="Greens", aspect="auto")
-    labels = [tok.decode([i]).replace("\n", "\\n") for i in ids]
+    labels = [token_label(tok, i) for i in ids]
     ax.set_xticks(range(len(ids)), labels, rotation=90, fontsize=6, family="monospace")
     ax.set(ylabel="layer", title="which tokens each layer keeps (dark = all KV heads keep it)")
     fig.savefig(path, dpi=120, bbox_inches="tight")

@@ -1,19 +1,26 @@
 """A synthetic recall task: does a predictor trained only on next-token loss learn what to keep?
 
-Each sequence is random filler (lowercase letters and spaces) with facts "#AB=42;" scattered in
-its first 60%, and at its end queries "?AB=42;" for some of them. Answering a query needs the
-value digits of its fact, far beyond the local window; the filler is never needed again. Ground
-truth therefore says which positions the future needs: the key letters, '=' and the value digits
-of each queried fact.
+Key/value recall over bytes, needle-in-a-haystack style. Each sequence is filler (the alphabet
+and a space, cycled from a random start: predictable from the last byte, so never worth keeping)
+with `n_facts` facts scattered in its first 60%. A fact is one byte that carries a key (one of
+12 uppercase letters) and its value (a digit): byte 128 + 10 * key + value. At the end come
+queries: a key letter, followed by the digit of its fact. Answering needs the fact byte from far
+beyond the local window; the filler is never needed again. Ground truth therefore says exactly
+which positions the future needs: the fact bytes of the queried keys.
 
-    python synthetic.py                 # data, SP-KV and dense runs from scratch, evaluation table
-    python synthetic.py --steps=600 --seq_len=1024 --out=out/synthetic
+(One byte per fact means one attention hop can answer. A two-byte version, key then value,
+needs an induction circuit; our 2-layer CPU models did not learn it in 2000 steps, see README.)
+
+    python synthetic.py                 # data, a dense "pretrained" model, SP-KV and dense adapted from it
+    python synthetic.py --from_scratch=1 --steps=2000 --out=out/synthetic_scratch   # both from scratch
+    python synthetic.py --eval_only=1   # re-evaluate the checkpoints already in --out
 
 Reported, on held-out sequences, under hard gates for SP-KV:
-  accuracy   queries whose two value digits are both predicted (argmax, teacher forcing)
+  accuracy   queries whose digit is predicted (argmax, teacher forcing); chance is 0.1
   density    kept fraction of pairs older than the window (spkv.density_stats)
   precision / recall  of the positions kept by any layer and head, against the needed positions
-and a floor: the SP-KV model with its long-term store emptied (window-only attention).
+and a floor: the SP-KV model with nothing kept beyond the window; and the post-hoc baselines H2O
+and StreamingLLM (baselines.py) on the dense model at SP-KV's density.
 """
 
 import json
@@ -25,6 +32,7 @@ import sys
 import numpy as np
 import torch
 
+import baselines as bl
 import cli
 import spkv
 from checkpoint import load_model, save_checkpoint
@@ -32,28 +40,36 @@ from data import tokenizer_id
 from model import GPT, GPTConfig
 from tokenizer import byte_spec
 
-FILLER = b"abcdefghijklmnopqrstuvwxyz    "
-KEYS = [bytes([a, b]) for a in range(65, 91) for b in range(65, 91)]
+FILLER = b"abcdefghijklmnopqrstuvwxyz "
+KEYS = b"ABCDEFGHIJKL"
+VALUES = b"0123456789"
+SLOT = 4  # facts sit at multiples of 4; a query is a key, its digit and two filler bytes
+
+
+def fact_byte(key: int, value: int) -> int:
+    """The one byte of a fact: key index 0..11, value index 0..9 -> 128..247."""
+    return 128 + len(VALUES) * key + value
 
 
 def make_sequence(rng: random.Random, length: int, n_facts: int, n_queries: int):
-    """(bytes of exactly `length`, needed positions, answer positions (2 per query))."""
-    seq = bytearray(rng.choice(FILLER) for _ in range(length))
-    keys = rng.sample(KEYS, n_facts)
-    values = [b"%02d" % rng.randrange(100) for _ in keys]
-    slots = sorted(rng.sample(range(int(0.6 * length) // 8), n_facts))  # non-overlapping 8-byte slots
-    needed = []
+    """(bytes of exactly `length`, needed positions, answer positions (one per query)).
+    Needed: the fact byte of every queried key. Answer: where a query's digit sits."""
+    if not n_queries <= n_facts <= len(KEYS):
+        raise ValueError(f"need n_queries <= n_facts <= {len(KEYS)}, got {n_queries} and {n_facts}")
+    start = rng.randrange(len(FILLER))
+    seq = bytearray(FILLER[(start + i) % len(FILLER)] for i in range(length))
+    keys = rng.sample(range(len(KEYS)), n_facts)
+    values = [rng.randrange(len(VALUES)) for _ in keys]
+    slots = sorted(rng.sample(range(int(0.6 * length) // SLOT), n_facts))  # distinct slots
     for key, value, slot in zip(keys, values, slots):
-        p = 8 * slot
-        seq[p:p + 7] = b"#" + key + b"=" + value + b";"
-        needed.append(list(range(p + 1, p + 6)))  # key letters, '=', value digits
-    answers, needed_by_queries = [], []
+        seq[SLOT * slot] = fact_byte(key, value)
+    answers, needed = [], []
     for q, i in enumerate(rng.sample(range(n_facts), n_queries)):
-        p = length - 8 * (n_queries - q)
-        seq[p:p + 7] = b"?" + keys[i] + b"=" + values[i] + b";"
-        answers.append((p + 4, p + 5))
-        needed_by_queries += needed[i]
-    return bytes(seq), sorted(needed_by_queries), answers
+        p = length - SLOT * (n_queries - q)
+        seq[p:p + 2] = bytes([KEYS[keys[i]], VALUES[values[i]]])
+        answers.append(p + 1)
+        needed.append(SLOT * slots[i])
+    return bytes(seq), sorted(needed), answers
 
 
 def prepare(folder, length, n_train, n_val, n_facts, n_queries, seed=0):
@@ -72,89 +88,107 @@ def prepare(folder, length, n_train, n_val, n_facts, n_queries, seed=0):
 
 
 @torch.no_grad()
-def evaluate(ckpt, length, n_facts, n_queries, n_seqs=64, seed=12345, empty_store=False) -> dict:
+def evaluate(ckpt, length, n_facts, n_queries, n_seqs=64, seed=12345, policy="spkv", density=0.0) -> dict:
+    """Query accuracy and what the cache holds after the last token, under one of baselines.POLICIES
+    ("spkv": the checkpoint's own hard gates; "window": the floor; "h2o" / "streaming" at `density`)."""
     model, _, _ = load_model(ckpt)
     model.eval()
-    if empty_store:  # every gate closed: only the local window remains
-        for block in model.blocks:
-            if block.attn.is_spkv:
-                block.attn.predictor.proj.bias.fill_(-1e4)
+    rule = bl.make_policy(policy, model.cfg.window, model.cfg.tau, density)
+    rows = []  # per layer, the keys the last query sees: what the cache holds at the end
+
+    def recording(q, k, logit):
+        visible = rule(q, k, logit)
+        rows.append(visible.expand(1, k.shape[1], length, length)[0, :, -1])  # (Hkv, T)
+        return visible
+
     rng = random.Random(seed)
     correct = total = hit = kept_total = needed_total = 0
-    keeps = {layer: [] for layer in model.cfg.spkv_layers()}
-    per_layer = {}  # layer -> [fact bytes kept, fact bytes, filler kept, filler] (old positions)
+    keeps = {layer: [] for layer in range(model.cfg.n_layer)}
+    per_layer = {layer: [0, 0, 0, 0] for layer in keeps}  # [facts kept, facts, others kept, others]
+    old = torch.arange(length) <= length - 1 - model.cfg.window  # (T,) positions out of the window
     for _ in range(n_seqs):
         seq, needed, answers = make_sequence(rng, length, n_facts, n_queries)
-        ids = torch.tensor(list(seq))[None]
-        gates = []
-        logits, _ = model(ids, view="hard", gates=gates)
+        rows.clear()
+        logits = bl.forward_with_policy(model, torch.tensor(list(seq))[None], recording)
         pred = logits[0].argmax(-1)  # pred[t] is the guess for token t + 1
-        for a, b in answers:
-            correct += int(pred[a - 1] == seq[a] and pred[b - 1] == seq[b])
-            total += 1
-        if gates:
-            kept = [spkv.hard_keep(g, model.cfg.tau)[0] for g in gates]  # each (Hkv, T)
-            for layer, k in zip(keeps, kept):
-                keeps[layer].append(k[None])
-            old = torch.arange(length) <= length - 1 - model.cfg.window
-            any_kept = torch.stack(kept).any(0).any(0) & old  # (T,) kept by some layer and head
-            facts = torch.tensor([c not in FILLER for c in seq]) & old  # every fact/query byte
-            for layer, k in zip(keeps, kept):
-                per_layer.setdefault(layer, [0, 0, 0, 0])
-                counts = per_layer[layer]
-                counts[0] += int((k.any(0) & facts).sum())
-                counts[1] += int(facts.sum())
-                counts[2] += int((k.any(0) & ~facts & old).sum())
-                counts[3] += int((~facts & old).sum())
-            hit += int(any_kept[needed].sum())
-            kept_total += int(any_kept.sum())
-            needed_total += len(needed)
-    out = {"accuracy": correct / total}
-    if keeps:
-        stats = spkv.density_stats({k: torch.cat(v) for k, v in keeps.items()}, model.cfg.window)
-        out.update(density=stats["overall"], recall=hit / needed_total,
-                   precision=hit / kept_total if kept_total else float("nan"),
-                   kept_fact_vs_filler={layer: (c[0] / c[1], c[2] / c[3]) for layer, c in per_layer.items()})
-    return out
+        correct += sum(int(pred[a - 1] == seq[a]) for a in answers)
+        total += len(answers)
+        facts = torch.tensor([c >= 128 for c in seq]) & old  # every fact byte
+        for layer, held in zip(keeps, rows):
+            keeps[layer].append(held[None])
+            counts = per_layer[layer]
+            counts[0] += int((held.any(0) & facts).sum())
+            counts[1] += int(facts.sum())
+            counts[2] += int((held.any(0) & ~facts & old).sum())
+            counts[3] += int((~facts & old).sum())
+        any_kept = torch.stack(rows).any(0).any(0) & old  # (T,) held by some layer and head
+        hit += int(any_kept[needed].sum())
+        kept_total += int(any_kept.sum())
+        needed_total += len(needed)
+    stats = spkv.density_stats({k: torch.cat(v) for k, v in keeps.items()}, model.cfg.window)
+    return {"accuracy": correct / total, "density": stats["overall"], "recall": hit / needed_total,
+            "precision": hit / kept_total if kept_total else float("nan"),
+            "kept_fact_vs_filler": {layer: (c[0] / c[1], c[2] / c[3]) for layer, c in per_layer.items()}}
 
 
 def main(argv):
-    o = dict(out="out/synthetic", seq_len=1024, steps=600, window=32, n_facts=8, n_queries=4, batch_size=8,
-             lr=2e-3, n_layer=4, n_embd=128, n_train=2000, eval_only=0)
+    o = dict(out="out/synthetic", seq_len=128, steps=3000, adapt_steps=500, window=16, n_facts=8, n_queries=8,
+             batch_size=32, lr=1e-3, n_layer=2, n_embd=128, n_head=4, n_kv_head=2, n_train=20000,
+             from_scratch=0, eval_only=0)
     o.update(cli.parse(argv, o, "synthetic.py"))
+    if not o["eval_only"]:
+        train_both(o)
+    report(o, evaluate_all(o))
+
+
+def train_both(o):
+    """Data; a dense model from scratch (the "pretrained" model); then, as METHOD.md adapts a
+    pretrained checkpoint, two runs from it with the same recipe (train.py): SP-KV, and dense.
+    With --from_scratch=1: SP-KV and dense each trained from random weights instead."""
     data_dir, L = os.path.join(o["out"], "data"), o["seq_len"]
-    if o["eval_only"]:  # re-evaluate the runs already in --out
-        return report(o, {name: evaluate(os.path.join(o["out"], name, "ckpt.pt"), L, o["n_facts"], o["n_queries"])
-                          for name in ("spkv", "dense")})
     prepare(data_dir, L, o["n_train"], 200, o["n_facts"], o["n_queries"])
     init = os.path.join(o["out"], "init.pt")  # carries the byte tokenizer; weights are re-drawn
     save_checkpoint(init, GPT(GPTConfig(vocab_size=257, n_layer=1, n_head=1, n_kv_head=1, n_embd=32,
                                         n_hidden=32, block_size=L)), byte_spec(), source="synthetic.py")
-    common = [f"--ckpt={init}", "--init=scratch", f"--data={data_dir}", f"--seq_len={L}", f"--window={o['window']}",
-              f"--max_steps={o['steps']}", f"--batch_size={o['batch_size']}", f"--lr={o['lr']}",
-              f"--n_layer={o['n_layer']}", f"--n_embd={o['n_embd']}", "--n_head=4", "--n_kv_head=2",
-              "--warmup_steps=30", f"--eval_every={o['steps']}", f"--ckpt_every={o['steps']}", "--preset=cpu",
-              "--weight_decay=0.1"]
-    results = {}
-    for name, extra in (("spkv", []), ("dense", ["--dense=True"])):
-        run_dir = os.path.join(o["out"], name)
-        subprocess.run([sys.executable, "train.py", *common, *extra, f"--out_dir={run_dir}"], check=True,
+    common = [f"--data={data_dir}", f"--seq_len={L}", f"--window={o['window']}", f"--batch_size={o['batch_size']}",
+              f"--lr={o['lr']}", "--warmup_steps=30", "--preset=cpu", "--weight_decay=0.1"]
+    pre = os.path.join(o["out"], "pretrained")
+    shape = [f"--n_layer={o['n_layer']}", f"--n_embd={o['n_embd']}", f"--n_head={o['n_head']}",
+             f"--n_kv_head={o['n_kv_head']}"]
+    scratch = [f"--ckpt={init}", "--init=scratch", *shape]
+    adapt = [f"--ckpt={os.path.join(pre, 'ckpt.pt')}", "--init=pretrained"]
+    spkv_dir, dense_dir = os.path.join(o["out"], "spkv"), os.path.join(o["out"], "dense")
+    if o["from_scratch"]:  # both models from random weights, `steps` each
+        runs = [(spkv_dir, o["steps"], scratch), (dense_dir, o["steps"], [*scratch, "--dense=True"])]
+    else:
+        runs = [(pre, o["steps"], [*scratch, "--dense=True"]), (spkv_dir, o["adapt_steps"], adapt),
+                (dense_dir, o["adapt_steps"], [*adapt, "--dense=True"])]
+    for out_dir, n, extra in runs:
+        subprocess.run([sys.executable, "train.py", *common, *extra, f"--max_steps={n}", f"--eval_every={n}",
+                        f"--ckpt_every={n}", f"--out_dir={out_dir}"], check=True,
                        cwd=os.path.dirname(os.path.abspath(__file__)))
-        results[name] = evaluate(os.path.join(run_dir, "ckpt.pt"), L, o["n_facts"], o["n_queries"])
-    report(o, results)
+
+
+def evaluate_all(o) -> dict:
+    """SP-KV under its hard gates, dense under full attention, the window-only floor (the SP-KV
+    model with nothing kept), and H2O / StreamingLLM on the dense model at SP-KV's density."""
+    args = (o["seq_len"], o["n_facts"], o["n_queries"])
+    spkv_ckpt, dense_ckpt = (os.path.join(o["out"], name, "ckpt.pt") for name in ("spkv", "dense"))
+    results = {"spkv": evaluate(spkv_ckpt, *args), "dense": evaluate(dense_ckpt, *args, policy="full"),
+               "window_only": evaluate(spkv_ckpt, *args, policy="window")}
+    for name in ("h2o", "streaming"):
+        results[f"{name}_on_dense"] = evaluate(dense_ckpt, *args, policy=name, density=results["spkv"]["density"])
+    return results
 
 
 def report(o, results):
-    results["window_only"] = evaluate(os.path.join(o["out"], "spkv", "ckpt.pt"), o["seq_len"], o["n_facts"],
-                                      o["n_queries"], empty_store=True)
-    print(f"\n{'model':<12} {'accuracy':>9} {'density':>8} {'precision':>10} {'recall':>7}")
+    print(f"\n{'model / policy':<18} {'accuracy':>9} {'density':>8} {'precision':>10} {'recall':>7}")
     for name, r in results.items():
-        print(f"{name:<12} {r['accuracy']:>9.3f} {r.get('density', float('nan')):>8.3f} "
-              f"{r.get('precision', float('nan')):>10.3f} {r.get('recall', float('nan')):>7.3f}")
+        print(f"{name:<18} {r['accuracy']:>9.3f} {r['density']:>8.3f} {r['precision']:>10.3f} {r['recall']:>7.3f}")
     with open(os.path.join(o["out"], "results.json"), "w") as f:
         json.dump({"settings": o, "results": results}, f, indent=1)
-    for layer, (fact, filler) in results["spkv"].get("kept_fact_vs_filler", {}).items():
-        print(f"SP-KV layer {layer}: keeps {fact:.3f} of fact/query bytes, {filler:.3f} of filler bytes")
+    for layer, (fact, filler) in results["spkv"]["kept_fact_vs_filler"].items():
+        print(f"SP-KV layer {layer}: keeps {fact:.3f} of fact bytes, {filler:.3f} of filler bytes")
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ def build_model(cfg: TrainConfig, device):
         return GPT(mc).to(device), Tokenizer(ckpt["tokenizer"]), "scratch"
     if cfg.init != "pretrained":
         sys.exit(f"train.py: --init={cfg.init!r} is not one of pretrained, scratch")
-    model, tok, _ = load_model(path, dense=cfg.dense, **spkv_knobs)
+    model, tok, _ = load_model(path, dense=cfg.dense, dense_layers=(), **spkv_knobs)  # every layer adapted
     if tok is None:
         sys.exit(f"train.py: checkpoint {path} has no tokenizer; convert it with its tokenizer.json")
     return model.to(device), tok, path

@@ -3,6 +3,7 @@
 import random
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, strategies as st
 
@@ -14,16 +15,28 @@ from tiny import tiny_config
 from tokenizer import byte_spec
 
 
-@given(st.integers(0, 10**6), st.sampled_from([256, 512]), st.integers(1, 6))
-def test_ground_truth_points_at_the_queried_facts(seed, length, n_queries):
-    seq, needed, answers = S.make_sequence(random.Random(seed), length, 6, n_queries)
-    assert len(seq) == length and len(needed) == 5 * n_queries and len(answers) == n_queries
-    for (a, b), i in zip(answers, range(n_queries)):
-        key, value = seq[a - 3:a - 1], seq[a:b + 1]
-        fact = seq.index(b"#" + key + b"=")  # the fact this query asks for
-        assert seq[fact + 4:fact + 6] == value
-        assert set(range(fact + 1, fact + 6)) <= set(needed)
+@given(st.integers(0, 10**6), st.sampled_from([256, 512]), st.integers(1, 6), st.integers(0, 6))
+def test_ground_truth_points_at_the_queried_facts(seed, length, n_queries, extra_facts):
+    n_facts = n_queries + extra_facts
+    seq, needed, answers = S.make_sequence(random.Random(seed), length, n_facts, n_queries)
+    assert len(seq) == length and len(needed) == n_queries == len(answers)
+    facts = [i for i, c in enumerate(seq) if c >= 128]
+    assert len(facts) == n_facts and set(needed) <= set(facts)
+    for a in answers:
+        key, digit = S.KEYS.index(seq[a - 1]), S.VALUES.index(seq[a])
+        fact = seq.index(bytes([S.fact_byte(key, digit)]))  # the fact this query asks for
+        assert fact in needed
         assert a - fact > 64  # beyond the default window of 32 (and of 64)
+    filler = [i for i, c in enumerate(seq) if c in S.FILLER]
+    assert all(seq[i + 1] == S.FILLER[(S.FILLER.index(seq[i]) + 1) % len(S.FILLER)]
+               for i in filler if i + 1 in filler)  # filler is the cycled alphabet
+
+
+def test_bad_task_sizes():
+    with pytest.raises(ValueError, match="n_queries <= n_facts"):
+        S.make_sequence(random.Random(0), 256, 13, 2)
+    with pytest.raises(ValueError, match="n_queries <= n_facts"):
+        S.make_sequence(random.Random(0), 256, 2, 3)
 
 
 def test_prepared_windows_start_at_documents(tmp_path):
@@ -42,5 +55,10 @@ def test_evaluate_reports_bounded_figures(tmp_path):
     save_checkpoint(str(tmp_path / "m.pt"), model, byte_spec(), source="test")
     r = S.evaluate(str(tmp_path / "m.pt"), 256, 4, 2, n_seqs=4)
     assert all(0.0 <= r[k] <= 1.0 for k in ("accuracy", "density", "recall", "precision"))
-    closed = S.evaluate(str(tmp_path / "m.pt"), 256, 4, 2, n_seqs=4, empty_store=True)
+    assert 0.0 < r["density"] < 1.0  # random gates keep some and drop some
+    closed = S.evaluate(str(tmp_path / "m.pt"), 256, 4, 2, n_seqs=4, policy="window")
     assert closed["density"] == 0.0 and closed["recall"] == 0.0
+    full = S.evaluate(str(tmp_path / "m.pt"), 256, 4, 2, n_seqs=4, policy="full")
+    assert full["density"] == 1.0 and full["recall"] == 1.0
+    h2o = S.evaluate(str(tmp_path / "m.pt"), 256, 4, 2, n_seqs=4, policy="h2o", density=0.25)
+    assert abs(h2o["density"] - 0.25) < 0.01

@@ -1,0 +1,209 @@
+"""Post-hoc KV eviction baselines beside SP-KV in one harness, at a matched budget.
+
+    StreamingLLM  attention sinks (the first n_sink tokens) + the most recent tokens
+    H2O           heavy hitters: old keys with the largest attention accumulated so far; each step
+                  the one with the least is evicted for good once the budget is exceeded
+
+Every policy answers one question per layer: which keys may query t see? It returns a boolean
+`visible` (B, Hkv, T, S) mask (or one that broadcasts to it), and forward_with_policy() runs the
+model with those masks instead of its own attention bias. The local window of `window` tokens is
+always visible, as in SP-KV; the budget is on keys older than the window: at query t there are
+n_old(t) = t - window + 1 of them, and a policy at density d may show round(d * n_old(t)).
+So "the same density" means the same fraction of old pairs as SP-KV keeps (spkv.density_stats).
+
+    python baselines.py --ckpt=out/synthetic/spkv/ckpt.pt --dense_ckpt=out/synthetic/dense/ckpt.pt \\
+        --data=out/synthetic/data --seq_len=256
+    python baselines.py --density=0.25            # the embedded SmolLM2 (no gates), stdlib source
+
+Options: --density (default: the SP-KV checkpoint's measured density), --n_sink, --batches,
+--batch_size. Prints val loss of every policy on each checkpoint and its change vs full attention.
+"""
+
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import cli
+import data as datalib
+import spkv
+import tau as taulib
+from checkpoint import load_model
+
+POLICIES = ("full", "spkv", "window", "streaming", "h2o")
+
+
+def old_budget(T: int, window: int, density: float, device=None) -> torch.Tensor:
+    """(T,) how many keys older than the window query t may see: round(density * n_old(t))."""
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density {density} must be in [0, 1]")
+    n_old = (torch.arange(T, device=device) - window + 1).clamp(min=0)
+    return torch.floor(density * n_old + 0.5).long()
+
+
+def causal_visible(T: int, device=None) -> torch.Tensor:
+    """(T, T): key s visible to query t iff s <= t."""
+    pos = torch.arange(T, device=device)
+    return pos[:, None] >= pos[None, :]
+
+
+def window_visible(T: int, window: int, device=None) -> torch.Tensor:
+    """(T, T): only the local window, t - window < s <= t (the floor every policy shares)."""
+    pos = torch.arange(T, device=device)
+    rel = pos[:, None] - pos[None, :]
+    return (rel >= 0) & (rel < window)
+
+
+def spkv_visible(logit: torch.Tensor, window: int, tau: float) -> torch.Tensor:
+    """(B, Hkv, T, T) SP-KV under hard gates: the window, plus old keys with u >= tau."""
+    T = logit.shape[-1]
+    keep = spkv.hard_keep(logit, tau)[:, :, None, :]  # (B, Hkv, 1, S)
+    return window_visible(T, window, logit.device) | (causal_visible(T, logit.device) & keep)
+
+
+def streaming_visible(T: int, window: int, density: float, n_sink: int = 4, device=None) -> torch.Tensor:
+    """(T, T) StreamingLLM at a budget: of the old keys, the first min(n_sink, budget) (sinks) and
+    the most recent ones up to the budget. Same for every head and every sequence."""
+    budget = old_budget(T, window, density, device)[:, None]  # (T, 1)
+    pos = torch.arange(T, device=device)
+    t, s = pos[:, None], pos[None, :]
+    old = t - s >= window
+    sinks = torch.minimum(budget, torch.tensor(n_sink, device=device))
+    recency = (t - window) - s  # 0 for the newest old key
+    keep_old = old & ((s < sinks) | (recency < budget - sinks))
+    return window_visible(T, window, device) | keep_old
+
+
+@torch.no_grad()
+def h2o_visible(q: torch.Tensor, k: torch.Tensor, window: int, density: float) -> torch.Tensor:
+    """(B, Hkv, T, T) H2O, run step by step as a decoder would. q (B, H, T, D), k (B, Hkv, T, D).
+
+    Each KV head accumulates, per key, the attention it received from all queries so far (summed
+    over the G query heads of its group, window keys included). At step t key t - window leaves the
+    window and joins the held old keys; if more are held than the budget allows, the held key with
+    the least accumulated attention is evicted for good (the budget grows by at most one per step,
+    so one eviction per step suffices). Query t then attends to window + held keys.
+    """
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    budget = old_budget(T, window, density, q.device).tolist()
+    scores = q.view(B, Hkv, H // Hkv, T, D).float() @ k.float()[:, :, None].transpose(-1, -2) / math.sqrt(D)
+    # scores: (B, Hkv, G, T, S)
+    held = torch.zeros(B, Hkv, T, dtype=torch.bool, device=q.device)  # old keys still cached
+    acc = torch.zeros(B, Hkv, T, device=q.device)  # accumulated attention per key
+    visible = torch.zeros(B, Hkv, T, T, dtype=torch.bool, device=q.device)
+    for t in range(T):
+        if t >= window:
+            held[:, :, t - window] = True
+            over = held.sum(-1) > budget[t]  # (B, Hkv)
+            if over.any():
+                victim = acc.masked_fill(~held, float("inf")).argmin(-1)  # (B, Hkv)
+                held.scatter_(-1, victim[..., None], ~over[..., None] & held.gather(-1, victim[..., None]))
+        row = held.clone()
+        row[:, :, max(0, t - window + 1):t + 1] = True
+        visible[:, :, t] = row
+        p = scores[:, :, :, t].masked_fill(~row[:, :, None], float("-inf")).softmax(-1)  # (B, Hkv, G, S)
+        acc += p.sum(2)
+    return visible
+
+
+def masked_attention(q, k, v, visible) -> torch.Tensor:
+    """Attention where query t sees exactly the keys visible[..., t, :]. q (B, H, T, D); k, v
+    (B, Hkv, T, D); visible broadcasting to (B, Hkv, T, T). GQA: query heads grouped per KV head."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    visible = visible.expand(B, Hkv, T, T)[:, :, None]  # (B, Hkv, 1, T, T)
+    out = F.scaled_dot_product_attention(q.view(B, Hkv, G, T, D), k[:, :, None].expand(B, Hkv, G, T, D),
+                                         v[:, :, None].expand(B, Hkv, G, T, D), attn_mask=visible)
+    return out.reshape(B, H, T, D)
+
+
+def make_policy(name: str, window: int, tau: float, density: float, n_sink: int = 4):
+    """policy(q, k, logit) -> visible mask, for one of POLICIES."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; use one of {POLICIES}")
+
+    def policy(q, k, logit):
+        T = q.shape[2]
+        if name == "full":
+            return causal_visible(T, q.device)
+        if name == "spkv":
+            if logit is None:  # a dense layer of a hybrid, or a checkpoint without gates
+                return causal_visible(T, q.device)
+            return spkv_visible(logit, window, tau)
+        if name == "window":
+            return window_visible(T, window, q.device)
+        if name == "streaming":
+            return streaming_visible(T, window, density, n_sink, q.device)
+        return h2o_visible(q, k, window, density)
+
+    return policy
+
+
+@torch.no_grad()
+def forward_with_policy(model, idx, policy) -> torch.Tensor:
+    """Logits (B, T, V) of `model` on idx (B, T), every layer attending through policy's mask.
+    The same blocks as GPT.forward; only the attention pattern differs."""
+    T = idx.shape[1]
+    h, rope = model.embed_tokens(idx, torch.arange(T, device=idx.device))
+    for block in model.blocks:
+        attn = block.attn
+        x = block.attn_norm(h)
+        q, k, v, logit = attn.qkv(x, rope)
+        y = masked_attention(q, k, v, policy(q, k, logit))  # (B, H, T, D)
+        h = h + attn.o_proj(y.transpose(1, 2).reshape(idx.shape[0], T, -1))
+        h = h + block.mlp(block.mlp_norm(h))
+    return model.lm_head(model.norm(h))
+
+
+@torch.no_grad()
+def policy_losses(model, batches, names, density, n_batches, batch_size, n_sink=4, seed=1) -> dict:
+    """Mean val loss per policy on the same fixed batches."""
+    out = {}
+    for name in names:
+        policy = make_policy(name, model.cfg.window, model.cfg.tau, density, n_sink)
+        gen = torch.Generator().manual_seed(seed)
+        total = 0.0
+        for _ in range(n_batches):
+            x, y = batches.sample(batch_size, gen)
+            logits = forward_with_policy(model, x, policy)
+            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item() / n_batches
+        out[name] = total
+    return out
+
+
+def main(argv):
+    o = dict(ckpt="", dense_ckpt="", data="", seq_len=512, density=-1.0, n_sink=4, batches=4, batch_size=2)
+    o.update(cli.parse(argv, o, "baselines.py"))
+    from convert import default_checkpoint
+
+    model, tok, _ = load_model(o["ckpt"] or default_checkpoint())
+    model.eval()
+    val = datalib.Batches(datalib.prepare(o["data"], tok), "val", o["seq_len"])
+    n, bs = o["batches"], o["batch_size"]
+    _, spkv_density = taulib.hard_loss_and_density(model, val, model.cfg.tau, n, bs)  # kept fraction of old pairs
+    density = spkv_density if o["density"] < 0 else o["density"]
+    if not 0.0 <= density <= 1.0:
+        raise SystemExit(f"{o['ckpt']} has no SP-KV gates to match: give the baselines' budget with --density=D")
+    print(f"window {model.cfg.window}, tau {model.cfg.tau}: SP-KV keeps {spkv_density:.3f} of old pairs; "
+          f"budget of the baselines {density:.3f}; {n} x {bs} val sequences of {o['seq_len']} tokens")
+    runs = {o["ckpt"] or "SmolLM2 (embedded)": model}
+    if o["dense_ckpt"]:
+        runs[o["dense_ckpt"]] = load_model(o["dense_ckpt"])[0].eval()
+    results = {}
+    for label, m in runs.items():
+        names = [p for p in POLICIES if p != "spkv" or any(b.attn.is_spkv for b in m.blocks)]
+        results[label] = policy_losses(m, val, names, density, n, bs, o["n_sink"])
+    reference = results[o["dense_ckpt"]]["full"] if o["dense_ckpt"] else results[next(iter(runs))]["full"]
+    for label, losses in results.items():
+        print(f"\n{label}")
+        for name, loss in losses.items():
+            print(f"  {name:<10} val loss {loss:.4f}  {100 * (loss / reference - 1):+7.2f}%")
+    print(f"(% vs full attention of {o['dense_ckpt'] or 'the same checkpoint'})")
+    return density, results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -7,9 +7,9 @@
 Every policy answers one question per layer: which keys may query t see? It returns a boolean
 `visible` (B, Hkv, T, S) mask (or one that broadcasts to it), and forward_with_policy() runs the
 model with those masks instead of its own attention bias. The local window of `window` tokens is
-always visible, as in SP-KV; the budget is on keys older than the window: at query t there are
-n_old(t) = t - window + 1 of them, and a policy at density d may show round(d * n_old(t)).
-So "the same density" means the same fraction of old pairs as SP-KV keeps (spkv.density_stats).
+always visible, as in SP-KV; the budget is on keys older than the window (n_old(t) = t - window + 1
+at query t): a fixed cache of round(d * n_old(T - 1)) old keys, so that at the end of the sequence
+the kept fraction of old pairs is d, the quantity SP-KV's density measures (spkv.density_stats).
 
     python baselines.py --ckpt=out/synthetic/spkv/ckpt.pt --dense_ckpt=out/synthetic/dense/ckpt.pt \\
         --data=out/synthetic/data --seq_len=256
@@ -35,11 +35,14 @@ POLICIES = ("full", "spkv", "window", "streaming", "h2o")
 
 
 def old_budget(T: int, window: int, density: float, device=None) -> torch.Tensor:
-    """(T,) how many keys older than the window query t may see: round(density * n_old(t))."""
+    """(T,) how many keys older than the window query t may see. A fixed cache, as H2O and
+    StreamingLLM run: budget b = round(density * n_old(T - 1)), the old keys at the last query;
+    query t sees min(n_old(t), b), so nothing is evicted before the cache is full and the kept
+    fraction at the end of the sequence is `density` (the quantity spkv.density_stats measures)."""
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density {density} must be in [0, 1]")
     n_old = (torch.arange(T, device=device) - window + 1).clamp(min=0)
-    return torch.floor(density * n_old + 0.5).long()
+    return n_old.clamp(max=int(density * max(0, T - window) + 0.5))
 
 
 def causal_visible(T: int, device=None) -> torch.Tensor:
@@ -81,9 +84,9 @@ def h2o_visible(q: torch.Tensor, k: torch.Tensor, window: int, density: float) -
 
     Each KV head accumulates, per key, the attention it received from all queries so far (summed
     over the G query heads of its group, window keys included). At step t key t - window leaves the
-    window and joins the held old keys; if more are held than the budget allows, the held key with
-    the least accumulated attention is evicted for good (the budget grows by at most one per step,
-    so one eviction per step suffices). Query t then attends to window + held keys.
+    window and joins the held old keys; once the cache is full, the held key with the least
+    accumulated attention is evicted for good (one in, at most one out per step). Query t then
+    attends to window + held keys.
     """
     B, H, T, D = q.shape
     Hkv = k.shape[1]

@@ -75,10 +75,11 @@ def test_h2o_evicts_the_least_accumulated_attention_at_the_budget(seed, T, windo
 
 
 def test_h2o_keeps_heavy_hitters():
-    """Keys every query attends to strongly survive; the rest are evicted."""
+    """Keys every query attends to strongly survive; the rest are evicted. (H2O favours keys that
+    have been seen by many queries: a heavy key must out-score the early ones by arrival.)"""
     T, window, D = 40, 4, 16
     k = torch.zeros(1, 1, T, D)
-    heavy = [10, 20, 30]  # each arrives when the budget (0.1 of the old keys) has room for it
+    heavy = [0, 10, 20]  # 0 takes the attention of the first queries, as a sink does
     k[0, 0, heavy, 0] = 10.0
     q = torch.zeros(1, 1, T, D)
     q[..., 0] = 1.0

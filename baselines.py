@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import cli
 import data as datalib
+import kernels
 import spkv
 import tau as taulib
 from checkpoint import load_model
@@ -112,15 +113,12 @@ def h2o_visible(q: torch.Tensor, k: torch.Tensor, window: int, density: float) -
 
 
 def masked_attention(q, k, v, visible) -> torch.Tensor:
-    """Attention where query t sees exactly the keys visible[..., t, :]. q (B, H, T, D); k, v
-    (B, Hkv, T, D); visible broadcasting to (B, Hkv, T, T). GQA: query heads grouped per KV head."""
-    B, H, T, D = q.shape
-    Hkv = k.shape[1]
-    G = H // Hkv
-    visible = visible.expand(B, Hkv, T, T)[:, :, None]  # (B, Hkv, 1, T, T)
-    out = F.scaled_dot_product_attention(q.view(B, Hkv, G, T, D), k[:, :, None].expand(B, Hkv, G, T, D),
-                                         v[:, :, None].expand(B, Hkv, G, T, D), attn_mask=visible)
-    return out.reshape(B, H, T, D)
+    """Attention where query t sees exactly the keys visible[..., t, :]: kernels.cached_attention
+    (GQA folded into the query axis) with the mask as a 0 / -inf bias. q (B, H, T, D); k, v
+    (B, Hkv, T, D); visible broadcasting to (B, Hkv, T, T)."""
+    B, Hkv, T = k.shape[0], k.shape[1], q.shape[2]
+    bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, float("-inf"))
+    return kernels.cached_attention(q, k, v, bias.expand(B, Hkv, T, T), "sdpa")
 
 
 def make_policy(name: str, window: int, tau: float, density: float, n_sink: int = 4):

@@ -7,8 +7,10 @@ For each context length the dense cache is filled to that length and, for each f
 an SP-KV cache holds a full window plus d of the older pairs per (layer, row, head) at random
 positions (decode speed does not depend on the values). With --ckpt, one real text is prefilled
 with the checkpoint's own gates and its cache copied to every row (density marked "r"). Each case
-decodes --steps tokens for the whole batch after one warm-up step; --impl picks the SP-KV cached
-attention path ("split" or "sdpa", kernels.py), the dense cache always uses "sdpa". Printed per
+decodes --steps tokens for the whole batch after one warm-up step; --impl picks the SP-KV decode
+path: "paged" (kernels.paged_decode_attention reads the page pool in place), "paged_compiled"
+(the same step under torch.compile), or the gather paths "split" / "sdpa"; the dense cache always
+uses "sdpa" eager. Printed per
 case: decode tokens/s of both and their ratio, KV bytes of both, and the ideal ratio from bytes
 moved per token, (weights + dense KV) / (weights + kept KV). Timings are noisy: compare the
 ratios within one run.
@@ -81,7 +83,7 @@ def time_decode(model, cache, B, ctx, steps, impl) -> float:
 
 
 def main(argv):
-    opts = dict(contexts="2048,8192", batch="16", densities="0.1,0.25,0.5", steps="8", ckpt="", threads="0", impl="split")
+    opts = dict(contexts="2048,8192", batch="16", densities="0.1,0.25,0.5", steps="8", ckpt="", threads="0", impl="paged")
     opts.update(cli.parse(argv, opts, "bench_decode.py"))
     if int(opts["threads"]):
         torch.set_num_threads(int(opts["threads"]))

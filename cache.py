@@ -24,7 +24,9 @@ class PagedStore:
         self.k = torch.zeros(init_pages, page_size, head_dim, dtype=dtype, device=device)  # (P, p, D)
         self.v = torch.zeros_like(self.k)
         self.pos = torch.full((init_pages, page_size), -1, dtype=torch.long, device=device)  # (P, p)
-        self.free = list(range(init_pages - 1, -1, -1))  # page ids not held by any stream
+        self.owner = torch.full((init_pages,), -1, dtype=torch.long, device=device)  # (P,) stream, -1 free
+        self.free = list(range(init_pages - 1, -1, -1))  # page ids not held by any stream, lowest last
+        self.span = 0  # pages [0, span) cover every page ever handed out: what a decode step must read
         self.table = torch.zeros(n_streams, 1, dtype=torch.long, device=device)  # (S, max pages)
         self.length = torch.zeros(n_streams, dtype=torch.long, device=device)  # (S,) pairs held
 
@@ -35,13 +37,14 @@ class PagedStore:
         old = self.k.shape[0]
         new = max(2 * old, old + n_needed)
         pad = lambda t, fill: torch.cat([t, t.new_full((new - old, *t.shape[1:]), fill)])  # noqa: E731
-        self.k, self.v, self.pos = pad(self.k, 0), pad(self.v, 0), pad(self.pos, -1)
+        self.k, self.v, self.pos, self.owner = pad(self.k, 0), pad(self.v, 0), pad(self.pos, -1), pad(self.owner, -1)
         self.free = list(range(new - 1, old - 1, -1)) + self.free
 
     def _alloc(self, n: int) -> torch.Tensor:
         if n > len(self.free):
             self._grow_pool(n - len(self.free))
         ids, self.free = self.free[len(self.free) - n:], self.free[:len(self.free) - n]
+        self.span = max(self.span, max(ids, default=-1) + 1)
         return torch.tensor(ids[::-1], dtype=torch.long, device=self.k.device)
 
     def append(self, streams, k, v, pos):
@@ -60,13 +63,21 @@ class PagedStore:
             self.table = torch.cat([self.table, self.table.new_zeros(S, int(new_pages.max()) - self.table.shape[1])], 1)
         need = new_pages - old_pages
         if int(need.sum()) > 0:
-            owner = torch.repeat_interleave(torch.arange(S, device=streams.device), need)
-            col = old_pages[owner] + torch.arange(owner.numel(), device=owner.device) - (torch.cumsum(need, 0) - need)[owner]
-            self.table[owner, col] = self._alloc(owner.numel())
+            taker = torch.repeat_interleave(torch.arange(S, device=streams.device), need)  # a stream per new page
+            col = old_pages[taker] + torch.arange(taker.numel(), device=taker.device) - (torch.cumsum(need, 0) - need)[taker]
+            pages = self._alloc(taker.numel())
+            self.table[taker, col], self.owner[pages] = pages, taker
         slot = self.length[streams] + rank
         page = self.table[streams, slot // p]
         self.k[page, slot % p], self.v[page, slot % p], self.pos[page, slot % p] = k, v, pos
         self.length += counts
+
+    def pool(self):
+        """The pool up to the span, as views (k, v, pos, owner) for kernels.paged_decode_attention.
+        Pages are handed out lowest id first, so the span stays near the pages in use even after the
+        pool doubles: free pages beyond it are never read."""
+        n = max(self.span, min(2, self.k.shape[0]))  # >= 2: torch.compile specializes sizes 0 and 1
+        return self.k[:n], self.v[:n], self.pos[:n], self.owner[:n]
 
     def gather(self, streams):
         """Padded views of the given streams: k, v (N, L, D), pos (N, L) with -1 for padding."""
@@ -78,10 +89,12 @@ class PagedStore:
         return self.k[pages].flatten(1, 2), self.v[pages].flatten(1, 2), pos
 
     def free_streams(self, streams):
-        """Return the pages of finished streams to the pool."""
+        """Return the pages of finished streams to the pool, emptied (pos -1, no owner)."""
         for s in streams.tolist():
             n = int((self.length[s] + self.page_size - 1) // self.page_size)
-            self.free += self.table[s, :n].tolist()
+            pages = self.table[s, :n]
+            self.pos[pages], self.owner[pages] = -1, -1
+            self.free += pages.tolist()
             self.length[s] = 0
 
 

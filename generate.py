@@ -8,6 +8,7 @@ decode_n_tokens. The oracle the cached path is tested against is generate_uncach
 forward under hard gates per new token.
 """
 
+import functools
 import sys
 import time
 
@@ -17,6 +18,9 @@ import cli
 import kernels
 import spkv
 from cache import DenseKVCache, SPKVCache
+
+PAGED = ("paged", "paged_compiled")  # decode paths that read the page pool in place
+PREFILL_PATH = {"paged": "split", "paged_compiled": "split"}  # their prefill chunks go through "split"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,16 +97,57 @@ def prefill(model, cache, prompts, chunk, impl="sdpa"):
         for s in range(0, len(ids), chunk):
             piece = torch.tensor(ids[s:s + chunk], device=device)[None]  # (1, C)
             pos = torch.arange(s, s + piece.shape[1], device=device)[None]  # (1, C)
-            logits = forward_cached(model, cache, piece, pos, torch.tensor([r], device=device), impl, last_only=True)
+            logits = forward_cached(model, cache, piece, pos, torch.tensor([r], device=device),
+                                    PREFILL_PATH.get(impl, impl), last_only=True)
         last.append(logits[0, -1])
     return torch.stack(last)
 
 
 @torch.no_grad()
 def decode_one_token(model, cache, tokens, pos, impl="sdpa"):
-    """tokens, pos (B,) -> next-token logits (B, V)."""
+    """tokens, pos (B,) -> next-token logits (B, V). Under "paged" / "paged_compiled" an SP-KV
+    cache is read in place by kernels.paged_decode_attention (one step for all layers, then the
+    writes); every other path gathers the store (forward_cached)."""
     rows = torch.arange(tokens.shape[0], device=tokens.device)
-    return forward_cached(model, cache, tokens[:, None], pos[:, None], rows, impl)[:, 0]
+    if impl in PAGED and isinstance(cache, SPKVCache):
+        pools = [s.pool() for s in cache.stores]
+        rings = [(cache.ring_k[i], cache.ring_v[i], cache.ring_pos[i], cache.ring_keep[i]) for i in range(len(pools))]
+        step = decode_step_paged
+        if impl == "paged_compiled":
+            step = compiled_decode_step()
+            for pool in pools:  # the pool size is the one shape that changes (it grows): never a recompile
+                for t in pool:
+                    torch._dynamo.mark_dynamic(t, 0)
+        logits, new = step(model, tokens, pos, pools, rings, cache.w)
+        for layer, (k, v, keep) in enumerate(new):
+            cache.write(layer, rows, k, v, keep, pos)
+        return logits
+    return forward_cached(model, cache, tokens[:, None], pos[:, None], rows, PREFILL_PATH.get(impl, impl))[:, 0]
+
+
+def decode_step_paged(model, tokens, pos, pools, rings, window):
+    """One decode step of every row over SP-KV caches handed in as tensors; mutates nothing.
+    tokens, pos (B,); pools[layer] = (k, v, pos, owner) of its PagedStore; rings[layer] = (k, v,
+    pos, keep) of its ring. Returns logits (B, V) and per layer the new pair k, v (B, Hkv, D) and
+    keep (B, Hkv) for SPKVCache.write. Shapes are fixed but for the pool size, so it compiles once."""
+    h, rope = model.embed_tokens(tokens[:, None], pos[:, None])  # (B, 1, d)
+    new = []
+    for block, pool, ring in zip(model.blocks, pools, rings):
+        x = block.attn_norm(h)
+        q, k, v, logit = block.attn.qkv(x, rope)  # q (B, H, 1, D), k, v (B, Hkv, 1, D)
+        keep = spkv.hard_keep(logit, model.cfg.tau) if logit is not None else torch.ones(
+            k.shape[:3], dtype=torch.bool, device=k.device)  # (B, Hkv, 1)
+        y = kernels.paged_decode_attention(q, k, v, pos, pool, ring, window)  # (B, H, 1, D)
+        h = h + block.attn.o_proj(y.transpose(1, 2).reshape(h.shape))
+        h = h + block.mlp(block.mlp_norm(h))
+        new.append((k[:, :, 0], v[:, :, 0], keep[:, :, 0]))
+    return model.lm_head(model.norm(h))[:, 0], new
+
+
+@functools.lru_cache(maxsize=1)
+def compiled_decode_step():
+    """torch.compile(decode_step_paged), built on first use (gpt-fast compiles decode_one_token)."""
+    return torch.compile(decode_step_paged)
 
 
 def sample(logits, temperature=0.0, top_k=0, top_p=1.0, gen=None):
@@ -140,7 +185,7 @@ def decode_n_tokens(model, cache, first_logits, lengths, n, sampling, impl="sdpa
 def generate(model, prompts, max_new_tokens, dense=False, chunk=256, sampling=None, impl="sdpa", page_size=16):
     """Cached generation for a batch of prompts (lists of ids, any lengths).
     Returns (new tokens (B, n), their logits (B, n, V), the cache)."""
-    check_request(model, prompts, max_new_tokens)
+    check_request(model, prompts, max_new_tokens, impl)
     cache = new_cache(model, len(prompts), max(map(len, prompts)) + max_new_tokens, dense, page_size)
     first = prefill(model, cache, prompts, chunk, impl)
     tokens, logits = decode_n_tokens(model, cache, first, [len(p) for p in prompts], max_new_tokens,
@@ -163,7 +208,12 @@ def generate_uncached(model, prompts, max_new_tokens, view="hard"):
     return out_tokens, out_logits
 
 
-def check_request(model, prompts, max_new_tokens):
+IMPLS = ("reference", "sdpa", "split", *PAGED)  # cached attention paths, see kernels.py
+
+
+def check_request(model, prompts, max_new_tokens, impl="sdpa"):
+    if impl not in IMPLS:
+        raise ValueError(f"unknown cached attention path {impl!r}; use one of {IMPLS}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if not prompts or any(len(p) == 0 for p in prompts):

@@ -161,3 +161,45 @@ def split_cached_attention(q, pieces):
     weights = [torch.exp(s - top) for s in scores]
     out = sum(w @ v for w, (_, v, _) in zip(weights, pieces)) / sum(w.sum(-1, keepdim=True) for w in weights)
     return out.reshape(R, H, T, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode attention straight over the page pool: no gather, each kept byte read once.
+
+
+def paged_decode_attention(q, k, v, pos, pool, ring, window):
+    """One decode step of attention over the SP-KV cache without copying the store.
+
+    q (B, H, 1, D) new queries; k, v (B, Hkv, 1, D) the new pairs; pos (B,) their positions.
+    pool: the store of one layer, k_pool, v_pool (P, p, D), pos_pool (P, p) with -1 for an empty
+    slot, owner (P,) the stream (row * Hkv + head) holding each page, -1 for a free page.
+    ring: ring_k, ring_v (B, Hkv, w, D), ring_pos (B, w), ring_keep (B, Hkv, w).
+    Every page is scored against its owner's queries in one batched matmul over the pool, so the
+    kernel reads each held page once and never builds a padded (S, longest, D) copy as the gather
+    path (PagedStore.gather + cached_attention) does. One softmax spans store, ring and the new
+    pair through a shared max and summed normalizers, reduced per stream with scatter/index_add.
+    Shapes depend on the pool size only, not on lengths. Its plain twin: the gather path."""
+    k_pool, v_pool, pos_pool, owner = pool
+    ring_k, ring_v, ring_pos, ring_keep = ring
+    B, H, _, D = q.shape
+    Hkv, w = ring_k.shape[1], ring_k.shape[2]
+    G, S = H // Hkv, B * Hkv
+    qs = q.reshape(B, Hkv, G, D) / math.sqrt(D)  # (B, Hkv, G, D): a stream's G query heads
+    owner = torch.where(owner >= 0, owner, S)  # free pages feed a dummy stream S, dropped below
+    q_page = torch.cat([qs.reshape(S, G, D), qs.new_zeros(1, G, D)])[owner]  # (P, G, D)
+    s_store = (q_page @ k_pool.transpose(1, 2)).masked_fill((pos_pool < 0)[:, None], float("-inf"))  # (P, G, p)
+    bias = cache_bias(pos[:, None], ring_pos[:, None].expand(B, Hkv, w), ring_keep, window)  # (B, Hkv, 1, w)
+    s_ring = qs @ ring_k.transpose(-1, -2) + bias.to(q.dtype)  # (B, Hkv, G, w)
+    s_new = qs @ k.transpose(-1, -2)  # (B, Hkv, G, 1): a new pair always sees itself
+    idx = owner[:, None].expand(-1, G)  # (P, G)
+    top = torch.full((S + 1, G), float("-inf"), dtype=q.dtype, device=q.device)
+    top = top.scatter_reduce(0, idx, s_store.amax(-1), "amax")[:S].view(B, Hkv, G)
+    top = torch.maximum(top, torch.maximum(s_ring.amax(-1), s_new[..., 0]))  # (B, Hkv, G), finite
+    top_page = torch.cat([top.reshape(S, G), top.new_zeros(1, G)])[owner]  # (P, G)
+    w_store = torch.exp(s_store - top_page[..., None])  # (P, G, p); empty slots give 0
+    num = q.new_zeros(S + 1, G, D).index_add_(0, owner, w_store @ v_pool)[:S].view(B, Hkv, G, D)
+    den = q.new_zeros(S + 1, G).index_add_(0, owner, w_store.sum(-1))[:S].view(B, Hkv, G)
+    w_ring, w_new = torch.exp(s_ring - top[..., None]), torch.exp(s_new - top[..., None])
+    num = num + w_ring @ ring_v + w_new @ v  # (B, Hkv, G, D)
+    den = den + w_ring.sum(-1) + w_new[..., 0]
+    return (num / den[..., None]).reshape(B, H, 1, D)

@@ -57,6 +57,7 @@ class TrainConfig:
     anneal_steps: int = 500  # soft -> hard over this many steps (capped at half the frozen phase)
     window: int = 128
     tau: float = 0.5
+    predictor_init_bias: float = 5.0  # output bias of fresh predictors: 5 = open (METHOD.md), < 0 leans closed
     eval_every: int = 20
     eval_batches: int = 4
     log_every: int = 1
@@ -99,6 +100,8 @@ def validate(cfg: TrainConfig):
                  "ckpt_every", "anneal_steps") if getattr(cfg, k) < 1]
     problems += [f"--{k}={getattr(cfg, k)} must be a finite number > 0" for k in ("lr", "predictor_lr_mult",
                  "grad_clip") if not (math.isfinite(getattr(cfg, k)) and getattr(cfg, k) > 0)]
+    if not math.isfinite(cfg.predictor_init_bias):
+        problems.append(f"--predictor_init_bias={cfg.predictor_init_bias} must be a finite number")
     problems += [f"--{k}={getattr(cfg, k)} must be in [0, 1]" for k in ("min_lr_frac", "freeze_frac", "tau")
                  if not 0 <= getattr(cfg, k) <= 1]
     if cfg.warmup_steps >= cfg.max_steps:
@@ -136,7 +139,7 @@ def build_model(cfg: TrainConfig, device):
     from convert import default_checkpoint
 
     path = cfg.ckpt or default_checkpoint()
-    spkv_knobs = dict(window=cfg.window, tau=cfg.tau)
+    spkv_knobs = dict(window=cfg.window, tau=cfg.tau, predictor_init_bias=cfg.predictor_init_bias)
     if cfg.init == "scratch":  # only the tokenizer and vocabulary size come from the checkpoint
         ckpt = read_checkpoint(path)
         if not ckpt.get("tokenizer"):

@@ -162,7 +162,7 @@ def test_cli_prints_text_and_cache_figures(tmp_path, capsys):
     assert "tokens/s" in out and "compression" in out and "density" in out
 
 
-@given(setups(), st.sampled_from(["sdpa", "split"]))
+@given(setups(), st.sampled_from(["sdpa", "split", "paged"]))
 def test_fast_cached_paths_match_their_reference_twin(setup, impl):
     cfg, prompts, chunk, n_new, seed = setup
     model = random_gate_model(seed, **cfg)
@@ -171,3 +171,65 @@ def test_fast_cached_paths_match_their_reference_twin(setup, impl):
     assert torch.equal(fast[0], plain[0])
     if n_new:
         assert (fast[1] - plain[1]).abs().max().item() <= 1e-4
+
+
+@given(st.integers(1, 3), st.sampled_from([(1, 1), (2, 1), (2, 2), (3, 1)]), st.integers(1, 6),
+       st.integers(1, 5), st.integers(0, 10**6))
+def test_paged_decode_kernel_equals_gather_path_with_reused_pages(B, heads, window, page, seed):
+    """kernels.paged_decode_attention against its twin (gather the store, concatenate the ring and
+    the new pair, kernels.cached_attention "reference"), on a cache whose pool holds pages freed by
+    other streams and taken again: stale slots must be invisible."""
+    import kernels
+    from cache import SPKVCache
+
+    Hkv, G_ = heads
+    D, g = 4, torch.Generator().manual_seed(seed)
+    cache = SPKVCache(1, B, Hkv, D, window, torch.float32, "cpu", page_size=page)
+    store = cache.stores[0]
+    rand = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    n_old = torch.randint(0, 12, (B * Hkv,), generator=g)  # first fill, then free some streams, refill
+    store.append(torch.arange(B * Hkv).repeat_interleave(n_old), rand(int(n_old.sum()), D),
+                 rand(int(n_old.sum()), D), torch.randint(0, 5, (int(n_old.sum()),), generator=g))
+    store.free_streams(torch.arange(0, B * Hkv, 2))
+    t = 40  # the new token's position; older pairs sit below t - window
+    n_kept = torch.randint(0, 12, (B * Hkv,), generator=g)
+    kept_pos = torch.cat([torch.randperm(t - window, generator=g)[:int(n)].sort().values for n in n_kept])
+    store.append(torch.arange(B * Hkv).repeat_interleave(n_kept), rand(kept_pos.numel(), D),
+                 rand(kept_pos.numel(), D), kept_pos)
+    ring_pos = torch.arange(t - window, t)
+    cache.ring_pos[0, :, ring_pos % window] = ring_pos  # a full ring: slot = position % window
+    cache.ring_k.copy_(rand(*cache.ring_k.shape))
+    cache.ring_v.copy_(rand(*cache.ring_v.shape))
+    cache.ring_keep.copy_(torch.rand(cache.ring_keep.shape, generator=g) < 0.5)
+    q, k, v = rand(B, Hkv * G_, 1, D), rand(B, Hkv, 1, D), rand(B, Hkv, 1, D)
+    pos = torch.full((B,), t)
+    got = kernels.paged_decode_attention(q, k, v, pos, (store.k, store.v, store.pos, store.owner),
+                                         (cache.ring_k[0], cache.ring_v[0], cache.ring_pos[0], cache.ring_keep[0]), window)
+    rows = torch.arange(B)
+    pieces = cache.keys(0, rows) + [(k, v, pos[:, None, None].expand(B, Hkv, 1), torch.ones(B, Hkv, 1, dtype=torch.bool))]
+    k_all, v_all, pos_all, keep_all = (torch.cat(x, 2) for x in zip(*pieces))
+    want = kernels.cached_attention(q, k_all, v_all, kernels.cache_bias(pos[:, None], pos_all, keep_all, window), "reference")
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_compiled_decode_step_matches_and_never_recompiles():
+    """The compiled decode step gives the eager tokens and logits, and neither growing lengths nor
+    a growing page pool recompile it (dynamo is told to raise on any recompile)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    G.compiled_decode_step.cache_clear()
+    model = random_gate_model(0, window=4, tau=0.5, n_kv_head=2, n_head=4)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (5, 30, 17)]
+    lengths = [len(p) for p in prompts]
+    cache = G.new_cache(model, 3, 80, dense=False, page_size=2)
+    first = G.prefill(model, cache, prompts, chunk=5, impl="paged_compiled")
+    pool_before = [s.k.shape[0] for s in cache.stores]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        tokens, logits = G.decode_n_tokens(model, cache, first, lengths, 40, {}, impl="paged_compiled")
+    pool_after = [s.k.shape[0] for s in cache.stores]
+    want_tokens, want_logits, _ = G.generate(model, prompts, 40, chunk=5, impl="reference", page_size=2)
+    assert torch.equal(tokens, want_tokens)
+    assert (logits - want_logits).abs().max().item() <= 1e-4
+    assert any(a > b for a, b in zip(pool_after, pool_before))  # the pool grew while decoding

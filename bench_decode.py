@@ -96,11 +96,15 @@ def main(argv):
     model.eval()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     gen = torch.Generator().manual_seed(0)
+    impls = opts["impl"].split(",")
+    bad = [i for i in impls if i not in G.IMPLS]
+    if bad:
+        sys.exit(f"bench_decode.py: unknown --impl {bad}; use a comma list of {G.IMPLS}")
     print(f"device: cpu, {torch.get_num_threads()} threads; model {weights / 1e6:.0f} MB of weights; batch {B}; "
-          f"window {model.cfg.window}; {steps} timed decode steps per case; SP-KV attention path "
-          f"{opts['impl']!r}, dense 'sdpa'")
-    print(f"{'context':>8} {'density':>8} {'dense tok/s':>12} {'spkv tok/s':>11} {'speedup':>8} {'ideal':>6} "
-          f"{'dense KV MB':>12} {'spkv KV MB':>11} {'compress':>9}")
+          f"window {model.cfg.window}; {steps} timed decode steps per case; dense cache: 'sdpa' eager; SP-KV: "
+          + "; ".join(f"{i!r} = {G.describe_path(i, False)}" for i in impls))
+    print(f"{'context':>8} {'density':>8} {'path':>15} {'dense tok/s':>12} {'spkv tok/s':>11} {'speedup':>8} "
+          f"{'ideal':>6} {'of ideal':>9} {'dense KV MB':>12} {'spkv KV MB':>11} {'compress':>9}")
     for ctx in map(int, opts["contexts"].split(",")):
         dense = fill_dense(model, B, ctx)
         dense_bytes = B * ctx * model.cfg.n_layer * model.cfg.n_kv_head * 2 * model.cfg.head_dim * 4
@@ -111,15 +115,18 @@ def main(argv):
             ids = (tok.encode(open(G.__file__).read()) * 64)[:ctx]
             cases.append(("real", lambda: fill_real(model, B, ids)))
         for name, make in cases:
-            cache = make()
-            kv = cache.nbytes()["in_use"]
-            old = model.cfg.n_layer * B * model.cfg.n_kv_head * max(1, ctx - model.cfg.window)
-            name = f"{sum(int(st.length.sum()) for st in cache.stores) / old:.3f}" + ("r" if name == "real" else "")
-            spkv_tps = time_decode(model, cache, B, ctx, steps, opts["impl"])
-            ideal = (weights + dense_bytes) / (weights + kv)
-            print(f"{ctx:>8} {name:>8} {dense_tps:>12.1f} {spkv_tps:>11.1f} {spkv_tps / dense_tps:>7.2f}x {ideal:>5.2f}x "
-                  f"{dense_bytes / 1e6:>12.1f} {kv / 1e6:>11.1f} {dense_bytes / kv:>8.2f}x", flush=True)
-            del cache
+            for impl in impls:  # a fresh cache per path: each timing starts from the same state
+                cache = make()
+                kv = cache.nbytes()["in_use"]
+                old = model.cfg.n_layer * B * model.cfg.n_kv_head * max(1, ctx - model.cfg.window)
+                label = f"{sum(int(st.length.sum()) for st in cache.stores) / old:.3f}" + ("r" if name == "real" else "")
+                spkv_tps = time_decode(model, cache, B, ctx, steps, impl)
+                ideal = (weights + dense_bytes) / (weights + kv)
+                speedup = spkv_tps / dense_tps
+                print(f"{ctx:>8} {label:>8} {impl:>15} {dense_tps:>12.1f} {spkv_tps:>11.1f} {speedup:>7.2f}x "
+                      f"{ideal:>5.2f}x {speedup / ideal:>8.0%} {dense_bytes / 1e6:>12.1f} {kv / 1e6:>11.1f} "
+                      f"{dense_bytes / kv:>8.2f}x", flush=True)
+                del cache
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 
     python generate.py --prompt="def fibonacci(n):" --max_new_tokens=64 --tau=0.5
     python generate.py --prompt="..." --dense=True          # plain KV cache, same model
+    python generate.py --prompt="..." --impl=paged_compiled # the decode step under torch.compile
 Defaults to the embedded SmolLM2-135M, so it runs offline. The steps, as in gpt-fast: prefill
 (chunks that evict as they go, so a long prompt never needs a dense cache), decode_one_token,
-decode_n_tokens. The oracle the cached path is tested against is generate_uncached: one full
-forward under hard gates per new token.
+decode_n_tokens. Decode paths (--impl): "paged" (default) reads the page pool in place
+(kernels.paged_decode_attention, one step for all layers, decode_step_paged), "paged_compiled"
+the same step compiled once, "split" / "sdpa" / "reference" gather the store first. The oracle
+every path is tested against is generate_uncached: one full forward under hard gates per token.
 """
 
 import functools
@@ -251,7 +254,17 @@ def cache_report(cache, lengths, dense_bytes_per_pair, n_layer, Hkv) -> dict:
 
 DEFAULTS = dict(ckpt="", prompt="Write a Python function that checks whether a number is prime.",
                 max_new_tokens=64, tau=-1.0, dense=False, temperature=0.0, top_k=0, top_p=1.0, chunk=256,
-                chat=True, seed=0, page_size=16, target_density=0.0)
+                chat=True, seed=0, page_size=16, target_density=0.0, impl="paged")
+
+
+def describe_path(impl: str, dense: bool) -> str:
+    """Which cached attention path runs, in words (printed, so no path is chosen silently)."""
+    if dense:
+        return f"dense cache, kernels.cached_attention ({'reference' if impl == 'reference' else 'sdpa'})"
+    if impl in PAGED:
+        return (f"decode steps read the page pool in place (kernels.paged_decode_attention"
+                f"{', torch.compile' if impl == 'paged_compiled' else ', eager'}); prefill chunks gather ('split')")
+    return f"store gathered per step, then {impl!r} (kernels.py)"
 
 
 def parse_flags(argv) -> dict:
@@ -288,12 +301,12 @@ def main(argv):
     torch.manual_seed(o["seed"])
     ids = chat_prompt(tok, o["prompt"]) if o["chat"] else tok.encode(o["prompt"])
     print(f"cache: {'dense KV cache' if o['dense'] else f'SP-KV ring of {model.cfg.window} + paged store, tau={model.cfg.tau}'}"
-          f"; attention: gather + SDPA (kernels.cached_attention); device: {device}"
+          f"; attention: {describe_path(o['impl'], o['dense'])}; device: {device}"
           + ("" if device == "cuda" else " (no CUDA device)"))
     t0 = time.time()
     sampling = dict(temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"])
     tokens, _, cache = generate(model, [ids], o["max_new_tokens"], o["dense"], o["chunk"], sampling,
-                                page_size=o["page_size"])
+                                impl=o["impl"], page_size=o["page_size"])
     dt = time.time() - t0
     out = tokens[0].tolist()
     if tok.eos_id in out:

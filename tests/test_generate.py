@@ -233,3 +233,18 @@ def test_compiled_decode_step_matches_and_never_recompiles():
     assert torch.equal(tokens, want_tokens)
     assert (logits - want_logits).abs().max().item() <= 1e-4
     assert any(a > b for a, b in zip(pool_after, pool_before))  # the pool grew while decoding
+
+
+def test_bench_decode_prints_a_row_per_path(tmp_path, capsys):
+    """bench_decode runs end to end on a tiny checkpoint (forced densities and its real gates) for
+    every path asked, and refuses an unknown one."""
+    import bench_decode
+
+    path = tiny_checkpoint(tmp_path / "t.pt")
+    bench_decode.main([f"--ckpt={path}", "--contexts=64", "--batch=2", "--densities=0.25", "--steps=1",
+                       "--impl=paged,split"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("64 ")]
+    assert sorted(r[2] for r in rows) == ["paged", "paged", "split", "split"]  # 0.25 and real gates
+    assert all(r[5].endswith("x") and float(r[5][:-1]) > 0 for r in rows)
+    with pytest.raises(SystemExit, match="unknown --impl"):
+        bench_decode.main([f"--ckpt={path}", "--impl=fast"])

@@ -2,6 +2,7 @@
 
     python bench_decode.py                                   # SmolLM2-135M shape, batch 16, 2k and 8k
     python bench_decode.py --contexts=2048 --ckpt=out/spkv/ckpt.pt   # adds a row with real gates
+    python bench_decode.py --contexts=2048 --densities=0.1 --profile=1  # where a step's time goes
 
 For each context length the dense cache is filled to that length and, for each forced density d,
 an SP-KV cache holds a full window plus d of the older pairs per (layer, row, head) at random
@@ -72,18 +73,25 @@ def fill_real(model, B, ids):
 
 
 @torch.no_grad()
-def time_decode(model, cache, B, ctx, steps, impl) -> float:
-    """Decode tokens per second over `steps` steps for the whole batch, after one warm-up step."""
+def time_decode(model, cache, B, ctx, steps, impl, profile=False) -> float:
+    """Decode tokens per second over `steps` steps for the whole batch, after one warm-up step.
+    With profile, one more step runs under torch.profiler and its busiest ops are printed."""
     tok = torch.zeros(B, dtype=torch.long)
     G.decode_one_token(model, cache, tok, torch.full((B,), ctx), impl)
     t0 = time.perf_counter()
     for i in range(steps):
         G.decode_one_token(model, cache, tok, torch.full((B,), ctx + 1 + i), impl)
-    return B * steps / (time.perf_counter() - t0)
+    tps = B * steps / (time.perf_counter() - t0)
+    if profile:
+        with torch.profiler.profile() as prof:
+            G.decode_one_token(model, cache, tok, torch.full((B,), ctx + 1 + steps), impl)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+    return tps
 
 
 def main(argv):
-    opts = dict(contexts="2048,8192", batch="16", densities="0.1,0.25,0.5", steps="8", ckpt="", threads="0", impl="paged")
+    opts = dict(contexts="2048,8192", batch="16", densities="0.1,0.25,0.5", steps="8", ckpt="", threads="0", impl="paged",
+                profile="0")
     opts.update(cli.parse(argv, opts, "bench_decode.py"))
     if int(opts["threads"]):
         torch.set_num_threads(int(opts["threads"]))
@@ -120,7 +128,7 @@ def main(argv):
                 kv = cache.nbytes()["in_use"]
                 old = model.cfg.n_layer * B * model.cfg.n_kv_head * max(1, ctx - model.cfg.window)
                 label = f"{sum(int(st.length.sum()) for st in cache.stores) / old:.3f}" + ("r" if name == "real" else "")
-                spkv_tps = time_decode(model, cache, B, ctx, steps, impl)
+                spkv_tps = time_decode(model, cache, B, ctx, steps, impl, profile=bool(int(opts["profile"])))
                 ideal = (weights + dense_bytes) / (weights + kv)
                 speedup = spkv_tps / dense_tps
                 print(f"{ctx:>8} {label:>8} {impl:>15} {dense_tps:>12.1f} {spkv_tps:>11.1f} {speedup:>7.2f}x "

@@ -17,6 +17,7 @@ The SP-KV runs start their predictors at --predictor_init_bias=-2 (u = 0.12, bel
 open init (5) nothing closes on this task, see README.
     python synthetic.py --from_scratch=1 --steps=2000 --out=out/synthetic_scratch   # both from scratch
     python synthetic.py --eval_only=1   # re-evaluate the checkpoints already in --out
+    python synthetic.py --probe_layer=1 # loss by target kind when layer 1 sees only old facts
 
 Reported, on held-out sequences, under hard gates for SP-KV:
   accuracy   queries whose digit is predicted (argmax, teacher forcing); chance is 0.1
@@ -134,11 +135,46 @@ def evaluate(ckpt, length, n_facts, n_queries, n_seqs=64, seed=12345, policy="sp
             "kept_fact_vs_filler": {layer: (c[0] / c[1], c[2] / c[3]) for layer, c in per_layer.items()}}
 
 
+@torch.no_grad()
+def probe_layer(ckpt, layer, length, n_facts, n_queries, n_seqs=32, seed=7) -> dict:
+    """What does a layer use its kept filler for? Mean next-token loss by target kind (fact slots,
+    other filler, the query section) under the checkpoint's own hard gates, and again with `layer`
+    allowed to see only the fact bytes beyond its window (the other layers unchanged)."""
+    model, _, _ = load_model(ckpt)
+    model.eval()
+    rng = random.Random(seed)
+    x = torch.tensor([list(make_sequence(rng, length, n_facts, n_queries)[0]) for _ in range(n_seqs)])  # (N, T)
+    own = bl.make_policy("spkv", model.cfg.window, model.cfg.tau, 0.0)
+    facts_only = bl.window_visible(length, model.cfg.window) | (bl.causal_visible(length) & (x >= 128)[:, None, None, :])
+    t = torch.arange(1, length)  # target positions
+    kinds = {"fact slots": (t % SLOT == 0) & (t < length - SLOT * n_queries),
+             "other filler": (t % SLOT != 0) & (t < length - SLOT * n_queries),
+             "query section": t >= length - SLOT * n_queries}
+    out = {}
+    for name, restrict in (("own gates", False), (f"layer {layer} sees old facts only", True)):
+        calls = []
+
+        def rule(q, k, logit):
+            calls.append(None)
+            return facts_only if restrict and len(calls) - 1 == layer else own(q, k, logit)
+
+        logits = bl.forward_with_policy(model, x, rule)
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")  # (N, T-1)
+        out[name] = {kind: nll[:, mask].mean().item() for kind, mask in kinds.items()}
+    return out
+
+
 def main(argv):
     o = dict(out="out/synthetic", seq_len=128, steps=3000, adapt_steps=500, window=16, n_facts=8, n_queries=8,
              batch_size=32, lr=1e-3, n_layer=2, n_embd=128, n_head=4, n_kv_head=2, n_train=20000,
-             predictor_init_bias=-2.0, from_scratch=0, eval_only=0)
+             predictor_init_bias=-2.0, from_scratch=0, eval_only=0, probe_layer=-1)
     o.update(cli.parse(argv, o, "synthetic.py"))
+    if o["probe_layer"] >= 0:  # python synthetic.py --probe_layer=1: what that layer's kept filler is for
+        probe = probe_layer(os.path.join(o["out"], "spkv", "ckpt.pt"), o["probe_layer"], o["seq_len"], o["n_facts"],
+                            o["n_queries"])
+        for name, losses in probe.items():
+            print(f"{name:<30} " + "  ".join(f"{kind} {v:.4f}" for kind, v in losses.items()))
+        return
     if not o["eval_only"]:
         train_both(o)
     report(o, evaluate_all(o))

@@ -62,3 +62,22 @@ def test_evaluate_reports_bounded_figures(tmp_path):
     assert full["density"] == 1.0 and full["recall"] == 1.0
     h2o = S.evaluate(str(tmp_path / "m.pt"), 256, 4, 2, n_seqs=4, policy="h2o", density=0.25)
     assert abs(h2o["density"] - 0.25) < 0.01
+
+
+def test_probe_layer_hides_old_filler_in_that_layer_only(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(window=8, block_size=512)).eval()
+    for block in model.blocks:  # every gate open: own gates are plain causal attention
+        block.attn.predictor.proj.bias.data.fill_(30.0)
+    path = str(tmp_path / "m.pt")
+    save_checkpoint(path, model, byte_spec(), source="test")
+    probe0, probe1 = (S.probe_layer(path, layer, 64, 4, 2, n_seqs=4) for layer in (0, 1))
+    rng = random.Random(7)  # the probe's default seed: the same 4 sequences
+    x = torch.tensor([list(S.make_sequence(rng, 64, 4, 2)[0]) for _ in range(4)])
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(x)[0][:, :-1].transpose(1, 2), x[:, 1:], reduction="none")
+    t = torch.arange(1, 64)
+    assert abs(probe0["own gates"]["other filler"] - loss[:, (t % 4 != 0) & (t < 56)].mean().item()) < 1e-5
+    assert probe0["own gates"] == probe1["own gates"]
+    hidden0, hidden1 = probe0["layer 0 sees old facts only"], probe1["layer 1 sees old facts only"]
+    assert hidden0 != probe0["own gates"] and hidden1 != probe1["own gates"] and hidden0 != hidden1

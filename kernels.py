@@ -8,6 +8,10 @@
     "flex_compiled"  the same under torch.compile: the fused kernel (the CUDA training path)
 
 choose_attention() decides once per program and returns the reason, which the caller prints.
+
+Over a decode cache: cached_attention / split_cached_attention attend to a gathered store (their
+twin: the "reference" branch), and paged_decode_attention reads the page pool in place (its twin:
+the gather path; tests/test_generate.py holds them equal).
 Shapes: q (B, H, T, D); k, v (B, Hkv, T, D); lg (B, Hkv, T) log-gates or None (plain causal layer).
 """
 
@@ -187,6 +191,7 @@ def paged_decode_attention(q, k, v, pos, pool, ring, window):
     qs = q.reshape(B, Hkv, G, D) / math.sqrt(D)  # (B, Hkv, G, D): a stream's G query heads
     owner = torch.where(owner >= 0, owner, S)  # free pages feed a dummy stream S, dropped below
     q_page = torch.cat([qs.reshape(S, G, D), qs.new_zeros(1, G, D)])[owner]  # (P, G, D)
+    # every stored pair left the window when it was kept, so the only rule left is "slot is filled"
     s_store = (q_page @ k_pool.transpose(1, 2)).masked_fill((pos_pool < 0)[:, None], float("-inf"))  # (P, G, p)
     bias = cache_bias(pos[:, None], ring_pos[:, None].expand(B, Hkv, w), ring_keep, window)  # (B, Hkv, 1, w)
     s_ring = qs @ ring_k.transpose(-1, -2) + bias.to(q.dtype)  # (B, Hkv, G, w)

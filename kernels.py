@@ -191,20 +191,23 @@ def paged_decode_attention(q, k, v, pos, pool, ring, window):
     qs = q.reshape(B, Hkv, G, D) / math.sqrt(D)  # (B, Hkv, G, D): a stream's G query heads
     owner = torch.where(owner >= 0, owner, S)  # free pages feed a dummy stream S, dropped below
     q_page = torch.cat([qs.reshape(S, G, D), qs.new_zeros(1, G, D)])[owner]  # (P, G, D)
+    # scores, maxima and normalizers in fp32 (pages may be bf16); the matmuls read the stored dtype
+    f32 = torch.float32
     # every stored pair left the window when it was kept, so the only rule left is "slot is filled"
-    s_store = (q_page @ k_pool.transpose(1, 2)).masked_fill((pos_pool < 0)[:, None], float("-inf"))  # (P, G, p)
+    s_store = (q_page @ k_pool.transpose(1, 2)).to(f32).masked_fill((pos_pool < 0)[:, None], float("-inf"))  # (P, G, p)
     bias = cache_bias(pos[:, None], ring_pos[:, None].expand(B, Hkv, w), ring_keep, window)  # (B, Hkv, 1, w)
-    s_ring = qs @ ring_k.transpose(-1, -2) + bias.to(q.dtype)  # (B, Hkv, G, w)
-    s_new = qs @ k.transpose(-1, -2)  # (B, Hkv, G, 1): a new pair always sees itself
+    s_ring = (qs @ ring_k.transpose(-1, -2)).to(f32) + bias  # (B, Hkv, G, w)
+    s_new = (qs @ k.transpose(-1, -2)).to(f32)  # (B, Hkv, G, 1): a new pair always sees itself
     idx = owner[:, None].expand(-1, G)  # (P, G)
-    top = torch.full((S + 1, G), float("-inf"), dtype=q.dtype, device=q.device)
+    top = torch.full((S + 1, G), float("-inf"), dtype=f32, device=q.device)
     top = top.scatter_reduce(0, idx, s_store.amax(-1), "amax")[:S].view(B, Hkv, G)
     top = torch.maximum(top, torch.maximum(s_ring.amax(-1), s_new[..., 0]))  # (B, Hkv, G), finite
     top_page = torch.cat([top.reshape(S, G), top.new_zeros(1, G)])[owner]  # (P, G)
     w_store = torch.exp(s_store - top_page[..., None])  # (P, G, p); empty slots give 0
-    num = q.new_zeros(S + 1, G, D).index_add_(0, owner, w_store @ v_pool)[:S].view(B, Hkv, G, D)
-    den = q.new_zeros(S + 1, G).index_add_(0, owner, w_store.sum(-1))[:S].view(B, Hkv, G)
+    pv = (w_store.to(v_pool.dtype) @ v_pool).to(f32)  # (P, G, D)
+    num = pv.new_zeros(S + 1, G, D).index_add_(0, owner, pv)[:S].view(B, Hkv, G, D)
+    den = w_store.new_zeros(S + 1, G).index_add_(0, owner, w_store.sum(-1))[:S].view(B, Hkv, G)
     w_ring, w_new = torch.exp(s_ring - top[..., None]), torch.exp(s_new - top[..., None])
-    num = num + w_ring @ ring_v + w_new @ v  # (B, Hkv, G, D)
+    num = num + (w_ring.to(v.dtype) @ ring_v).to(f32) + (w_new.to(v.dtype) @ v).to(f32)  # (B, Hkv, G, D)
     den = den + w_ring.sum(-1) + w_new[..., 0]
-    return (num / den[..., None]).reshape(B, H, 1, D)
+    return (num / den[..., None]).to(q.dtype).reshape(B, H, 1, D)

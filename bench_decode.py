@@ -10,11 +10,11 @@ positions (decode speed does not depend on the values). With --ckpt, one real te
 with the checkpoint's own gates and its cache copied to every row (density marked "r"). Each case
 decodes --steps tokens for the whole batch after one warm-up step; --impl picks the SP-KV decode
 path: "paged" (kernels.paged_decode_attention reads the page pool in place), "paged_compiled"
-(the same step under torch.compile), or the gather paths "split" / "sdpa"; the dense cache always
-uses "sdpa" eager. Printed per
-case: decode tokens/s of both and their ratio, KV bytes of both, and the ideal ratio from bytes
-moved per token, (weights + dense KV) / (weights + kept KV). Timings are noisy: compare the
-ratios within one run.
+(the same step under torch.compile), or the gather paths "split" / "sdpa" (a comma list runs
+each on a fresh cache); the dense cache always uses "sdpa" eager. Printed per case: decode
+tokens/s of both and their ratio, KV bytes of both, the ideal ratio from bytes moved per token,
+(weights + dense KV) / (weights + kept KV), and the fraction of it reached. Timings are noisy:
+compare the ratios within one run.
 """
 
 import sys

@@ -13,11 +13,12 @@ which positions the future needs: the fact bytes of the queried keys.
 needs an induction circuit; our 2-layer CPU models did not learn it in 2000 steps, see README.)
 
     python synthetic.py                 # data, a dense "pretrained" model, SP-KV and dense adapted from it
-The SP-KV runs start their predictors at --predictor_init_bias=-2 (u = 0.12, below tau): from the
-open init (5) nothing closes on this task, see README.
     python synthetic.py --from_scratch=1 --steps=2000 --out=out/synthetic_scratch   # both from scratch
     python synthetic.py --eval_only=1   # re-evaluate the checkpoints already in --out
     python synthetic.py --probe_layer=1 # loss by target kind when layer 1 sees only old facts
+
+The SP-KV runs start their predictors at --predictor_init_bias=-2 (u = 0.12, below tau): from the
+open init (5) nothing closes on this task, see README.
 
 Reported, on held-out sequences, under hard gates for SP-KV:
   accuracy   queries whose digit is predicted (argmax, teacher forcing); chance is 0.1
@@ -142,6 +143,8 @@ def probe_layer(ckpt, layer, length, n_facts, n_queries, n_seqs=32, seed=7) -> d
     allowed to see only the fact bytes beyond its window (the other layers unchanged)."""
     model, _, _ = load_model(ckpt)
     model.eval()
+    if not 0 <= layer < model.cfg.n_layer:
+        raise ValueError(f"--probe_layer={layer}: the model has layers 0..{model.cfg.n_layer - 1}")
     rng = random.Random(seed)
     x = torch.tensor([list(make_sequence(rng, length, n_facts, n_queries)[0]) for _ in range(n_seqs)])  # (N, T)
     own = bl.make_policy("spkv", model.cfg.window, model.cfg.tau, 0.0)
@@ -232,4 +235,7 @@ def report(o, results):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"synthetic.py: {e}")

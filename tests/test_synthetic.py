@@ -81,3 +81,5 @@ def test_probe_layer_hides_old_filler_in_that_layer_only(tmp_path):
     assert probe0["own gates"] == probe1["own gates"]
     hidden0, hidden1 = probe0["layer 0 sees old facts only"], probe1["layer 1 sees old facts only"]
     assert hidden0 != probe0["own gates"] and hidden1 != probe1["own gates"] and hidden0 != hidden1
+    with pytest.raises(ValueError, match="has layers 0..1"):
+        S.probe_layer(path, 2, 64, 4, 2)

@@ -315,7 +315,8 @@ def main(argv):
     c = model.cfg
     rep = cache_report(cache, [len(ids) + o["max_new_tokens"]], 2 * c.head_dim * 4, c.n_layer, c.n_kv_head)
     print(f"\n--- {len(ids)} prompt + {o['max_new_tokens']} new tokens in {dt:.2f}s "
-          f"({(len(ids) + o['max_new_tokens']) / dt:.1f} tokens/s, prefill included)")
+          f"({(len(ids) + o['max_new_tokens']) / dt:.1f} tokens/s, prefill included"
+          + (", and the one-time compile" if o["impl"] == "paged_compiled" else "") + ")")
     if rep["density_per_layer"]:
         print(f"density of pairs older than the window: {rep['density']:.3f}; per layer: "
               + " ".join(f"{d:.2f}" for d in rep["density_per_layer"].values()))

@@ -146,17 +146,9 @@ def make_policy(name: str, window: int, tau: float, density: float, n_sink: int 
 @torch.no_grad()
 def forward_with_policy(model, idx, policy) -> torch.Tensor:
     """Logits (B, T, V) of `model` on idx (B, T), every layer attending through policy's mask.
-    The same blocks as GPT.forward; only the attention pattern differs."""
-    T = idx.shape[1]
-    h, rope = model.embed_tokens(idx, torch.arange(T, device=idx.device))
-    for block in model.blocks:
-        attn = block.attn
-        x = block.attn_norm(h)
-        q, k, v, logit = attn.qkv(x, rope)
-        y = masked_attention(q, k, v, policy(q, k, logit))  # (B, H, T, D)
-        h = h + attn.o_proj(y.transpose(1, 2).reshape(idx.shape[0], T, -1))
-        h = h + block.mlp(block.mlp_norm(h))
-    return model.lm_head(model.norm(h))
+    The same blocks as GPT.forward (GPT.forward_with); only the attention pattern differs."""
+    pos = torch.arange(idx.shape[1], device=idx.device)
+    return model.forward_with(idx, pos, lambda layer, q, k, v, logit: masked_attention(q, k, v, policy(q, k, logit)))
 
 
 @torch.no_grad()

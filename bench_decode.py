@@ -123,10 +123,10 @@ def main(argv):
             ids = (tok.encode(open(G.__file__).read()) * 64)[:ctx]
             cases.append(("real", lambda: fill_real(model, B, ids)))
         for name, make in cases:
+            old = model.cfg.n_layer * B * model.cfg.n_kv_head * max(1, ctx - model.cfg.window)
             for impl in impls:  # a fresh cache per path: each timing starts from the same state
                 cache = make()
                 kv = cache.nbytes()["in_use"]
-                old = model.cfg.n_layer * B * model.cfg.n_kv_head * max(1, ctx - model.cfg.window)
                 label = f"{sum(int(st.length.sum()) for st in cache.stores) / old:.3f}" + ("r" if name == "real" else "")
                 spkv_tps = time_decode(model, cache, B, ctx, steps, impl, profile=bool(int(opts["profile"])))
                 ideal = (weights + dense_bytes) / (weights + kv)

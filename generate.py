@@ -61,23 +61,25 @@ def attend_dense(cache: DenseKVCache, layer, q, k, v, pos, rows, impl):
     return kernels.cached_attention(q, cache.k[layer, span, :, :n], cache.v[layer, span, :, :n], bias, impl)
 
 
+def keep_flags(model, logit, k):
+    """Which new pairs are kept: spkv.hard_keep of the gate logits (R, Hkv, T); a dense layer
+    (no gates) keeps all."""
+    if logit is None:
+        return torch.ones(k.shape[:3], dtype=torch.bool, device=k.device)
+    return spkv.hard_keep(logit, model.cfg.tau)
+
+
 def forward_cached(model, cache, idx, pos, rows, impl="sdpa", last_only=False):
     """idx, pos (R, T) new tokens of rows (R,) -> logits (R, T, V), updating the cache; with
     last_only, logits (R, 1, V) of the last token (prefill needs no others).
-    Mirrors GPT.forward under hard gates; keep = spkv.hard_keep decides, dense layers keep all."""
-    h, rope = model.embed_tokens(idx, pos)
-    for layer, block in enumerate(model.blocks):
-        x = block.attn_norm(h)
-        q, k, v, logit = block.attn.qkv(x, rope)
+    Mirrors GPT.forward under hard gates (GPT.forward_with); keep_flags decides what is stored."""
+
+    def attend(layer, q, k, v, logit):
         if isinstance(cache, DenseKVCache):
-            y = attend_dense(cache, layer, q, k, v, pos, rows, impl)
-        else:
-            keep = spkv.hard_keep(logit, model.cfg.tau) if logit is not None else torch.ones(
-                k.shape[:3], dtype=torch.bool, device=k.device)  # (R, Hkv, T)
-            y = attend_spkv(cache, layer, q, k, v, keep, pos, rows, impl)
-        h = h + block.attn.o_proj(y.transpose(1, 2).reshape(*idx.shape, -1))
-        h = h + block.mlp(block.mlp_norm(h))
-    return model.lm_head(model.norm(h[:, -1:] if last_only else h))
+            return attend_dense(cache, layer, q, k, v, pos, rows, impl)
+        return attend_spkv(cache, layer, q, k, v, keep_flags(model, logit, k), pos, rows, impl)
+
+    return model.forward_with(idx, pos, attend, last_only)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,18 +135,13 @@ def decode_step_paged(model, tokens, pos, pools, rings, window):
     tokens, pos (B,); pools[layer] = (k, v, pos, owner) of its PagedStore; rings[layer] = (k, v,
     pos, keep) of its ring. Returns logits (B, V) and per layer the new pair k, v (B, Hkv, D) and
     keep (B, Hkv) for SPKVCache.write. Shapes are fixed but for the pool size, so it compiles once."""
-    h, rope = model.embed_tokens(tokens[:, None], pos[:, None])  # (B, 1, d)
     new = []
-    for block, pool, ring in zip(model.blocks, pools, rings):
-        x = block.attn_norm(h)
-        q, k, v, logit = block.attn.qkv(x, rope)  # q (B, H, 1, D), k, v (B, Hkv, 1, D)
-        keep = spkv.hard_keep(logit, model.cfg.tau) if logit is not None else torch.ones(
-            k.shape[:3], dtype=torch.bool, device=k.device)  # (B, Hkv, 1)
-        y = kernels.paged_decode_attention(q, k, v, pos, pool, ring, window)  # (B, H, 1, D)
-        h = h + block.attn.o_proj(y.transpose(1, 2).reshape(h.shape))
-        h = h + block.mlp(block.mlp_norm(h))
-        new.append((k[:, :, 0], v[:, :, 0], keep[:, :, 0]))
-    return model.lm_head(model.norm(h))[:, 0], new
+
+    def attend(layer, q, k, v, logit):  # q (B, H, 1, D), k, v (B, Hkv, 1, D)
+        new.append((k[:, :, 0], v[:, :, 0], keep_flags(model, logit, k)[:, :, 0]))
+        return kernels.paged_decode_attention(q, k, v, pos, pools[layer], rings[layer], window)
+
+    return model.forward_with(tokens[:, None], pos[:, None], attend)[:, 0], new
 
 
 @functools.lru_cache(maxsize=1)

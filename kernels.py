@@ -190,7 +190,8 @@ def paged_decode_attention(q, k, v, pos, pool, ring, window):
     G, S = H // Hkv, B * Hkv
     qs = q.reshape(B, Hkv, G, D) / math.sqrt(D)  # (B, Hkv, G, D): a stream's G query heads
     owner = torch.where(owner >= 0, owner, S)  # free pages feed a dummy stream S, dropped below
-    q_page = torch.cat([qs.reshape(S, G, D), qs.new_zeros(1, G, D)])[owner]  # (P, G, D)
+    per_page = lambda x: torch.cat([x, x.new_zeros(1, *x.shape[1:])])[owner]  # noqa: E731  (S, ...) -> (P, ...)
+    q_page = per_page(qs.reshape(S, G, D))  # (P, G, D)
     # scores, maxima and normalizers in fp32 (pages may be bf16); the matmuls read the stored dtype
     f32 = torch.float32
     # every stored pair left the window when it was kept, so the only rule left is "slot is filled"
@@ -202,7 +203,7 @@ def paged_decode_attention(q, k, v, pos, pool, ring, window):
     top = torch.full((S + 1, G), float("-inf"), dtype=f32, device=q.device)
     top = top.scatter_reduce(0, idx, s_store.amax(-1), "amax")[:S].view(B, Hkv, G)
     top = torch.maximum(top, torch.maximum(s_ring.amax(-1), s_new[..., 0]))  # (B, Hkv, G), finite
-    top_page = torch.cat([top.reshape(S, G), top.new_zeros(1, G)])[owner]  # (P, G)
+    top_page = per_page(top.reshape(S, G))  # (P, G)
     w_store = torch.exp(s_store - top_page[..., None])  # (P, G, p); empty slots give 0
     pv = (w_store.to(v_pool.dtype) @ v_pool).to(f32)  # (P, G, D)
     num = pv.new_zeros(S + 1, G, D).index_add_(0, owner, pv)[:S].view(B, Hkv, G, D)

@@ -240,6 +240,18 @@ class GPT(nn.Module):
             return h + self.pos_embed(pos), None
         return h, self.rope(pos)
 
+    def forward_with(self, idx, pos, attend, last_only=False):
+        """The blocks of forward() with attention handed to attend(layer, q, k, v, logit) -> y
+        (B, H, T, D): how generate.py attends over a cache and baselines.py through a mask.
+        idx, pos (B, T) (pos may be (T,)); logits (B, T, V), or (B, 1, V) with last_only."""
+        h, rope = self.embed_tokens(idx, pos)
+        for layer, block in enumerate(self.blocks):
+            q, k, v, logit = block.attn.qkv(block.attn_norm(h), rope)
+            y = attend(layer, q, k, v, logit)
+            h = h + block.attn.o_proj(y.transpose(1, 2).reshape(*idx.shape, -1))
+            h = h + block.mlp(block.mlp_norm(h))
+        return self.lm_head(self.norm(h[:, -1:] if last_only else h))
+
     def forward(self, idx, targets=None, view="soft", anneal=0.0, gates=None):
         """idx (B, T) token ids -> logits (B, T, V) and the mean next-token loss if targets given.
 

@@ -15,28 +15,38 @@ from tiny import tiny_config
 from tokenizer import byte_spec
 
 
-@given(st.integers(0, 10**6), st.sampled_from([256, 512]), st.integers(1, 6), st.integers(0, 6))
-def test_ground_truth_points_at_the_queried_facts(seed, length, n_queries, extra_facts):
-    n_facts = n_queries + extra_facts
+@given(st.integers(0, 10**6), st.sampled_from([128, 256, 512]), st.integers(1, 8), st.floats(0.5, 6.0))
+def test_ground_truth_points_at_the_queried_facts(seed, length, n_queries, n_facts):
     seq, needed, answers = S.make_sequence(random.Random(seed), length, n_facts, n_queries)
-    assert len(seq) == length and len(needed) == n_queries == len(answers)
+    region = length - S.QUERY * n_queries
+    assert len(seq) == length and len(answers) == n_queries and 1 <= len(needed) <= n_queries
     facts = [i for i, c in enumerate(seq) if c >= 128]
-    assert len(facts) == n_facts and set(needed) <= set(facts)
-    for a in answers:
+    assert 1 <= len(facts) <= len(S.KEYS) and max(facts) < region and set(needed) <= set(facts)
+    assert len({(seq[i] - 128) // 10 for i in facts}) == len(facts)  # keys are distinct
+    asked = set()
+    for q, a in enumerate(answers):
+        assert a == region + S.QUERY * q + 1
         key, digit = S.KEYS.index(seq[a - 1]), S.VALUES.index(seq[a])
-        fact = seq.index(bytes([S.fact_byte(key, digit)]))  # the fact this query asks for
-        assert fact in needed
-        assert a - fact > 64  # beyond the default window of 32 (and of 64)
+        asked.add(seq.index(bytes([S.fact_byte(key, digit)])))  # the fact this query asks for
+    assert asked == set(needed)
     filler = [i for i, c in enumerate(seq) if c in S.FILLER]
     assert all(seq[i + 1] == S.FILLER[(S.FILLER.index(seq[i]) + 1) % len(S.FILLER)]
                for i in filler if i + 1 in filler)  # filler is the cycled alphabet
 
 
+def test_facts_are_independent_with_the_requested_mean():
+    rng = random.Random(0)
+    seqs = [S.make_sequence(rng, 128, 4.0, 8)[0] for _ in range(2000)]
+    spots = [[i for i, c in enumerate(s) if c >= 128] for s in seqs]
+    assert abs(np.mean([len(f) for f in spots]) - 4.0) < 0.2  # 4.07 expected (sequences with none redrawn)
+    per_position = np.bincount([i for f in spots for i in f], minlength=96) / len(seqs)
+    assert per_position[:48].mean() == pytest.approx(per_position[48:].mean(), abs=0.01)  # no place is favoured
+
+
 def test_bad_task_sizes():
-    with pytest.raises(ValueError, match="n_queries <= n_facts"):
-        S.make_sequence(random.Random(0), 256, 13, 2)
-    with pytest.raises(ValueError, match="n_queries <= n_facts"):
-        S.make_sequence(random.Random(0), 256, 2, 3)
+    for n_facts, n_queries, length in ((0.0, 2, 256), (7.0, 2, 256), (2.0, 0, 256), (4.0, 8, 40)):
+        with pytest.raises(ValueError, match="need 0 < n_facts"):
+            S.make_sequence(random.Random(0), length, n_facts, n_queries)
 
 
 def test_prepared_windows_start_at_documents(tmp_path):
@@ -64,22 +74,22 @@ def test_evaluate_reports_bounded_figures(tmp_path):
     assert abs(h2o["density"] - 0.25) < 0.01
 
 
-def test_probe_layer_hides_old_filler_in_that_layer_only(tmp_path):
+def test_loss_by_kind_hides_old_filler_in_one_layer_only(tmp_path):
     torch.manual_seed(0)
     model = GPT(tiny_config(window=8, block_size=512)).eval()
     for block in model.blocks:  # every gate open: own gates are plain causal attention
         block.attn.predictor.proj.bias.data.fill_(30.0)
     path = str(tmp_path / "m.pt")
     save_checkpoint(path, model, byte_spec(), source="test")
-    probe0, probe1 = (S.probe_layer(path, layer, 64, 4, 2, n_seqs=4) for layer in (0, 1))
-    rng = random.Random(7)  # the probe's default seed: the same 4 sequences
-    x = torch.tensor([list(S.make_sequence(rng, 64, 4, 2)[0]) for _ in range(4)])
+    own = S.loss_by_kind(path, 64, 2.0, 2, n_seqs=4)
+    rng = random.Random(7)  # loss_by_kind's default seed: the same 4 sequences
+    x = torch.tensor([list(S.make_sequence(rng, 64, 2.0, 2)[0]) for _ in range(4)])
     with torch.no_grad():
         loss = torch.nn.functional.cross_entropy(model(x)[0][:, :-1].transpose(1, 2), x[:, 1:], reduction="none")
-    t = torch.arange(1, 64)
-    assert abs(probe0["own gates"]["other filler"] - loss[:, (t % 4 != 0) & (t < 56)].mean().item()) < 1e-5
-    assert probe0["own gates"] == probe1["own gates"]
-    hidden0, hidden1 = probe0["layer 0 sees old facts only"], probe1["layer 1 sees old facts only"]
-    assert hidden0 != probe0["own gates"] and hidden1 != probe1["own gates"] and hidden0 != hidden1
+    assert own["before the queries"] == pytest.approx(loss[:, :55].mean().item(), abs=1e-5)
+    assert own["query digits"] == pytest.approx(loss[:, [56, 60]].mean().item(), abs=1e-5)
+    assert own == S.loss_by_kind(path, 64, 2.0, 2, n_seqs=4, policy="full")
+    hidden0, hidden1 = (S.loss_by_kind(path, 64, 2.0, 2, n_seqs=4, only_facts_layer=layer) for layer in (0, 1))
+    assert hidden0 != own and hidden1 != own and hidden0 != hidden1
     with pytest.raises(ValueError, match="has layers 0..1"):
-        S.probe_layer(path, 2, 64, 4, 2)
+        S.loss_by_kind(path, 64, 2.0, 2, only_facts_layer=2)

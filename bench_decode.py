@@ -3,6 +3,7 @@
     python bench_decode.py                                   # SmolLM2-135M shape, batch 16, 2k and 8k
     python bench_decode.py --contexts=2048 --ckpt=out/spkv/ckpt.pt   # adds a row with real gates
     python bench_decode.py --contexts=2048 --densities=0.1 --profile=1  # where a step's time goes
+    python bench_decode.py --page_size=64                    # bigger pages: fewer, larger page matmuls
 
 For each context length the dense cache is filled to that length and, for each forced density d,
 an SP-KV cache holds a full window plus d of the older pairs per (layer, row, head) at random
@@ -12,8 +13,9 @@ decodes --steps tokens for the whole batch after one warm-up step; --impl picks 
 path: "paged" (kernels.paged_decode_attention reads the page pool in place), "paged_compiled"
 (the same step under torch.compile), or the gather paths "split" / "sdpa" (a comma list runs
 each on a fresh cache); the dense cache always uses "sdpa" eager. Printed per case: decode
-tokens/s of both and their ratio, KV bytes of both, the ideal ratio from bytes moved per token,
-(weights + dense KV) / (weights + kept KV), and the fraction of it reached. Timings are noisy:
+tokens/s of both and their ratio, KV bytes of both (SP-KV: the pages held), the ideal ratio from
+bytes moved per token, (weights + dense KV) / (weights + kept KV) with kept KV the pairs held
+(k, v, position), and the fraction of it reached. Timings are noisy:
 compare the ratios within one run.
 """
 
@@ -36,10 +38,10 @@ def fill_dense(model, B, ctx):
     return cache
 
 
-def fill_spkv(model, B, ctx, density, gen):
+def fill_spkv(model, B, ctx, density, gen, page_size):
     """Window full, and round(density * (ctx - w)) random older positions kept per stream."""
     c, dtype = model.cfg, next(model.parameters()).dtype
-    cache = SPKVCache(c.n_layer, B, c.n_kv_head, c.head_dim, c.window, dtype, "cpu")
+    cache = SPKVCache(c.n_layer, B, c.n_kv_head, c.head_dim, c.window, dtype, "cpu", page_size)
     w, S = c.window, B * c.n_kv_head
     n_keep = round(density * max(0, ctx - w))
     pos = torch.arange(ctx - w, ctx)
@@ -55,12 +57,13 @@ def fill_spkv(model, B, ctx, density, gen):
     return cache
 
 
-def fill_real(model, B, ids):
+def fill_real(model, B, ids, page_size):
     """Prefill one real text with the model's own gates, then copy its cache to all B rows."""
     one = G.new_cache(model, 1, len(ids) + 64, dense=False)
     G.prefill(model, one, [ids], chunk=512)
     c = model.cfg
-    cache = SPKVCache(c.n_layer, B, c.n_kv_head, c.head_dim, c.window, next(model.parameters()).dtype, "cpu")
+    cache = SPKVCache(c.n_layer, B, c.n_kv_head, c.head_dim, c.window, next(model.parameters()).dtype, "cpu",
+                      page_size)
     for name in ("ring_k", "ring_v", "ring_keep", "ring_pos"):
         getattr(cache, name).copy_(getattr(one, name).expand_as(getattr(cache, name)))
     for src, dst in zip(one.stores, cache.stores):
@@ -91,11 +94,11 @@ def time_decode(model, cache, B, ctx, steps, impl, profile=False) -> float:
 
 def main(argv):
     opts = dict(contexts="2048,8192", batch="16", densities="0.1,0.25,0.5", steps="8", ckpt="", threads="0", impl="paged",
-                profile="0")
+                profile="0", page_size="16")
     opts.update(cli.parse(argv, opts, "bench_decode.py"))
     if int(opts["threads"]):
         torch.set_num_threads(int(opts["threads"]))
-    B, steps = int(opts["batch"]), int(opts["steps"])
+    B, steps, page = int(opts["batch"]), int(opts["steps"]), int(opts["page_size"])
     if opts["ckpt"]:
         from checkpoint import load_model
         model, tok, _ = load_model(opts["ckpt"])
@@ -110,7 +113,7 @@ def main(argv):
         sys.exit(f"bench_decode.py: unknown --impl {bad}; use a comma list of {G.IMPLS}")
     print(f"device: cpu, {torch.get_num_threads()} threads; model {weights / 1e6:.0f} MB of weights; batch {B}; "
           f"window {model.cfg.window}; {steps} timed decode steps per case; dense cache: 'sdpa' eager; SP-KV: "
-          + "; ".join(f"{i!r} = {G.describe_path(i, False)}" for i in impls))
+          + "; ".join(f"{i!r} = {G.describe_path(i, False)}" for i in impls) + f"; {page} pairs per page")
     print(f"{'context':>8} {'density':>8} {'path':>15} {'dense tok/s':>12} {'spkv tok/s':>11} {'speedup':>8} "
           f"{'ideal':>6} {'of ideal':>9} {'dense KV MB':>12} {'spkv KV MB':>11} {'compress':>9}")
     for ctx in map(int, opts["contexts"].split(",")):
@@ -118,18 +121,19 @@ def main(argv):
         dense_bytes = B * ctx * model.cfg.n_layer * model.cfg.n_kv_head * 2 * model.cfg.head_dim * 4
         dense_tps = time_decode(model, dense, B, ctx, steps, "sdpa")
         del dense
-        cases = [(f"{d:.2f}", lambda d=d: fill_spkv(model, B, ctx, d, gen)) for d in map(float, opts["densities"].split(","))]
+        cases = [(f"{d:.2f}", lambda d=d: fill_spkv(model, B, ctx, d, gen, page)) for d in map(float, opts["densities"].split(","))]
         if tok is not None:
             ids = (tok.encode(open(G.__file__).read()) * 64)[:ctx]
-            cases.append(("real", lambda: fill_real(model, B, ids)))
+            cases.append(("real", lambda: fill_real(model, B, ids, page)))
         for name, make in cases:
             old = model.cfg.n_layer * B * model.cfg.n_kv_head * max(1, ctx - model.cfg.window)
             for impl in impls:  # a fresh cache per path: each timing starts from the same state
                 cache = make()
-                kv = cache.nbytes()["in_use"]
+                nb = cache.nbytes()
+                kv, kept = nb["in_use"], nb["ring"] + nb["store_kept"]  # pages held; pairs held
                 label = f"{sum(int(st.length.sum()) for st in cache.stores) / old:.3f}" + ("r" if name == "real" else "")
                 spkv_tps = time_decode(model, cache, B, ctx, steps, impl, profile=bool(int(opts["profile"])))
-                ideal = (weights + dense_bytes) / (weights + kv)
+                ideal = (weights + dense_bytes) / (weights + kept)  # a partly filled page moves no more bytes
                 speedup = spkv_tps / dense_tps
                 print(f"{ctx:>8} {label:>8} {impl:>15} {dense_tps:>12.1f} {spkv_tps:>11.1f} {speedup:>7.2f}x "
                       f"{ideal:>5.2f}x {speedup / ideal:>8.0%} {dense_bytes / 1e6:>12.1f} {kv / 1e6:>11.1f} "
@@ -138,4 +142,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except ValueError as e:
+        sys.exit(f"bench_decode.py: {e}")

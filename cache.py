@@ -20,6 +20,8 @@ class PagedStore:
     page table (S, max pages) and a length. The pool grows (doubling) when it runs out of pages."""
 
     def __init__(self, n_streams, head_dim, page_size, dtype, device, init_pages=8):
+        if page_size < 1:
+            raise ValueError(f"page_size={page_size}: a page must hold at least one pair (try 16)")
         self.page_size = page_size
         self.k = torch.zeros(init_pages, page_size, head_dim, dtype=dtype, device=device)  # (P, p, D)
         self.v = torch.zeros_like(self.k)

@@ -50,7 +50,11 @@ def density_heatmap(plt, model, batches, path, n_batches=4, batch_size=2):
     grid = torch.tensor([stats["per_head"][layer] for layer in sorted(stats["per_head"])])  # (L, Hkv)
     fig, ax = plt.subplots(figsize=(2 + grid.shape[1], 1 + 0.25 * grid.shape[0]))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    ax.set(xlabel="KV head", ylabel="layer", title=f"kept fraction of old pairs (overall {stats['overall']:.3f})")
+    ax.set(xlabel="KV head", ylabel="layer", title=f"kept fraction of old pairs (overall {stats['overall']:.3f})",
+           xticks=range(grid.shape[1]), yticks=range(grid.shape[0]))
+    if grid.numel() <= 64:  # small grids: write each cell's value in it
+        for (layer, head), d in zip(torch.cartesian_prod(*map(torch.arange, grid.shape)).tolist(), grid.flatten().tolist()):
+            ax.text(head, layer, f"{d:.2f}", ha="center", va="center", color="white" if d < 0.5 else "black", fontsize=8)
     fig.colorbar(im, ax=ax)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -248,6 +248,8 @@ def test_bench_decode_prints_a_row_per_path(tmp_path, capsys):
     assert all(r[5].endswith("x") and float(r[5][:-1]) > 0 for r in rows)
     with pytest.raises(SystemExit, match="unknown --impl"):
         bench_decode.main([f"--ckpt={path}", "--impl=fast"])
+    with pytest.raises(ValueError, match="page_size=0"):
+        bench_decode.main([f"--ckpt={path}", "--contexts=64", "--batch=1", "--densities=0.25", "--page_size=0"])
 
 
 def test_paged_decode_kernel_on_bf16_pages():

@@ -4,21 +4,26 @@
     python bench_decode.py --contexts=2048 --ckpt=out/spkv/ckpt.pt   # adds a row with real gates
     python bench_decode.py --contexts=2048 --densities=0.1 --profile=1  # where a step's time goes
     python bench_decode.py --page_size=64                    # bigger pages: fewer, larger page matmuls
+    python bench_decode.py --contexts=2048,8192,32768 --dtype=bfloat16 --impl=paged_compiled,paged_flex  # on a GPU
 
 For each context length the dense cache is filled to that length and, for each forced density d,
 an SP-KV cache holds a full window plus d of the older pairs per (layer, row, head) at random
 positions (decode speed does not depend on the values). With --ckpt, one real text is prefilled
 with the checkpoint's own gates and its cache copied to every row (density marked "r"). Each case
-decodes --steps tokens for the whole batch after one warm-up step; --impl picks the SP-KV decode
-path: "paged" (kernels.paged_decode_attention reads the page pool in place), "paged_compiled"
-(the same step under torch.compile), or the gather paths "split" / "sdpa" (a comma list runs
-each on a fresh cache); the dense cache always uses "sdpa" eager. Printed per case: decode
-tokens/s of both and their ratio, KV bytes of both (SP-KV: the pages held), the ideal ratio from
-bytes moved per token, (weights + dense KV) / (weights + kept KV) with kept KV the pairs held
-(k, v, position), and the fraction of it reached. Timings are noisy:
-compare the ratios within one run.
+decodes --steps tokens for the whole batch after one warm-up step, --repeats times, each time
+the dense cache and then the SP-KV cache back to back (so drift of a noisy machine hits both);
+the speedup printed is the median of the per-repeat ratios, the tok/s the medians. --impl picks
+the SP-KV decode path: "paged" (kernels.paged_decode_attention reads the page pool in place),
+"paged_compiled" (the same step under torch.compile), "paged_flex" (FlexAttention over the page
+table; fused on CUDA only), or the gather paths "split" / "sdpa" (a comma list runs each on a
+fresh cache); the dense cache always uses "sdpa" eager. Printed per case: decode tokens/s of
+both and their ratio, KV bytes of both (SP-KV: the pages held), the ideal ratio from bytes moved
+per token, (weights + dense KV) / (weights + kept KV) with kept KV the pairs held (k, v,
+position), and the fraction of it reached. Runs on CUDA when there is one (--device=auto), else
+on CPU; weights and both caches in --dtype.
 """
 
+import statistics
 import sys
 import time
 
@@ -30,9 +35,10 @@ from cache import DenseKVCache, SPKVCache
 from model import GPT, GPTConfig
 
 
-def fill_dense(model, B, ctx):
-    c, dtype = model.cfg, next(model.parameters()).dtype
-    cache = DenseKVCache(c.n_layer, B, c.n_kv_head, c.head_dim, ctx + 64, dtype, "cpu")
+def fill_dense(model, B, ctx, room):
+    """ctx random pairs per (layer, row, head), and room for `room` more."""
+    c, p = model.cfg, next(model.parameters())
+    cache = DenseKVCache(c.n_layer, B, c.n_kv_head, c.head_dim, ctx + room, p.dtype, p.device)
     cache.k[:, :, :, :ctx].normal_()
     cache.v[:, :, :, :ctx].normal_()
     return cache
@@ -40,20 +46,21 @@ def fill_dense(model, B, ctx):
 
 def fill_spkv(model, B, ctx, density, gen, page_size):
     """Window full, and round(density * (ctx - w)) random older positions kept per stream."""
-    c, dtype = model.cfg, next(model.parameters()).dtype
-    cache = SPKVCache(c.n_layer, B, c.n_kv_head, c.head_dim, c.window, dtype, "cpu", page_size)
+    c, p = model.cfg, next(model.parameters())
+    dtype, dev = p.dtype, p.device
+    cache = SPKVCache(c.n_layer, B, c.n_kv_head, c.head_dim, c.window, dtype, dev, page_size)
     w, S = c.window, B * c.n_kv_head
     n_keep = round(density * max(0, ctx - w))
-    pos = torch.arange(ctx - w, ctx)
+    pos = torch.arange(ctx - w, ctx, device=dev)
     cache.ring_pos[:, :, pos % w] = pos
     cache.ring_keep[:] = True
     cache.ring_k.normal_()
     cache.ring_v.normal_()
     for store in cache.stores:
-        kept = torch.stack([torch.randperm(ctx - w, generator=gen)[:n_keep].sort().values for _ in range(S)])
-        streams = torch.arange(S).repeat_interleave(n_keep)
-        store.append(streams, torch.randn(S * n_keep, c.head_dim, dtype=dtype),
-                     torch.randn(S * n_keep, c.head_dim, dtype=dtype), kept.flatten())
+        kept = torch.stack([torch.randperm(ctx - w, generator=gen)[:n_keep].sort().values for _ in range(S)]).to(dev)
+        streams = torch.arange(S, device=dev).repeat_interleave(n_keep)
+        store.append(streams, torch.randn(S * n_keep, c.head_dim, dtype=dtype, device=dev),
+                     torch.randn(S * n_keep, c.head_dim, dtype=dtype, device=dev), kept.flatten())
     return cache
 
 
@@ -61,66 +68,78 @@ def fill_real(model, B, ids, page_size):
     """Prefill one real text with the model's own gates, then copy its cache to all B rows."""
     one = G.new_cache(model, 1, len(ids) + 64, dense=False)
     G.prefill(model, one, [ids], chunk=512)
-    c = model.cfg
-    cache = SPKVCache(c.n_layer, B, c.n_kv_head, c.head_dim, c.window, next(model.parameters()).dtype, "cpu",
-                      page_size)
+    c, p = model.cfg, next(model.parameters())
+    cache = SPKVCache(c.n_layer, B, c.n_kv_head, c.head_dim, c.window, p.dtype, p.device, page_size)
     for name in ("ring_k", "ring_v", "ring_keep", "ring_pos"):
         getattr(cache, name).copy_(getattr(one, name).expand_as(getattr(cache, name)))
     for src, dst in zip(one.stores, cache.stores):
         for h in range(c.n_kv_head):
-            k, v, pos = src.gather(torch.tensor([h]))
+            k, v, pos = src.gather(torch.tensor([h], device=p.device))
             n = int(src.length[h])
-            streams = torch.arange(h, B * c.n_kv_head, c.n_kv_head).repeat_interleave(n)
+            streams = torch.arange(h, B * c.n_kv_head, c.n_kv_head, device=p.device).repeat_interleave(n)
             dst.append(streams, k[0, :n].repeat(B, 1), v[0, :n].repeat(B, 1), pos[0, :n].repeat(B))
     return cache
 
 
 @torch.no_grad()
 def time_decode(model, cache, B, ctx, steps, impl, profile=False) -> float:
-    """Decode tokens per second over `steps` steps for the whole batch, after one warm-up step.
-    With profile, one more step runs under torch.profiler and its busiest ops are printed."""
-    tok = torch.zeros(B, dtype=torch.long)
-    G.decode_one_token(model, cache, tok, torch.full((B,), ctx), impl)
+    """Decode tokens per second over `steps` steps for the whole batch, after one warm-up step, the
+    first new token at position ctx. With profile, one more step runs under torch.profiler and its
+    busiest ops are printed."""
+    dev = next(model.parameters()).device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    tok = torch.zeros(B, dtype=torch.long, device=dev)
+    G.decode_one_token(model, cache, tok, torch.full((B,), ctx, device=dev), impl)
+    sync()
     t0 = time.perf_counter()
     for i in range(steps):
-        G.decode_one_token(model, cache, tok, torch.full((B,), ctx + 1 + i), impl)
+        G.decode_one_token(model, cache, tok, torch.full((B,), ctx + 1 + i, device=dev), impl)
+    sync()
     tps = B * steps / (time.perf_counter() - t0)
     if profile:
         with torch.profiler.profile() as prof:
-            G.decode_one_token(model, cache, tok, torch.full((B,), ctx + 1 + steps), impl)
+            G.decode_one_token(model, cache, tok, torch.full((B,), ctx + 1 + steps, device=dev), impl)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
     return tps
 
 
 def main(argv):
     opts = dict(contexts="2048,8192", batch="16", densities="0.1,0.25,0.5", steps="8", ckpt="", threads="0", impl="paged",
-                profile="0", page_size="16")
+                profile="0", page_size="16", device="auto", dtype="float32", repeats="3")
     opts.update(cli.parse(argv, opts, "bench_decode.py"))
     if int(opts["threads"]):
         torch.set_num_threads(int(opts["threads"]))
-    B, steps, page = int(opts["batch"]), int(opts["steps"]), int(opts["page_size"])
+    B, steps, page, repeats = int(opts["batch"]), int(opts["steps"]), int(opts["page_size"]), int(opts["repeats"])
     if opts["ckpt"]:
         from checkpoint import load_model
         model, tok, _ = load_model(opts["ckpt"])
     else:  # the SmolLM2-135M shape with random weights: speed does not depend on the values
         model, tok = GPT(GPTConfig()), None
-    model.eval()
+    if min(B, steps, page, repeats) < 1:
+        sys.exit(f"bench_decode.py: --batch, --steps, --page_size and --repeats must be >= 1; got {B}, {steps}, {page}, "
+                 f"{repeats}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if opts["device"] == "auto" else opts["device"]
+    if opts["dtype"] not in ("float32", "bfloat16") or device not in ("cpu", "cuda"):
+        sys.exit(f"bench_decode.py: --device takes auto, cpu or cuda and --dtype float32 or bfloat16; got "
+                 f"{opts['device']!r}, {opts['dtype']!r}")
+    model = model.to(device, getattr(torch, opts["dtype"])).eval()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     gen = torch.Generator().manual_seed(0)
     impls = opts["impl"].split(",")
     bad = [i for i in impls if i not in G.IMPLS]
     if bad:
         sys.exit(f"bench_decode.py: unknown --impl {bad}; use a comma list of {G.IMPLS}")
-    print(f"device: cpu, {torch.get_num_threads()} threads; model {weights / 1e6:.0f} MB of weights; batch {B}; "
-          f"window {model.cfg.window}; {steps} timed decode steps per case; dense cache: 'sdpa' eager; SP-KV: "
-          + "; ".join(f"{i!r} = {G.describe_path(i, False)}" for i in impls) + f"; {page} pairs per page")
+    where = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"device: {where}; {opts['dtype']}; model {weights / 1e6:.0f} MB of weights; batch {B}; "
+          f"window {model.cfg.window}; {steps} timed decode steps, {repeats} times per case, each time dense "
+          f"then SP-KV, median ratio; dense cache: 'sdpa' eager; SP-KV: "
+          + "; ".join(f"{i!r} = {G.describe_path(i, False, device == 'cuda')}" for i in impls) + f"; {page} pairs per page")
     print(f"{'context':>8} {'density':>8} {'path':>15} {'dense tok/s':>12} {'spkv tok/s':>11} {'speedup':>8} "
           f"{'ideal':>6} {'of ideal':>9} {'dense KV MB':>12} {'spkv KV MB':>11} {'compress':>9}")
     for ctx in map(int, opts["contexts"].split(",")):
-        dense = fill_dense(model, B, ctx)
-        dense_bytes = B * ctx * model.cfg.n_layer * model.cfg.n_kv_head * 2 * model.cfg.head_dim * 4
-        dense_tps = time_decode(model, dense, B, ctx, steps, "sdpa")
-        del dense
+        span = steps + 1 + bool(int(opts["profile"]))  # positions one timing decodes
+        dense = fill_dense(model, B, ctx, repeats * span)
+        dense_bytes = dense.nbytes()["in_use"] * ctx // dense.k.shape[3]  # the ctx pairs it holds
         cases = [(f"{d:.2f}", lambda d=d: fill_spkv(model, B, ctx, d, gen, page)) for d in map(float, opts["densities"].split(","))]
         if tok is not None:
             ids = (tok.encode(open(G.__file__).read()) * 64)[:ctx]
@@ -132,13 +151,19 @@ def main(argv):
                 nb = cache.nbytes()
                 kv, kept = nb["in_use"], nb["ring"] + nb["store_kept"]  # pages held; pairs held
                 label = f"{sum(int(st.length.sum()) for st in cache.stores) / old:.3f}" + ("r" if name == "real" else "")
-                spkv_tps = time_decode(model, cache, B, ctx, steps, impl, profile=bool(int(opts["profile"])))
+                runs = []  # (dense tok/s, SP-KV tok/s), timed back to back: machine drift hits both
+                for r in range(repeats):
+                    at = ctx + r * span  # each repeat decodes the next positions
+                    runs.append((time_decode(model, dense, B, at, steps, "sdpa"),
+                                 time_decode(model, cache, B, at, steps, impl, profile=bool(int(opts["profile"])) and r == 0)))
+                dense_tps, spkv_tps = (statistics.median(x) for x in zip(*runs))
+                speedup = statistics.median(s / d for d, s in runs)
                 ideal = (weights + dense_bytes) / (weights + kept)  # a partly filled page moves no more bytes
-                speedup = spkv_tps / dense_tps
                 print(f"{ctx:>8} {label:>8} {impl:>15} {dense_tps:>12.1f} {spkv_tps:>11.1f} {speedup:>7.2f}x "
                       f"{ideal:>5.2f}x {speedup / ideal:>8.0%} {dense_bytes / 1e6:>12.1f} {kv / 1e6:>11.1f} "
                       f"{dense_bytes / kv:>8.2f}x", flush=True)
                 del cache
+        del dense
 
 
 if __name__ == "__main__":

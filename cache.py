@@ -81,6 +81,15 @@ class PagedStore:
         n = max(self.span, min(2, self.k.shape[0]))  # >= 2: torch.compile specializes sizes 0 and 1
         return self.k[:n], self.v[:n], self.pos[:n], self.owner[:n]
 
+    def page_table(self):
+        """(table (S, n), pages per stream (S,)) for kernels.paged_flex_decode_attention, with n the
+        pool size of pool(): stream s holds pages table[s, :n_pages[s]], in order; the rest is
+        padding. As wide as the pool, so a compiled step sees one growing size, never the width."""
+        n = self.pool()[0].shape[0]
+        table = self.table.new_zeros(self.table.shape[0], n)  # every page id is < n, so width <= n
+        table[:, :self.table.shape[1]] = self.table
+        return table, (self.length + self.page_size - 1) // self.page_size
+
     def gather(self, streams):
         """Padded views of the given streams: k, v (N, L, D), pos (N, L) with -1 for padding."""
         n_pages = int(((self.length[streams].max() + self.page_size - 1) // self.page_size).clamp(min=1))

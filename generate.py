@@ -7,7 +7,9 @@ Defaults to the embedded SmolLM2-135M, so it runs offline. The steps, as in gpt-
 (chunks that evict as they go, so a long prompt never needs a dense cache), decode_one_token,
 decode_n_tokens. Decode paths (--impl): "paged" (default) reads the page pool in place
 (kernels.paged_decode_attention, one step for all layers, decode_step_paged), "paged_compiled"
-the same step compiled once, "split" / "sdpa" / "reference" gather the store first. The oracle
+the same step compiled once, "paged_flex" the step with FlexAttention over the page table
+(compiled on CUDA; eager elsewhere, a checking path), "split" / "sdpa" / "reference" gather the
+store first. The oracle
 every path is tested against is generate_uncached: one full forward under hard gates per token.
 """
 
@@ -22,8 +24,8 @@ import kernels
 import spkv
 from cache import DenseKVCache, SPKVCache
 
-PAGED = ("paged", "paged_compiled")  # decode paths that read the page pool in place
-PREFILL_PATH = {"paged": "split", "paged_compiled": "split"}  # their prefill chunks go through "split"
+PAGED = ("paged", "paged_compiled", "paged_flex")  # decode paths that read the page pool in place
+PREFILL_PATH = {impl: "split" for impl in PAGED}  # their prefill chunks go through "split"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,36 +112,44 @@ def prefill(model, cache, prompts, chunk, impl="sdpa"):
 
 @torch.no_grad()
 def decode_one_token(model, cache, tokens, pos, impl="sdpa"):
-    """tokens, pos (B,) -> next-token logits (B, V). Under "paged" / "paged_compiled" an SP-KV
-    cache is read in place by kernels.paged_decode_attention (one step for all layers, then the
-    writes); every other path gathers the store (forward_cached)."""
+    """tokens, pos (B,) -> next-token logits (B, V). Under the PAGED paths an SP-KV cache is read
+    in place (one step for all layers, then the writes): "paged" and "paged_compiled" by
+    kernels.paged_decode_attention, eager or compiled; "paged_flex" by
+    kernels.paged_flex_decode_attention, compiled on CUDA and eager elsewhere (describe_path
+    says so). Every other path gathers the store (forward_cached)."""
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     if impl in PAGED and isinstance(cache, SPKVCache):
         pools = [s.pool() for s in cache.stores]
         rings = [(cache.ring_k[i], cache.ring_v[i], cache.ring_pos[i], cache.ring_keep[i]) for i in range(len(pools))]
+        tables = [s.page_table() for s in cache.stores] if impl == "paged_flex" else None
         step = decode_step_paged
-        if impl == "paged_compiled":
+        if impl == "paged_compiled" or (impl == "paged_flex" and tokens.is_cuda):
             step = compiled_decode_step()
-            for pool in pools:  # the pool size is the one shape that changes (it grows): never a recompile
-                for t in pool:
-                    torch._dynamo.mark_dynamic(t, 0)
-        logits, new = step(model, tokens, pos, pools, rings, cache.w)
+            for t in [t for pool in pools for t in pool]:
+                torch._dynamo.mark_dynamic(t, 0)  # the pool grows (so do tables): never a recompile
+            for table, _ in tables or []:
+                torch._dynamo.mark_dynamic(table, 1)
+        logits, new = step(model, tokens, pos, pools, rings, cache.w, tables)
         for layer, (k, v, keep) in enumerate(new):
             cache.write(layer, rows, k, v, keep, pos)
         return logits
     return forward_cached(model, cache, tokens[:, None], pos[:, None], rows, PREFILL_PATH.get(impl, impl))[:, 0]
 
 
-def decode_step_paged(model, tokens, pos, pools, rings, window):
+def decode_step_paged(model, tokens, pos, pools, rings, window, tables=None):
     """One decode step of every row over SP-KV caches handed in as tensors; mutates nothing.
     tokens, pos (B,); pools[layer] = (k, v, pos, owner) of its PagedStore; rings[layer] = (k, v,
-    pos, keep) of its ring. Returns logits (B, V) and per layer the new pair k, v (B, Hkv, D) and
-    keep (B, Hkv) for SPKVCache.write. Shapes are fixed but for the pool size, so it compiles once."""
+    pos, keep) of its ring; tables[layer] = PagedStore.page_table() to attend with FlexAttention
+    (None: kernels.paged_decode_attention). Returns logits (B, V) and per layer the new pair k, v
+    (B, Hkv, D) and keep (B, Hkv) for SPKVCache.write. Shapes are fixed but for the pool and
+    table sizes, so it compiles once."""
     new = []
 
     def attend(layer, q, k, v, logit):  # q (B, H, 1, D), k, v (B, Hkv, 1, D)
         new.append((k[:, :, 0], v[:, :, 0], keep_flags(model, logit, k)[:, :, 0]))
-        return kernels.paged_decode_attention(q, k, v, pos, pools[layer], rings[layer], window)
+        if tables is None:
+            return kernels.paged_decode_attention(q, k, v, pos, pools[layer], rings[layer], window)
+        return kernels.paged_flex_decode_attention(q, k, v, pos, pools[layer], tables[layer], rings[layer], window)
 
     return model.forward_with(tokens[:, None], pos[:, None], attend)[:, 0], new
 
@@ -254,10 +264,14 @@ DEFAULTS = dict(ckpt="", prompt="Write a Python function that checks whether a n
                 chat=True, seed=0, page_size=16, target_density=0.0, impl="paged")
 
 
-def describe_path(impl: str, dense: bool) -> str:
+def describe_path(impl: str, dense: bool, cuda: bool = False) -> str:
     """Which cached attention path runs, in words (printed, so no path is chosen silently)."""
     if dense:
         return f"dense cache, kernels.cached_attention ({'reference' if impl == 'reference' else 'sdpa'})"
+    if impl == "paged_flex":
+        how = ("torch.compile: fused" if cuda else "eager, because torch 2.13 compiles flex_attention with its "
+               "log-sum-exp on CUDA only: unfused, every stream scored against the whole pool, for checking, not speed")
+        return f"decode steps: FlexAttention over the page pool with the page table as block mask ({how}); prefill chunks gather ('split')"
     if impl in PAGED:
         return (f"decode steps read the page pool in place (kernels.paged_decode_attention"
                 f"{', torch.compile' if impl == 'paged_compiled' else ', eager'}); prefill chunks gather ('split')")
@@ -298,7 +312,7 @@ def main(argv):
     torch.manual_seed(o["seed"])
     ids = chat_prompt(tok, o["prompt"]) if o["chat"] else tok.encode(o["prompt"])
     print(f"cache: {'dense KV cache' if o['dense'] else f'SP-KV ring of {model.cfg.window} + paged store, tau={model.cfg.tau}'}"
-          f"; attention: {describe_path(o['impl'], o['dense'])}; device: {device}"
+          f"; attention: {describe_path(o['impl'], o['dense'], device == 'cuda')}; device: {device}"
           + ("" if device == "cuda" else " (no CUDA device)"))
     t0 = time.time()
     sampling = dict(temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"])
@@ -313,8 +327,12 @@ def main(argv):
     rep = cache_report(cache, [len(ids) + o["max_new_tokens"]], 2 * c.head_dim * 4, c.n_layer, c.n_kv_head)
     print(f"\n--- {len(ids)} prompt + {o['max_new_tokens']} new tokens in {dt:.2f}s "
           f"({(len(ids) + o['max_new_tokens']) / dt:.1f} tokens/s, prefill included"
-          + (", and the one-time compile" if o["impl"] == "paged_compiled" else "") + ")")
-    if rep["density_per_layer"]:
+          + (", and the one-time compile" if o["impl"] == "paged_compiled" or (o["impl"] == "paged_flex" and device == "cuda")
+             else "") + ")")
+    if rep["density_per_layer"] and rep["density"] != rep["density"]:  # nan: nothing has left the window
+        print(f"density: no pair is older than the window yet ({len(ids) + o['max_new_tokens']} tokens <= window "
+              f"{c.window}); the ring is allocated whole, so a dense cache is smaller at this length")
+    elif rep["density_per_layer"]:
         print(f"density of pairs older than the window: {rep['density']:.3f}; per layer: "
               + " ".join(f"{d:.2f}" for d in rep["density_per_layer"].values()))
     print(f"KV pairs held {rep['pairs']:,} vs dense {rep['dense_pairs']:,}; KV bytes in use {rep['bytes']:,} vs "

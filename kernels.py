@@ -20,7 +20,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_block_mask, flex_attention
 
 import spkv
 
@@ -171,6 +171,16 @@ def split_cached_attention(q, pieces):
 # Decode attention straight over the page pool: no gather, each kept byte read once.
 
 
+def local_scores(qs, k, pos, ring, window):
+    """fp32 scores of the scaled queries qs (B, Hkv, G, D) against the ring, with its hard-gate
+    bias (B, Hkv, G, w), and against the new pair, which a query always sees (B, Hkv, G, 1)."""
+    ring_k, _, ring_pos, ring_keep = ring
+    B, Hkv, w = ring_k.shape[:3]
+    bias = cache_bias(pos[:, None], ring_pos[:, None].expand(B, Hkv, w), ring_keep, window)  # (B, Hkv, 1, w)
+    s_ring = (qs @ ring_k.transpose(-1, -2)).to(torch.float32) + bias
+    return s_ring, (qs @ k.transpose(-1, -2)).to(torch.float32)
+
+
 def paged_decode_attention(q, k, v, pos, pool, ring, window):
     """One decode step of attention over the SP-KV cache without copying the store.
 
@@ -184,9 +194,9 @@ def paged_decode_attention(q, k, v, pos, pool, ring, window):
     pair through a shared max and summed normalizers, reduced per stream with scatter/index_add.
     Shapes depend on the pool size only, not on lengths. Its plain twin: the gather path."""
     k_pool, v_pool, pos_pool, owner = pool
-    ring_k, ring_v, ring_pos, ring_keep = ring
+    ring_k, ring_v = ring[:2]
     B, H, _, D = q.shape
-    Hkv, w = ring_k.shape[1], ring_k.shape[2]
+    Hkv = ring_k.shape[1]
     G, S = H // Hkv, B * Hkv
     qs = q.reshape(B, Hkv, G, D) / math.sqrt(D)  # (B, Hkv, G, D): a stream's G query heads
     owner = torch.where(owner >= 0, owner, S)  # free pages feed a dummy stream S, dropped below
@@ -196,9 +206,7 @@ def paged_decode_attention(q, k, v, pos, pool, ring, window):
     f32 = torch.float32
     # every stored pair left the window when it was kept, so the only rule left is "slot is filled"
     s_store = (q_page @ k_pool.transpose(1, 2)).to(f32).masked_fill((pos_pool < 0)[:, None], float("-inf"))  # (P, G, p)
-    bias = cache_bias(pos[:, None], ring_pos[:, None].expand(B, Hkv, w), ring_keep, window)  # (B, Hkv, 1, w)
-    s_ring = (qs @ ring_k.transpose(-1, -2)).to(f32) + bias  # (B, Hkv, G, w)
-    s_new = (qs @ k.transpose(-1, -2)).to(f32)  # (B, Hkv, G, 1): a new pair always sees itself
+    s_ring, s_new = local_scores(qs, k, pos, ring, window)  # (B, Hkv, G, w), (B, Hkv, G, 1)
     idx = owner[:, None].expand(-1, G)  # (P, G)
     top = torch.full((S + 1, G), float("-inf"), dtype=f32, device=q.device)
     top = top.scatter_reduce(0, idx, s_store.amax(-1), "amax")[:S].view(B, Hkv, G)
@@ -212,3 +220,52 @@ def paged_decode_attention(q, k, v, pos, pool, ring, window):
     num = num + (w_ring.to(v.dtype) @ ring_v).to(f32) + (w_new.to(v.dtype) @ v).to(f32)  # (B, Hkv, G, D)
     den = den + w_ring.sum(-1) + w_new[..., 0]
     return (num / den[..., None]).to(q.dtype).reshape(B, H, 1, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# The same step with FlexAttention: the page table becomes the block mask.
+
+
+def page_block_mask(pos_pool, owner, table, n_pages):
+    """A BlockMask over the flattened pool (P * p keys) for S "batches", one per stream, with one
+    KV block per page: stream s lists the pages of its page-table row, table[s, :n_pages[s]], so a
+    fused kernel reads only those. mask_mod is the exact rule (the slot is filled and its page
+    belongs to stream b); eager flex_attention applies only mask_mod, the fused kernel both."""
+    P, p = pos_pool.shape
+    S = table.shape[0]  # table (S, P): PagedStore.page_table(), as wide as the pool
+    filled = pos_pool.reshape(-1) >= 0  # (P * p,)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return filled[kv_idx] & (owner[kv_idx // p] == b)
+
+    kv_indices = table.to(torch.int32).view(S, 1, 1, P)  # (S, 1 head, 1 q block, P)
+    return BlockMask.from_kv_blocks(n_pages.to(torch.int32).view(S, 1, 1), kv_indices, BLOCK_SIZE=(128, p),
+                                    mask_mod=mask_mod, seq_lengths=(1, P * p), compute_q_blocks=False)
+
+
+def paged_flex_decode_attention(q, k, v, pos, pool, pages, ring, window):
+    """paged_decode_attention with FlexAttention over the store: each stream is one batch entry of
+    a flex_attention call whose keys are the whole pool (a stride-0 view, no copy) and whose block
+    mask is built from the page table (page_block_mask); flex returns the store's log-sum-exp, and
+    the ring and the new pair are merged in through it. pages = PagedStore.page_table(): table
+    (S, P), n_pages (S,). Fused only under torch.compile, which torch 2.13 supports with the log-sum-exp on CUDA only;
+    eager (any device) it materializes the scores of every stream against the whole pool: a
+    correctness twin, not a fast path. Its plain twin: paged_decode_attention."""
+    k_pool, v_pool, pos_pool, owner = pool
+    B, H, _, D = q.shape
+    Hkv = ring[0].shape[1]
+    G, S = H // Hkv, B * Hkv
+    P, p = pos_pool.shape
+    keys = k_pool.reshape(1, 1, P * p, D).expand(S, 1, P * p, D)  # every stream sees the pool; the mask picks
+    values = v_pool.reshape(1, 1, P * p, D).expand(S, 1, P * p, D)
+    out, aux = flex_attention(q.reshape(S, G, 1, D), keys, values, block_mask=page_block_mask(pos_pool, owner, *pages),
+                              scale=1 / math.sqrt(D), enable_gqa=G > 1, return_aux=AuxRequest(lse=True))
+    out_store, lse_store = out.reshape(B, Hkv, G, D).float(), aux.lse.reshape(B, Hkv, G).float()  # lse -inf: empty
+    s_ring, s_new = local_scores(q.reshape(B, Hkv, G, D) / math.sqrt(D), k, pos, ring, window)
+    s_local = torch.cat([s_ring, s_new], -1)  # (B, Hkv, G, w + 1)
+    lse_local = torch.logsumexp(s_local, -1)  # finite: the new pair is always there
+    out_local = (torch.softmax(s_local, -1).to(v.dtype) @ torch.cat([ring[1], v], 2)).float()  # (B, Hkv, G, D)
+    top = torch.maximum(lse_store, lse_local)
+    w_store, w_local = torch.exp(lse_store - top)[..., None], torch.exp(lse_local - top)[..., None]
+    out = (out_store * w_store + out_local * w_local) / (w_store + w_local)
+    return out.to(q.dtype).reshape(B, H, 1, D)

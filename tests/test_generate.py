@@ -8,6 +8,7 @@ from hypothesis import assume, given, strategies as st
 import generate as G
 import spkv
 from checkpoint import load_model, save_checkpoint
+from conftest import needs_cuda
 from model import GPT
 from tiny import tiny_checkpoint, tiny_config
 
@@ -162,7 +163,7 @@ def test_cli_prints_text_and_cache_figures(tmp_path, capsys):
     assert "tokens/s" in out and "compression" in out and "density" in out
 
 
-@given(setups(), st.sampled_from(["sdpa", "split", "paged"]))
+@given(setups(), st.sampled_from(["sdpa", "split", "paged", "paged_flex"]))
 def test_fast_cached_paths_match_their_reference_twin(setup, impl):
     cfg, prompts, chunk, n_new, seed = setup
     model = random_gate_model(seed, **cfg)
@@ -176,7 +177,8 @@ def test_fast_cached_paths_match_their_reference_twin(setup, impl):
 @given(st.integers(1, 3), st.sampled_from([(1, 1), (2, 1), (2, 2), (3, 1)]), st.integers(1, 6),
        st.integers(1, 5), st.integers(0, 10**6))
 def test_paged_decode_kernel_equals_gather_path_with_reused_pages(B, heads, window, page, seed):
-    """kernels.paged_decode_attention against its twin (gather the store, concatenate the ring and
+    """kernels.paged_decode_attention and paged_flex_decode_attention (whose block mask must list
+    exactly each stream's pages) against their twin (gather the store, concatenate the ring and
     the new pair, kernels.cached_attention "reference"), on a cache whose pool holds pages freed by
     other streams and taken again: stale slots must be invisible."""
     import kernels
@@ -205,11 +207,17 @@ def test_paged_decode_kernel_equals_gather_path_with_reused_pages(B, heads, wind
     pos = torch.full((B,), t)
     got = kernels.paged_decode_attention(q, k, v, pos, (store.k, store.v, store.pos, store.owner),
                                          (cache.ring_k[0], cache.ring_v[0], cache.ring_pos[0], cache.ring_keep[0]), window)
+    flex = kernels.paged_flex_decode_attention(q, k, v, pos, store.pool(), store.page_table(),
+                                               (cache.ring_k[0], cache.ring_v[0], cache.ring_pos[0], cache.ring_keep[0]), window)
+    k_pool, _, pos_pool, owner = store.pool()
+    blocks = kernels.page_block_mask(pos_pool, owner, *store.page_table()).to_dense()[:, 0, 0]  # (S, P): pages listed
+    assert torch.equal(blocks.bool(), owner[None] == torch.arange(B * Hkv)[:, None])  # exactly each stream's own pages
     rows = torch.arange(B)
     pieces = cache.keys(0, rows) + [(k, v, pos[:, None, None].expand(B, Hkv, 1), torch.ones(B, Hkv, 1, dtype=torch.bool))]
     k_all, v_all, pos_all, keep_all = (torch.cat(x, 2) for x in zip(*pieces))
     want = kernels.cached_attention(q, k_all, v_all, kernels.cache_bias(pos[:, None], pos_all, keep_all, window), "reference")
     assert (got - want).abs().max().item() <= 1e-5
+    assert (flex - want).abs().max().item() <= 1e-5
 
 
 def test_compiled_decode_step_matches_and_never_recompiles():
@@ -242,14 +250,16 @@ def test_bench_decode_prints_a_row_per_path(tmp_path, capsys):
 
     path = tiny_checkpoint(tmp_path / "t.pt")
     bench_decode.main([f"--ckpt={path}", "--contexts=64", "--batch=2", "--densities=0.25", "--steps=1",
-                       "--impl=paged,split"])
+                       "--repeats=2", "--impl=paged,split,paged_flex"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("64 ")]
-    assert sorted(r[2] for r in rows) == ["paged", "paged", "split", "split"]  # 0.25 and real gates
+    assert sorted(r[2] for r in rows) == ["paged", "paged", "paged_flex", "paged_flex", "split", "split"]  # 0.25, real
     assert all(r[5].endswith("x") and float(r[5][:-1]) > 0 for r in rows)
     with pytest.raises(SystemExit, match="unknown --impl"):
         bench_decode.main([f"--ckpt={path}", "--impl=fast"])
-    with pytest.raises(ValueError, match="page_size=0"):
+    with pytest.raises(SystemExit, match="must be >= 1"):
         bench_decode.main([f"--ckpt={path}", "--contexts=64", "--batch=1", "--densities=0.25", "--page_size=0"])
+    with pytest.raises(ValueError, match="page_size=0"):  # and generate.py gets the cache's own error
+        G.new_cache(load_model(path)[0], 1, 8, dense=False, page_size=0)
 
 
 def test_paged_decode_kernel_on_bf16_pages():
@@ -280,3 +290,16 @@ def test_paged_decode_kernel_on_bf16_pages():
     want = kernels.cached_attention(q.float(), k_all.float(), v_all.float(),
                                     kernels.cache_bias(pos[:, None], pos_all, keep_all, w), "reference")
     assert (got.float() - want).abs().max().item() <= 1e-2
+
+
+@needs_cuda
+def test_paged_flex_compiled_on_cuda_matches_reference():
+    """On CUDA "paged_flex" runs the decode step compiled (the fused FlexAttention kernel reading the
+    pages the block mask lists): same tokens and logits as the reference path, pool growing."""
+    model = random_gate_model(0, window=8, tau=0.5, n_kv_head=2, n_head=4, n_embd=64).cuda()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (20, 90, 47)]
+    fast = G.generate(model, prompts, 40, chunk=16, impl="paged_flex", page_size=16)
+    plain = G.generate(model, prompts, 40, chunk=16, impl="reference", page_size=16)
+    assert torch.equal(fast[0], plain[0])
+    assert (fast[1] - plain[1]).abs().max().item() <= 1e-3

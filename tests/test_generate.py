@@ -243,6 +243,14 @@ def test_compiled_decode_step_matches_and_never_recompiles():
     assert any(a > b for a, b in zip(pool_after, pool_before))  # the pool grew while decoding
 
 
+def test_time_ideal_prices_kv_bytes_at_the_measured_rate():
+    from bench_decode import time_ideal
+
+    assert time_ideal(10.0, 2.0, 0.25) == pytest.approx(2.5)  # 10 / (2 + 8 * 0.25)
+    assert time_ideal(10.0, 2.0, 1.0) == pytest.approx(1.0)  # everything kept: no gain
+    assert time_ideal(10.0, 2.0, 0.0) == pytest.approx(5.0)  # nothing kept: only the KV-free step is left
+
+
 def test_bench_decode_prints_a_row_per_path(tmp_path, capsys):
     """bench_decode runs end to end on a tiny checkpoint (forced densities and its real gates) for
     every path asked, and refuses an unknown one."""

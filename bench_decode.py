@@ -150,7 +150,8 @@ def main(argv):
           f"window {model.cfg.window}; {steps} timed decode steps, {repeats} times per case, each time dense "
           f"then SP-KV, median ratio; dense cache: 'sdpa' eager; SP-KV: "
           + "; ".join(f"{i!r} = {G.describe_path(i, False, device == 'cuda')}" for i in impls) + f"; {page} pairs per page")
-    span = steps + 1 + bool(int(opts["profile"]))  # positions one timing decodes
+    profile = bool(int(opts["profile"]))
+    span = steps + 1 + profile  # positions one timing decodes
     base_tps = time_without_kv(model, B, steps, repeats, span)
     print(f"a step without KV traffic (dense cache of 1 pair): {base_tps:.1f} tok/s")
     print(f"{'context':>8} {'density':>8} {'path':>15} {'dense tok/s':>12} {'spkv tok/s':>11} {'speedup':>8} "
@@ -162,8 +163,8 @@ def main(argv):
         if tok is not None:
             ids = (tok.encode(open(G.__file__).read()) * 64)[:ctx]
             cases.append(("real", lambda: fill_real(model, B, ids, page)))
+        old = model.cfg.n_layer * B * model.cfg.n_kv_head * max(1, ctx - model.cfg.window)  # pairs past the window
         for name, make in cases:
-            old = model.cfg.n_layer * B * model.cfg.n_kv_head * max(1, ctx - model.cfg.window)
             for impl in impls:  # a fresh cache per path: each timing starts from the same state
                 cache = make()
                 nb = cache.nbytes()
@@ -173,7 +174,7 @@ def main(argv):
                 for r in range(repeats):
                     at = ctx + r * span  # each repeat decodes the next positions
                     runs.append((time_decode(model, dense, B, at, steps, "sdpa"),
-                                 time_decode(model, cache, B, at, steps, impl, profile=bool(int(opts["profile"])) and r == 0)))
+                                 time_decode(model, cache, B, at, steps, impl, profile=profile and r == 0)))
                 dense_tps, spkv_tps = (statistics.median(x) for x in zip(*runs))
                 speedup = statistics.median(s / d for d, s in runs)
                 ideal = (weights + dense_bytes) / (weights + kept)  # a partly filled page moves no more bytes

@@ -32,6 +32,10 @@ class PagedStore:
         self.table = torch.zeros(n_streams, 1, dtype=torch.long, device=device)  # (S, max pages)
         self.length = torch.zeros(n_streams, dtype=torch.long, device=device)  # (S,) pairs held
 
+    def pages_for(self, n_pairs):
+        """Pages needed to hold n_pairs (an int or a tensor of counts): ceil(n / page_size)."""
+        return (n_pairs + self.page_size - 1) // self.page_size
+
     def pages_in_use(self) -> int:
         return self.k.shape[0] - len(self.free)
 
@@ -59,8 +63,8 @@ class PagedStore:
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.empty_like(streams)
         rank[order] = torch.arange(streams.numel(), device=streams.device) - starts[streams[order]]
-        old_pages = (self.length + p - 1) // p
-        new_pages = (self.length + counts + p - 1) // p  # (S,)
+        old_pages = self.pages_for(self.length)
+        new_pages = self.pages_for(self.length + counts)  # (S,)
         if int(new_pages.max()) > self.table.shape[1]:
             self.table = torch.cat([self.table, self.table.new_zeros(S, int(new_pages.max()) - self.table.shape[1])], 1)
         need = new_pages - old_pages
@@ -88,11 +92,11 @@ class PagedStore:
         n = self.pool()[0].shape[0]
         table = self.table.new_zeros(self.table.shape[0], n)  # every page id is < n, so width <= n
         table[:, :self.table.shape[1]] = self.table
-        return table, (self.length + self.page_size - 1) // self.page_size
+        return table, self.pages_for(self.length)
 
     def gather(self, streams):
         """Padded views of the given streams: k, v (N, L, D), pos (N, L) with -1 for padding."""
-        n_pages = int(((self.length[streams].max() + self.page_size - 1) // self.page_size).clamp(min=1))
+        n_pages = int(self.pages_for(self.length[streams].max()).clamp(min=1))
         pages = self.table[streams, :n_pages]  # (N, n_pages)
         L = n_pages * self.page_size
         valid = torch.arange(L, device=pages.device)[None] < self.length[streams][:, None]  # (N, L)
@@ -102,7 +106,7 @@ class PagedStore:
     def free_streams(self, streams):
         """Return the pages of finished streams to the pool, emptied (pos -1, no owner)."""
         for s in streams.tolist():
-            n = int((self.length[s] + self.page_size - 1) // self.page_size)
+            n = int(self.pages_for(self.length[s]))
             pages = self.table[s, :n]
             self.pos[pages], self.owner[pages] = -1, -1
             self.free += pages.tolist()

@@ -9,8 +9,8 @@ decode_n_tokens. Decode paths (--impl): "paged" (default) reads the page pool in
 (kernels.paged_decode_attention, one step for all layers, decode_step_paged), "paged_compiled"
 the same step compiled once, "paged_flex" the step with FlexAttention over the page table
 (compiled on CUDA; eager elsewhere, a checking path), "split" / "sdpa" / "reference" gather the
-store first. The oracle
-every path is tested against is generate_uncached: one full forward under hard gates per token.
+store first. The oracle every path is tested against is generate_uncached: one full forward under
+hard gates per token.
 """
 
 import functools
@@ -26,6 +26,12 @@ from cache import DenseKVCache, SPKVCache
 
 PAGED = ("paged", "paged_compiled", "paged_flex")  # decode paths that read the page pool in place
 PREFILL_PATH = {impl: "split" for impl in PAGED}  # their prefill chunks go through "split"
+
+
+def is_compiled(impl: str, cuda: bool) -> bool:
+    """Whether the decode step runs under torch.compile: "paged_compiled" always, "paged_flex" on
+    CUDA only (torch 2.13 compiles flex_attention with its log-sum-exp there only)."""
+    return impl == "paged_compiled" or (impl == "paged_flex" and cuda)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +129,7 @@ def decode_one_token(model, cache, tokens, pos, impl="sdpa"):
         rings = [(cache.ring_k[i], cache.ring_v[i], cache.ring_pos[i], cache.ring_keep[i]) for i in range(len(pools))]
         tables = [s.page_table() for s in cache.stores] if impl == "paged_flex" else None
         step = decode_step_paged
-        if impl == "paged_compiled" or (impl == "paged_flex" and tokens.is_cuda):
+        if is_compiled(impl, tokens.is_cuda):
             step = compiled_decode_step()
             for t in [t for pool in pools for t in pool]:
                 torch._dynamo.mark_dynamic(t, 0)  # the pool grows (so do tables): never a recompile
@@ -268,13 +274,15 @@ def describe_path(impl: str, dense: bool, cuda: bool = False) -> str:
     """Which cached attention path runs, in words (printed, so no path is chosen silently)."""
     if dense:
         return f"dense cache, kernels.cached_attention ({'reference' if impl == 'reference' else 'sdpa'})"
+    how = "torch.compile" if is_compiled(impl, cuda) else "eager"
     if impl == "paged_flex":
-        how = ("torch.compile: fused" if cuda else "eager, because torch 2.13 compiles flex_attention with its "
-               "log-sum-exp on CUDA only: unfused, every stream scored against the whole pool, for checking, not speed")
-        return f"decode steps: FlexAttention over the page pool with the page table as block mask ({how}); prefill chunks gather ('split')"
+        if not cuda:
+            how += (", because torch 2.13 compiles flex_attention with its log-sum-exp on CUDA only: unfused, "
+                    "every stream scored against the whole pool, for checking, not speed")
+        return (f"decode steps: FlexAttention over the page pool with the page table as block mask ({how}); "
+                f"prefill chunks gather ('split')")
     if impl in PAGED:
-        return (f"decode steps read the page pool in place (kernels.paged_decode_attention"
-                f"{', torch.compile' if impl == 'paged_compiled' else ', eager'}); prefill chunks gather ('split')")
+        return f"decode steps read the page pool in place (kernels.paged_decode_attention, {how}); prefill chunks gather ('split')"
     return f"store gathered per step, then {impl!r} (kernels.py)"
 
 
@@ -327,8 +335,7 @@ def main(argv):
     rep = cache_report(cache, [len(ids) + o["max_new_tokens"]], 2 * c.head_dim * 4, c.n_layer, c.n_kv_head)
     print(f"\n--- {len(ids)} prompt + {o['max_new_tokens']} new tokens in {dt:.2f}s "
           f"({(len(ids) + o['max_new_tokens']) / dt:.1f} tokens/s, prefill included"
-          + (", and the one-time compile" if o["impl"] == "paged_compiled" or (o["impl"] == "paged_flex" and device == "cuda")
-             else "") + ")")
+          + (", and the one-time compile" if is_compiled(o["impl"], device == "cuda") else "") + ")")
     if rep["density_per_layer"] and rep["density"] != rep["density"]:  # nan: nothing has left the window
         print(f"density: no pair is older than the window yet ({len(ids) + o['max_new_tokens']} tokens <= window "
               f"{c.window}); the ring is allocated whole, so a dense cache is smaller at this length")

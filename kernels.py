@@ -248,9 +248,10 @@ def paged_flex_decode_attention(q, k, v, pos, pool, pages, ring, window):
     a flex_attention call whose keys are the whole pool (a stride-0 view, no copy) and whose block
     mask is built from the page table (page_block_mask); flex returns the store's log-sum-exp, and
     the ring and the new pair are merged in through it. pages = PagedStore.page_table(): table
-    (S, P), n_pages (S,). Fused only under torch.compile, which torch 2.13 supports with the log-sum-exp on CUDA only;
-    eager (any device) it materializes the scores of every stream against the whole pool: a
-    correctness twin, not a fast path. Its plain twin: paged_decode_attention."""
+    (S, P), n_pages (S,). Fused only under torch.compile, which torch 2.13 supports with the
+    log-sum-exp on CUDA only; eager (any device) it materializes the scores of every stream
+    against the whole pool: a correctness twin, not a fast path. Its plain twin:
+    paged_decode_attention."""
     k_pool, v_pool, pos_pool, owner = pool
     B, H, _, D = q.shape
     Hkv = ring[0].shape[1]

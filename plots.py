@@ -53,8 +53,9 @@ def density_heatmap(plt, model, batches, path, n_batches=4, batch_size=2):
     ax.set(xlabel="KV head", ylabel="layer", title=f"kept fraction of old pairs (overall {stats['overall']:.3f})",
            xticks=range(grid.shape[1]), yticks=range(grid.shape[0]))
     if grid.numel() <= 64:  # small grids: write each cell's value in it
-        for (layer, head), d in zip(torch.cartesian_prod(*map(torch.arange, grid.shape)).tolist(), grid.flatten().tolist()):
-            ax.text(head, layer, f"{d:.2f}", ha="center", va="center", color="white" if d < 0.5 else "black", fontsize=8)
+        for layer, row in enumerate(grid.tolist()):
+            for head, d in enumerate(row):
+                ax.text(head, layer, f"{d:.2f}", ha="center", va="center", color="white" if d < 0.5 else "black", fontsize=8)
     fig.colorbar(im, ax=ax)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -177,12 +177,12 @@ def loss_by_kind(ckpt, length, n_facts, n_queries, policy="spkv", only_facts_lay
     x = torch.tensor([list(make_sequence(rng, length, n_facts, n_queries)[0]) for _ in range(n_seqs)])  # (N, T)
     rule = bl.make_policy(policy, model.cfg.window, model.cfg.tau, 0.0)
     facts_only = bl.window_visible(length, model.cfg.window) | (bl.causal_visible(length) & (x >= 128)[:, None, None, :])
-    layer = iter(range(model.cfg.n_layer))  # attention rules are asked for layer by layer
 
-    def attend(q, k, logit):
-        return facts_only if next(layer) == only_facts_layer else rule(q, k, logit)
+    def attend(layer, q, k, v, logit):
+        visible = facts_only if layer == only_facts_layer else rule(q, k, logit)
+        return bl.masked_attention(q, k, v, visible)
 
-    logits = bl.forward_with_policy(model, x, attend)
+    logits = model.forward_with(x, torch.arange(length), attend)
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")  # (N, T-1)
     return {kind: nll[:, mask].mean().item() for kind, mask in target_kinds(length, n_queries).items()}
 

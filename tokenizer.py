@@ -9,6 +9,7 @@ The spec (a plain dict) is stored inside every checkpoint, so nothing is downloa
 
 import re
 
+import regex
 import tiktoken
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -104,27 +105,41 @@ def _chars_led_by(b: int):
 
 
 class Tokenizer:
-    """encode/decode with tiktoken. Characters whose bytes the vocabulary lacks are dropped before
-    encoding (tiktoken would panic): SmolLM2 lacks six ASCII control bytes, which the Hugging Face
-    BPE drops too, and the lead byte 0xF1 of the unassigned planes U+40000-U+7FFFF, where HF drops
-    only that byte and we drop the whole character (the one known difference)."""
+    """encode/decode with tiktoken. Bytes the vocabulary lacks are dropped inside each pre-tokenizer
+    piece, after the text is split, as the Hugging Face BPE drops them (tiktoken would panic). The
+    SmolLM2 vocabulary lacks 21 byte values: six ASCII control bytes (0x04 0x06 0x13 0x14 0x16 0x1d),
+    the lead bytes 0xF1 and 0xF2 of U+40000-U+BFFFF (dropped alone: the character's continuation
+    bytes stay, as in HF), and 0xC0 0xC1 0xF5-0xFF, which UTF-8 never uses. dropped() counts the
+    characters that lose a byte, so callers can say so."""
 
     def __init__(self, spec: dict):
         self.spec = spec
         ranks = {p: i for i, p in enumerate(spec["pieces"]) if p is not None}
         self.enc = tiktoken.Encoding(name=spec["name"], pat_str=spec["pattern"], mergeable_ranks=ranks,
                                      special_tokens=spec["special"])
-        missing = set(range(256)) - {p[0] for p in ranks if len(p) == 1}
-        items = [item for b in sorted(missing) for item in _chars_led_by(b)]
-        self.unencodable = re.compile("[" + "".join(items) + "]") if items else None
+        self.missing = frozenset(range(256)) - {p[0] for p in ranks if len(p) == 1}
+        items = [item for b in sorted(self.missing) for item in _chars_led_by(b)]
+        self.unencodable = re.compile("[" + "".join(items) + "]") if items else None  # characters that lose a byte
+        self.splitter = regex.compile(spec["pattern"])  # the pre-tokenizer tiktoken runs, for the slow path
         self.bos_id, self.eos_id = spec["bos_id"], spec["eos_id"]
         self.n_vocab = len(spec["pieces"])
 
     def encode(self, text: str) -> list:
-        """Plain text to ids; special-token text is encoded as ordinary text, never as a control id."""
-        if self.unencodable is not None:
-            text = self.unencodable.sub("", text)
-        return self.enc.encode_ordinary(text)
+        """Plain text to ids; special-token text is encoded as ordinary text, never as a control id.
+        Text with a byte the vocabulary lacks is split here, and each piece's remaining bytes go to
+        BPE alone (tiktoken's single-piece encoder: no second split)."""
+        if self.unencodable is None or not self.unencodable.search(text):
+            return self.enc.encode_ordinary(text)
+        ids = []
+        for piece in self.splitter.findall(text):
+            kept = bytes(b for b in piece.encode("utf-8") if b not in self.missing)
+            if kept:
+                ids += self.enc._encode_single_piece(kept)
+        return ids
+
+    def dropped(self, text: str) -> int:
+        """How many characters of text lose a byte the vocabulary lacks."""
+        return 0 if self.unencodable is None else len(self.unencodable.findall(text))
 
     def decode(self, ids) -> str:
         return self.enc.decode(list(ids), errors="replace")

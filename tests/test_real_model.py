@@ -78,12 +78,17 @@ def test_tokenizer_matches_hf_on_whitespace_and_digits(ours, reference, text):
     assert ours.encode(text) == reference.encode(text).ids
 
 
-def test_bytes_missing_from_vocab_are_dropped_not_fatal(ours):
-    # tiktoken panics on a byte outside its ranks; we drop the character first. For the control
-    # bytes SmolLM2 lacks this equals the HF result; for code points U+40000-U+7FFFF (planes with
-    # no assigned characters) HF drops only the lead byte and keeps three orphan continuation bytes.
-    assert ours.encode("a\x04b") == ours.encode("ab")
-    assert ours.encode("\U00040001x") == ours.encode("x")
+MISSING = "\x04\x06\x13\x14\x16\x1d\U00040001\U0007ffff\U00080000\U000bfffe"  # bytes SmolLM2 lacks (lead 0xf1, 0xf2)
+
+
+def test_bytes_missing_from_vocab_are_dropped_inside_each_piece(ours, reference):
+    assert ours.encode("a\x04b") == reference.encode("a\x04b").ids == [81, 82]  # 'a', 'b': never joined into 'ab'
+    assert ours.dropped("a\x04b \U00080000") == 2
+
+
+@given(st.text(alphabet=st.sampled_from(list(MISSING + " \t\n0123456789abXY.,'_(é漢😀")), max_size=40))
+def test_text_with_missing_bytes_matches_hf(ours, reference, text):
+    assert ours.encode(text) == reference.encode(text).ids
 
 
 def test_tokenizer_round_trips(ours):

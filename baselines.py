@@ -19,8 +19,9 @@ Options: --density (default: the SP-KV checkpoint's measured density), --n_sink,
 --batch_size. Prints val loss of every policy on each checkpoint and its change vs full attention.
 """
 
+import dataclasses
 import math
-import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,7 @@ def old_budget(T: int, window: int, density: float, device=None) -> torch.Tensor
     query t sees min(n_old(t), b), so nothing is evicted before the cache is full and the kept
     fraction at the end of the sequence is `density` (the quantity spkv.density_stats measures)."""
     if not 0.0 <= density <= 1.0:
-        raise ValueError(f"density {density} must be in [0, 1]")
+        raise cli.BadInput(f"density {density} must be in [0, 1]")
     n_old = (torch.arange(T, device=device) - window + 1).clamp(min=0)
     return n_old.clamp(max=int(density * max(0, T - window) + 0.5))
 
@@ -167,9 +168,25 @@ def policy_losses(model, batches, names, density, n_batches, batch_size, n_sink=
     return out
 
 
+@dataclass
+class Flags:
+    ckpt: str = ""  # SP-KV checkpoint; "" = the embedded SmolLM2-135M
+    dense_ckpt: str = ""  # a dense baseline checkpoint to run the policies on too; "" = none
+    data: str = ""  # as train.py's --data; "" = Python stdlib source
+    seq_len: int = 512  # tokens per sequence
+    density: float = -1.0  # the baselines' budget: kept fraction of old pairs; -1 = what SP-KV keeps
+    n_sink: int = 4  # StreamingLLM's attention sinks
+    batches: int = 4  # val batches
+    batch_size: int = 2  # sequences per batch
+
+
 def main(argv):
-    o = dict(ckpt="", dense_ckpt="", data="", seq_len=512, density=-1.0, n_sink=4, batches=4, batch_size=2)
-    o.update(cli.parse(argv, o, "baselines.py"))
+    o = dataclasses.asdict(Flags())
+    o.update(cli.parse(argv, Flags, "baselines.py"))
+    if o["density"] != -1.0 and not 0 <= o["density"] <= 1:
+        raise cli.BadInput(f"--density={o['density']} must be in [0, 1], or -1 for SP-KV's own")
+    if min(o["seq_len"], o["batches"], o["batch_size"]) < 1 or o["n_sink"] < 0:
+        raise cli.BadInput("--seq_len, --batches and --batch_size must be >= 1, --n_sink >= 0")
     from convert import default_checkpoint
 
     model, tok, _ = load_model(o["ckpt"] or default_checkpoint())
@@ -179,7 +196,7 @@ def main(argv):
     _, spkv_density = taulib.hard_loss_and_density(model, val, model.cfg.tau, n, bs)  # kept fraction of old pairs
     density = spkv_density if o["density"] < 0 else o["density"]
     if not 0.0 <= density <= 1.0:
-        raise SystemExit(f"{o['ckpt']} has no SP-KV gates to match: give the baselines' budget with --density=D")
+        raise cli.BadInput(f"{o['ckpt']} has no SP-KV gates to match: give the baselines' budget with --density=D")
     print(f"window {model.cfg.window}, tau {model.cfg.tau}: SP-KV keeps {spkv_density:.3f} of old pairs; "
           f"budget of the baselines {density:.3f}; {n} x {bs} val sequences of {o['seq_len']} tokens")
     runs = {o["ckpt"] or "SmolLM2 (embedded)": model}
@@ -199,4 +216,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main, "baselines.py")

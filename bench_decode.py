@@ -25,9 +25,10 @@ scaled by the kept fraction), the fair target where the weights do not stream at
 Runs on CUDA when there is one (--device=auto), else on CPU; weights and both caches in --dtype.
 """
 
+import dataclasses
 import statistics
-import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -119,10 +120,27 @@ def time_ideal(t_dense, t_base, kv_fraction) -> float:
     return t_dense / (t_base + (t_dense - t_base) * kv_fraction)
 
 
+@dataclass
+class Flags:
+    contexts: str = "2048,8192"  # comma list of context lengths to fill the caches to
+    batch: int = 16  # rows decoded together
+    densities: str = "0.1,0.25,0.5"  # comma list of forced SP-KV densities
+    steps: int = 8  # timed decode steps per case
+    ckpt: str = ""  # a checkpoint whose real gates add a row; "" = the SmolLM2-135M shape, random weights
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    impl: str = "paged"  # comma list of SP-KV decode paths (generate.IMPLS)
+    profile: int = 0  # 1: profile one timing and print where its time goes
+    page_size: int = 16  # KV pairs per page
+    device: str = "auto"  # auto, cpu or cuda
+    dtype: str = "float32"  # float32 or bfloat16
+    repeats: int = 3  # timings per case; the median is reported
+
+
 def main(argv):
-    opts = dict(contexts="2048,8192", batch="16", densities="0.1,0.25,0.5", steps="8", ckpt="", threads="0", impl="paged",
-                profile="0", page_size="16", device="auto", dtype="float32", repeats="3")
-    opts.update(cli.parse(argv, opts, "bench_decode.py"))
+    opts = dataclasses.asdict(Flags())
+    opts.update(cli.parse(argv, Flags, "bench_decode.py"))
+    for key, typ in (("contexts", int), ("densities", float)):  # refused here, before any work; parsed where used
+        cli.number_list(key, opts[key], typ)
     if int(opts["threads"]):
         torch.set_num_threads(int(opts["threads"]))
     B, steps, page, repeats = int(opts["batch"]), int(opts["steps"]), int(opts["page_size"]), int(opts["repeats"])
@@ -132,11 +150,11 @@ def main(argv):
     else:  # the SmolLM2-135M shape with random weights: speed does not depend on the values
         model, tok = GPT(GPTConfig()), None
     if min(B, steps, page, repeats) < 1:
-        sys.exit(f"bench_decode.py: --batch, --steps, --page_size and --repeats must be >= 1; got {B}, {steps}, {page}, "
+        raise cli.BadInput(f"--batch, --steps, --page_size and --repeats must be >= 1; got {B}, {steps}, {page}, "
                  f"{repeats}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if opts["device"] == "auto" else opts["device"]
     if opts["dtype"] not in ("float32", "bfloat16") or device not in ("cpu", "cuda"):
-        sys.exit(f"bench_decode.py: --device takes auto, cpu or cuda and --dtype float32 or bfloat16; got "
+        raise cli.BadInput(f"--device takes auto, cpu or cuda and --dtype float32 or bfloat16; got "
                  f"{opts['device']!r}, {opts['dtype']!r}")
     model = model.to(device, getattr(torch, opts["dtype"])).eval()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -144,7 +162,7 @@ def main(argv):
     impls = opts["impl"].split(",")
     bad = [i for i in impls if i not in G.IMPLS]
     if bad:
-        sys.exit(f"bench_decode.py: unknown --impl {bad}; use a comma list of {G.IMPLS}")
+        raise cli.BadInput(f"unknown --impl {bad}; use a comma list of {G.IMPLS}")
     where = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"device: {where}; {opts['dtype']}; model {weights / 1e6:.0f} MB of weights; batch {B}; "
           f"window {model.cfg.window}; {steps} timed decode steps, {repeats} times per case, each time dense "
@@ -188,7 +206,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ValueError as e:
-        sys.exit(f"bench_decode.py: {e}")
+    cli.run(main, "bench_decode.py")

@@ -9,14 +9,16 @@ Sources:
 Usage: python convert.py [--gguf=PATH | --hf_dir=DIR | --hf_repo=ID] [--out=PATH]
 """
 
+import dataclasses
 import glob
 import json
 import os
-import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+import cli
 from checkpoint import save_checkpoint
 from model import GPT, GPTConfig
 import tokenizer as tk
@@ -37,7 +39,7 @@ def embedded_gguf_path() -> str:
 
 def check_vocab(n_embed_rows: int, spec):
     if spec is not None and n_embed_rows < len(spec["pieces"]):
-        raise ValueError(f"vocab/embedding size mismatch: the tokenizer has {len(spec['pieces'])} tokens but "
+        raise cli.BadInput(f"vocab/embedding size mismatch: the tokenizer has {len(spec['pieces'])} tokens but "
                          f"the embedding only {n_embed_rows} rows; pair the weights with their own tokenizer")
 
 
@@ -60,7 +62,7 @@ def gguf_field(reader, key, default=None):
 def gguf_tokenizer_spec(reader):
     pre = gguf_field(reader, "tokenizer.ggml.pre", "gpt-2")
     if gguf_field(reader, "tokenizer.ggml.model") != "gpt2" or pre not in tk.GGUF_PRE_PATTERNS:
-        raise ValueError(f"GGUF tokenizer (model {gguf_field(reader, 'tokenizer.ggml.model')!r}, pre {pre!r}) "
+        raise cli.BadInput(f"GGUF tokenizer (model {gguf_field(reader, 'tokenizer.ggml.model')!r}, pre {pre!r}) "
                          f"is not a supported byte-level BPE; supported pre: {sorted(tk.GGUF_PRE_PATTERNS)}")
     tokens = gguf_field(reader, "tokenizer.ggml.tokens")
     types = gguf_field(reader, "tokenizer.ggml.token_type")
@@ -80,15 +82,27 @@ def from_gguf(path: str, undo_rope_permutation: bool = True):
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file {path!r} does not exist")
-    reader = gguf.GGUFReader(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the parser raises many types (ValueError, IndexError, ...) on a foreign file
+        raise cli.BadInput(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); give a .gguf "
+                           "model file, or a Hugging Face folder with --hf_dir") from None
     arch = gguf_field(reader, "general.architecture")
     if arch != "llama":
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (only 'llama'); "
+        raise cli.BadInput(f"GGUF architecture {arch!r} is not supported (only 'llama'); "
                          "convert the Hugging Face checkpoint with --hf_dir instead")
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
-        raise ValueError("this GGUF carries rope_freqs (Llama-3.1 RoPE scaling); convert its Hugging Face "
+        raise cli.BadInput("this GGUF carries rope_freqs (Llama-3.1 RoPE scaling); convert its Hugging Face "
                          "checkpoint with --hf_dir, which reads the scaling from config.json")
+    if gguf_field(reader, "tokenizer.ggml.tokens") is None:
+        raise cli.BadInput(f"{path} has no tokenizer (tokenizer.ggml.tokens); convert the model's Hugging Face "
+                           "folder, with its tokenizer.json, using --hf_dir")
+    required = ("block_count", "attention.head_count", "attention.head_count_kv", "embedding_length",
+                "feed_forward_length", "context_length", "attention.layer_norm_rms_epsilon")
+    absent = [f"llama.{k}" for k in required if gguf_field(reader, f"llama.{k}") is None]
+    if absent:
+        raise cli.BadInput(f"{path} lacks the model fields {absent}; it is not a complete llama GGUF")
     f = lambda key: gguf_field(reader, f"llama.{key}")  # noqa: E731
     cfg = GPTConfig(arch="llama", vocab_size=len(gguf_field(reader, "tokenizer.ggml.tokens")),
                     n_layer=f("block_count"), n_head=f("attention.head_count"),
@@ -124,7 +138,7 @@ def hf_config(c: dict) -> GPTConfig:
     """config.json -> GPTConfig, refusing what this model does not implement."""
     arch = (c.get("architectures") or ["?"])[0]
     if arch not in HF_ARCHS:
-        raise ValueError(f"unsupported architecture {arch!r} in config.json; supported: {HF_ARCHS}")
+        raise cli.BadInput(f"unsupported architecture {arch!r} in config.json; supported: {HF_ARCHS}")
     if arch == "GPT2LMHeadModel":
         return GPTConfig(arch="gpt2", vocab_size=c["vocab_size"], n_layer=c["n_layer"], n_head=c["n_head"],
                          n_kv_head=c["n_head"], n_embd=c["n_embd"], n_hidden=c.get("n_inner") or 4 * c["n_embd"],
@@ -132,11 +146,11 @@ def hf_config(c: dict) -> GPTConfig:
                          qkv_bias=True, tie_embeddings=True)
     heads, d = c["num_attention_heads"], c["hidden_size"]
     if c.get("head_dim", d // heads) != d // heads:
-        raise ValueError(f"head_dim={c['head_dim']} differs from hidden_size/heads={d // heads}; not supported")
+        raise cli.BadInput(f"head_dim={c['head_dim']} differs from hidden_size/heads={d // heads}; not supported")
     rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
-        raise ValueError(f"RoPE scaling {rope_type!r} is not supported; only none and 'llama3'")
+        raise cli.BadInput(f"RoPE scaling {rope_type!r} is not supported; only none and 'llama3'")
     llama3 = rope_type == "llama3"
     return GPTConfig(arch="llama", vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=heads,
                      n_kv_head=c.get("num_key_value_heads") or heads, n_embd=d, n_hidden=c["intermediate_size"],
@@ -184,10 +198,9 @@ def hf_tokenizer_spec(folder: str):
     if not os.path.isfile(path):
         print(f"convert: no tokenizer.json in {folder}; the checkpoint will have no tokenizer")
         return None
-    with open(path) as f:
-        tj = json.load(f)
-    if tj["model"].get("type") != "BPE":
-        raise ValueError(f"tokenizer.json model {tj['model'].get('type')!r} is not byte-level BPE")
+    tj = read_json(path)
+    if tj.get("model", {}).get("type") != "BPE":
+        raise cli.BadInput(f"tokenizer.json model {tj['model'].get('type')!r} is not byte-level BPE")
     vocab = tj["model"]["vocab"]
     added = {a["content"]: a["id"] for a in tj.get("added_tokens", [])}
     tokens = [None] * (max([*vocab.values(), *added.values()]) + 1)
@@ -216,11 +229,17 @@ def from_hf_dir(folder: str):
     if not os.path.isfile(cfg_path) or not files:
         raise FileNotFoundError(f"{folder!r} needs config.json and *.safetensors (a Hugging Face checkpoint); "
                                 f"found config.json: {os.path.isfile(cfg_path)}, safetensors files: {len(files)}")
-    with open(cfg_path) as f:
-        cfg = hf_config(json.load(f))
+    try:
+        cfg = hf_config(read_json(cfg_path))
+    except KeyError as e:
+        raise cli.BadInput(f"{cfg_path} lacks the field {e}; is it a transformers config.json?") from None
     sd = {}
     for path in files:
-        for k, w in load_file(path).items():
+        try:
+            tensors = load_file(path)
+        except Exception as e:  # safetensors raises its own error type for a torn or foreign file
+            raise cli.BadInput(f"{path} is not a readable safetensors file ({e}); download it again") from None
+        for k, w in tensors.items():
             if cfg.arch == "gpt2":
                 sd.update(gpt2_tensors(k, w.float(), cfg.n_embd))
             elif (name := llama_key(k)) is not None:
@@ -232,12 +251,20 @@ def from_hf_dir(folder: str):
     return cfg, sd, spec
 
 
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise cli.BadInput(f"{path} is not valid JSON ({e}); restore the file") from None
+
+
 def download_hf(repo_id: str, dest: str) -> str:
     """Fetch a checkpoint's config, weights and tokenizer from the Hugging Face hub (online users)."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:
-        raise ImportError("--hf_repo needs `pip install huggingface_hub` and a network; offline, "
+        raise cli.BadInput("--hf_repo needs `pip install huggingface_hub` and a network; offline, "
                           "download the folder elsewhere and pass --hf_dir") from e
     return snapshot_download(repo_id, local_dir=dest, allow_patterns=["*.json", "*.safetensors"])
 
@@ -248,7 +275,7 @@ def build_model(cfg: GPTConfig, sd: dict) -> GPT:
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if ".predictor." not in k and not (k == "lm_head.weight" and cfg.tie_embeddings)]
     if missing or unexpected:
-        raise ValueError(f"converted weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise cli.BadInput(f"converted weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model
 
 
@@ -267,19 +294,29 @@ def default_checkpoint() -> str:
     return DEFAULT_CKPT
 
 
+@dataclass
+class Flags:
+    gguf: str = ""  # a llama-architecture GGUF file; "" (and no other source) = the embedded SmolLM2
+    hf_dir: str = ""  # a local Hugging Face checkpoint folder
+    hf_repo: str = ""  # a Hugging Face hub id to download first (needs a network)
+    out: str = ""  # checkpoint to write; "" = ckpt/smollm2-135m-instruct.pt (GGUF) or ckpt/model.pt (HF)
+
+
 def main(argv):
-    args = dict(a.removeprefix("--").split("=", 1) for a in argv if "=" in a)
-    bad = [a for a in argv if "=" not in a] + [k for k in args if k not in ("gguf", "hf_dir", "hf_repo", "out")]
-    if bad or len(set(args) & {"gguf", "hf_dir", "hf_repo"}) > 1:
-        sys.exit(f"convert: bad arguments {bad or list(args)}; usage: python convert.py "
-                 "[--gguf=PATH | --hf_dir=DIR | --hf_repo=ID] [--out=PATH]")
-    if "hf_repo" in args:
+    args = {**dataclasses.asdict(Flags()), **cli.parse(argv, Flags, "convert.py")}
+    sources = [k for k in ("gguf", "hf_dir", "hf_repo") if args[k]]
+    if len(sources) > 1:
+        raise cli.BadInput(f"give one source, not {', '.join('--' + k for k in sources)}")
+    out = args["out"] or (DEFAULT_CKPT if not (args["hf_dir"] or args["hf_repo"]) else os.path.join(HERE, "ckpt", "model.pt"))
+    if os.path.exists(out):
+        raise cli.BadInput(f"{out} already exists; delete it first, or give another --out")
+    if args["hf_repo"]:
         args["hf_dir"] = download_hf(args["hf_repo"], os.path.join(HERE, "hf", args["hf_repo"].replace("/", "--")))
-    if "hf_dir" in args:
-        convert(args["hf_dir"], "hf", args.get("out", os.path.join(HERE, "ckpt", "model.pt")))
+    if args["hf_dir"]:
+        convert(args["hf_dir"], "hf", out)
     else:
-        convert(args.get("gguf", embedded_gguf_path()), "gguf", args.get("out", DEFAULT_CKPT))
+        convert(args["gguf"] or embedded_gguf_path(), "gguf", out)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main, "convert.py")

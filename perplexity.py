@@ -5,13 +5,15 @@ A correct SmolLM2-135M load gives single-digit perplexity on Python standard lib
 Usage: python perplexity.py [--ckpt=PATH] [--tokens=1024] [--view=dense|soft|hard] [FILE ...]
 """
 
+import dataclasses
 import json
 import math
 import os
-import sys
+from dataclasses import dataclass
 
 import torch
 
+import cli
 from checkpoint import load_model
 
 DEFAULT_TEXTS = (os.path.join(os.path.dirname(json.__file__), "__init__.py"),  # stdlib source
@@ -31,25 +33,40 @@ def file_perplexity(model, tok, path: str, n_tokens: int, view: str = "soft") ->
     with open(path, encoding="utf-8", errors="replace") as f:
         ids = tok.encode(f.read())[: n_tokens + 1]
     if len(ids) < 2:
-        raise ValueError(f"{path} has fewer than 2 tokens; pick a longer text")
+        raise cli.BadInput(f"{path} has fewer than 2 tokens; pick a longer text")
     return perplexity(model, ids, view)
+
+
+@dataclass
+class Flags:
+    ckpt: str = ""  # checkpoint to measure; "" = the embedded SmolLM2-135M
+    tokens: int = 1024  # tokens of each file to score
+    view: str = "dense"  # dense (plain attention), soft or hard (SP-KV gates)
 
 
 def main(argv):
     from convert import default_checkpoint
 
-    opts = dict(a.removeprefix("--").split("=", 1) for a in argv if a.startswith("--"))
-    files = [a for a in argv if not a.startswith("--")] or [p for p in DEFAULT_TEXTS if os.path.isfile(p)]
-    view = opts.get("view", "dense")
-    if view not in ("dense", "soft", "hard"):
-        sys.exit(f"perplexity: --view={view} is not one of dense, soft, hard")
-    ckpt = opts.get("ckpt") or default_checkpoint()
-    model, tok, _ = load_model(ckpt, dense=view == "dense")
+    o = dataclasses.asdict(Flags())
+    o.update(cli.parse([a for a in argv if a.startswith("-")], Flags, "perplexity.py", usage=" [FILE ...]"))
+    files = [a for a in argv if not a.startswith("-")] or [p for p in DEFAULT_TEXTS if os.path.isfile(p)]
+    if o["view"] not in ("dense", "soft", "hard"):
+        raise cli.BadInput(f"--view={o['view']} is not one of dense, soft, hard")
+    if o["tokens"] < 1:
+        raise cli.BadInput(f"--tokens={o['tokens']} must be >= 1")
+    missing = [p for p in files if not os.path.isfile(p)]
+    if missing:
+        raise cli.BadInput(f"{missing[0]} is not a file; give text files to score")
+    model, tok, _ = load_model(o["ckpt"] or default_checkpoint(), dense=o["view"] == "dense")
+    if tok is None:
+        raise cli.BadInput(f"{o['ckpt']} has no tokenizer; convert it from a folder with tokenizer.json")
+    if o["tokens"] > model.cfg.block_size:
+        raise cli.BadInput(f"--tokens={o['tokens']} is beyond the model's context of {model.cfg.block_size}")
     model.eval()
     for path in files:
-        ppl = file_perplexity(model, tok, path, int(opts.get("tokens", 1024)), "soft" if view == "dense" else view)
-        print(f"perplexity {ppl:8.3f}  view={view}  {path}")
+        ppl = file_perplexity(model, tok, path, o["tokens"], "soft" if o["view"] == "dense" else o["view"])
+        print(f"perplexity {ppl:8.3f}  view={o['view']}  {path}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main, "perplexity.py")

@@ -9,8 +9,9 @@
 Needs matplotlib (`pip install matplotlib`), used only here.
 """
 
+import dataclasses
 import os
-import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -95,11 +96,19 @@ def tau_sweep(plt, model, batches, path, taus=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7
     return rows
 
 
+@dataclass
+class Flags:
+    ckpt: str = ""  # SP-KV checkpoint; "" = the embedded SmolLM2-135M
+    data: str = ""  # as train.py's --data; "" = Python stdlib source
+    out: str = "out/plots"  # folder the three PNGs are written to
+    seq_len: int = 512  # tokens per sequence
+
+
 def main(argv):
     from convert import default_checkpoint
 
-    o = dict(ckpt="", data="", out="out/plots", seq_len=512)
-    o.update(cli.parse(argv, o, "plots.py"))
+    o = dataclasses.asdict(Flags())
+    o.update(cli.parse(argv, Flags, "plots.py"))
     plt = plt_module()
     model, tok, _ = load_model(o["ckpt"] or default_checkpoint())
     model.eval()
@@ -114,4 +123,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main, "plots.py")

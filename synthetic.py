@@ -37,11 +37,13 @@ and a floor: the SP-KV model with nothing kept beyond the window; and the post-h
 and StreamingLLM (baselines.py) on the dense model at SP-KV's density.
 """
 
+import dataclasses
 import json
 import os
 import random
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -70,7 +72,7 @@ def make_sequence(rng: random.Random, length: int, n_facts: float, n_queries: in
     Needed: the fact byte of every queried key. Answer: where a query's digit sits."""
     region = length - QUERY * n_queries  # facts may sit anywhere before the queries
     if not (0 < n_facts <= len(KEYS) / 2 and n_queries >= 1 and region >= 4 * n_facts):
-        raise ValueError(f"need 0 < n_facts <= {len(KEYS) // 2}, n_queries >= 1 and at least 4 * n_facts bytes "
+        raise cli.BadInput(f"need 0 < n_facts <= {len(KEYS) // 2}, n_queries >= 1 and at least 4 * n_facts bytes "
                          f"before the queries; got n_facts={n_facts}, n_queries={n_queries}, length={length}")
     while True:  # each position holds a fact with probability n_facts / region, independently
         spots = [p for p in range(region) if rng.random() < n_facts / region]
@@ -172,7 +174,7 @@ def loss_by_kind(ckpt, length, n_facts, n_queries, policy="spkv", only_facts_lay
     model, _, _ = load_model(ckpt)
     model.eval()
     if not -1 <= only_facts_layer < model.cfg.n_layer:
-        raise ValueError(f"--probe_layer={only_facts_layer}: the model has layers 0..{model.cfg.n_layer - 1}")
+        raise cli.BadInput(f"--probe_layer={only_facts_layer}: the model has layers 0..{model.cfg.n_layer - 1}")
     rng = random.Random(seed)
     x = torch.tensor([list(make_sequence(rng, length, n_facts, n_queries)[0]) for _ in range(n_seqs)])  # (N, T)
     rule = bl.make_policy(policy, model.cfg.window, model.cfg.tau, 0.0)
@@ -202,15 +204,39 @@ def probe(o):
     return rows
 
 
+@dataclass
+class Flags:
+    out: str = "out/synthetic"  # folder for the data, the three runs and results.json
+    seq_len: int = 128  # bytes per sequence
+    steps: int = 3000  # training steps of the dense "pretrained" model (or of each --from_scratch run)
+    adapt_steps: int = 500  # steps adapting it to SP-KV, and to dense as the control
+    window: int = 16  # SP-KV local window
+    n_facts: float = 4.0  # facts per sequence, on average
+    n_queries: int = 8  # queries at the end of each sequence
+    batch_size: int = 32  # sequences per step
+    lr: float = 1e-3  # peak learning rate
+    n_layer: int = 2  # model layers
+    n_embd: int = 128  # model width
+    n_head: int = 4  # query heads
+    n_kv_head: int = 2  # key/value heads
+    n_train: int = 20000  # training sequences generated
+    predictor_init_bias: float = -2.0  # output bias of fresh predictors (< 0 leans closed)
+    from_scratch: int = 0  # 1: train SP-KV and dense from random weights instead of adapting
+    eval_only: int = 0  # 1: only evaluate the runs already in --out
+    probe_layer: int = -1  # >= 0: the probe experiment, facts visible only to this layer
+
+
 def main(argv):
-    o = dict(out="out/synthetic", seq_len=128, steps=3000, adapt_steps=500, window=16, n_facts=4.0, n_queries=8,
-             batch_size=32, lr=1e-3, n_layer=2, n_embd=128, n_head=4, n_kv_head=2, n_train=20000,
-             predictor_init_bias=-2.0, from_scratch=0, eval_only=0, probe_layer=-1)
-    o.update(cli.parse(argv, o, "synthetic.py"))
+    o = dataclasses.asdict(Flags())
+    o.update(cli.parse(argv, Flags, "synthetic.py"))
     if o["probe_layer"] >= 0:
         probe(o)
         return
     if not o["eval_only"]:
+        done = [d for d in ("pretrained", "spkv", "dense") if os.path.exists(os.path.join(o["out"], d, "ckpt.pt"))]
+        if done:
+            raise cli.BadInput(f"--out={o['out']} already holds runs ({', '.join(done)}); evaluate them with "
+                               "--eval_only=1, or give a fresh --out")
         train_both(o)
     report(o, evaluate_all(o))
 
@@ -267,7 +293,4 @@ def report(o, results):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"synthetic.py: {e}")
+    cli.run(main, "synthetic.py")

@@ -6,7 +6,8 @@
 Options: --data=PATH (as train.py; default stdlib source), --seq_len, --batches, --batch_size.
 """
 
-import sys
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 
@@ -20,7 +21,7 @@ def tau_for_density(u: torch.Tensor, target: float) -> float:
     """The threshold keeping a `target` fraction of gates: u (N,) pooled over layers, heads and
     old positions of a calibration set; keep = u >= tau, so tau is the (1 - target) quantile."""
     if not 0.0 < target <= 1.0:
-        raise ValueError(f"target density {target} must be in (0, 1]")
+        raise cli.BadInput(f"target density {target} must be in (0, 1]")
     ranked = u.flatten().sort().values
     return float(ranked[min(int((1.0 - target) * ranked.numel()), ranked.numel() - 1)])
 
@@ -61,10 +62,25 @@ def hard_loss_and_density(model, batches, tau, n_batches, batch_size, seed=1) ->
     return loss, stats["overall"]
 
 
+@dataclass
+class Flags:
+    ckpt: str = ""  # SP-KV checkpoint; "" = the embedded SmolLM2-135M
+    data: str = ""  # as train.py's --data; "" = Python stdlib source
+    seq_len: int = 512  # tokens per sequence
+    batches: int = 4  # batches to calibrate on and to measure on
+    batch_size: int = 2  # sequences per batch
+    target_density: float = 0.0  # in (0, 1]: calibrate tau to keep this fraction of old pairs; 0 = sweep
+    taus: str = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"  # comma list of tau values to sweep
+
+
 def main(argv):
-    o = dict(ckpt="", data="", seq_len=512, batches=4, batch_size=2, target_density=0.0,
-             taus="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
-    o.update(cli.parse(argv, o, "tau.py"))
+    o = dataclasses.asdict(Flags())
+    o.update(cli.parse(argv, Flags, "tau.py"))
+    if o["target_density"] != 0 and not 0 < o["target_density"] <= 1:
+        raise cli.BadInput(f"--target_density={o['target_density']} must be in (0, 1], or 0 to sweep")
+    if min(o["seq_len"], o["batches"], o["batch_size"]) < 1:
+        raise cli.BadInput("--seq_len, --batches and --batch_size must be >= 1")
+    taus = parse_taus(o["taus"])
     from convert import default_checkpoint
 
     model, tok, _ = load_model(o["ckpt"] or default_checkpoint())
@@ -83,10 +99,17 @@ def main(argv):
               f"hard val loss {loss:.4f} ({100 * (loss / dense_loss - 1):+.2f}% vs plain)")
         return
     print(f"{'tau':>5} {'density':>8} {'hard val loss':>14} {'vs plain':>9}")
-    for tau in map(float, o["taus"].split(",")):
+    for tau in taus:
         loss, density = hard_loss_and_density(model, val, tau, n, bs)
         print(f"{tau:>5.2f} {density:>8.3f} {loss:>14.4f} {100 * (loss / dense_loss - 1):>+8.2f}%")
 
 
+def parse_taus(text: str) -> list:
+    taus = cli.number_list("taus", text, float)
+    if not all(0 <= t <= 1 for t in taus):
+        raise cli.BadInput(f"--taus={text}: every tau must be in [0, 1]")
+    return taus
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main, "tau.py")

@@ -12,6 +12,8 @@ import re
 import regex
 import tiktoken
 
+import cli
+
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # SmolLM2 (and StarCoder) run Digits(individual_digits=True) before the GPT-2 regex. In one regex:
 # every digit is its own piece, and a whitespace run right before a digit is one piece (in the
@@ -56,7 +58,7 @@ def pattern_from_hf(pre_tokenizer: dict) -> str:
         return SMOLLM_PATTERN
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
         return steps[0]["pattern"]["Regex"]
-    raise ValueError(f"unsupported pre-tokenizer {kinds} in tokenizer.json; supported: ByteLevel (GPT-2), "
+    raise cli.BadInput(f"unsupported pre-tokenizer {kinds} in tokenizer.json; supported: ByteLevel (GPT-2), "
                      "Digits+ByteLevel (SmolLM2), Split+ByteLevel (Llama 3, Qwen2)")
 
 
@@ -86,7 +88,7 @@ def check_merge_order(spec: dict, merges: list):
         a, b = m.split(" ", 1) if isinstance(m, str) else m
         merged = bytes(alphabet[c] for c in a + b)
         if merged not in ids or ids[merged] <= last:
-            raise ValueError(f"merge {m!r} is out of id order; this vocabulary cannot be expressed as "
+            raise cli.BadInput(f"merge {m!r} is out of id order; this vocabulary cannot be expressed as "
                              "a tiktoken encoding (ranks must follow merge order)")
         last = ids[merged]
 
@@ -100,7 +102,7 @@ def _chars_led_by(b: int):
             start = (b & mask) << shift
             return [f"\\U{start:08x}-\\U{start + (1 << shift) - 1:08x}"]
     if 0x80 <= b <= 0xBF:
-        raise ValueError(f"vocabulary lacks the continuation byte {b:#x}; such a tokenizer is not supported")
+        raise cli.BadInput(f"vocabulary lacks the continuation byte {b:#x}; such a tokenizer is not supported")
     return []  # 0xC0, 0xC1, 0xF5-0xFF never occur in UTF-8
 
 

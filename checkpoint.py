@@ -5,15 +5,20 @@ A checkpoint is a single torch.save'd dict:
      "tokenizer": tokenizer spec dict or None, "source": where the weights came from,
      ... training state (optimizer, step, data position) when train.py wrote it}
 It is always written atomically: to a temporary file in the same folder, flushed to disk, then
-renamed over the old one, so a crash or kill -9 mid-write leaves the previous file intact.
+renamed over the old one, so a crash or kill -9 mid-write leaves the previous file intact. The
+temporary file's name carries the writer's process id, so the next save removes what a killed
+writer left behind.
 """
 
+import errno
+import glob
 import os
 import tempfile
 from dataclasses import asdict
 
 import torch
 
+import cli
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -24,17 +29,44 @@ def atomic_save(obj, path: str):
     """torch.save obj to path so that path always holds either the old or the new complete file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    remove_orphans(folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix=".pt", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX within one filesystem
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # name the file the disk could not take
+            raise OSError(e.errno, e.strerror, path) from e
         raise
+
+
+def remove_orphans(folder: str):
+    """Delete temporary files of saves whose writer is gone (killed mid-write), saying so."""
+    orphans = [p for p in glob.glob(os.path.join(folder, ".tmp-*.pt")) if not writer_alive(p)]
+    if orphans:
+        size = sum(os.path.getsize(p) for p in orphans)
+        for p in orphans:
+            os.remove(p)
+        print(f"checkpoint: removed {len(orphans)} temporary file(s) ({size / 1e6:.1f} MB) of interrupted saves in {folder}")
+
+
+def writer_alive(tmp: str) -> bool:
+    """Whether the process named in .tmp-<pid>-*.pt still runs (names without a pid are orphans)."""
+    pid = os.path.basename(tmp).split("-")[1]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def save_checkpoint(path: str, model: GPT, tokenizer_spec, source: str, **extra):
@@ -49,11 +81,11 @@ def read_checkpoint(path: str) -> dict:
                                 "`python convert.py` (embedded SmolLM2) or pass the right --ckpt path")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path!r} is not a readable spkv checkpoint ({type(e).__name__}: {e}); "
+    except Exception as e:  # torch.load raises many types for a foreign or torn file
+        raise cli.BadInput(f"{path!r} is not a readable spkv checkpoint ({type(e).__name__}: {e}); "
                          "re-create it with `python convert.py`") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path!r} is not an spkv checkpoint (format {FORMAT!r}); convert it with convert.py")
+        raise cli.BadInput(f"{path!r} is not an spkv checkpoint (format {FORMAT!r}); convert it with convert.py")
     return ckpt
 
 
@@ -68,13 +100,27 @@ def load_model(path: str, device="cpu", attn_impl="sdpa", dense=False, **config_
     cfg = {**ckpt["config"], **config_overrides}
     if dense:
         cfg["dense_layers"] = tuple(range(cfg["n_layer"]))
-    cfg = GPTConfig(**cfg)
+    try:
+        cfg = GPTConfig(**cfg)
+    except ValueError as e:  # GPTConfig refuses knob values out of range (e.g. a tau override)
+        raise cli.BadInput(f"{path}: {e}") from None
     model = GPT(cfg, attn_impl=attn_impl)
+    check_shapes(model, ckpt["model"], path)
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     missing = [k for k in missing if ".predictor." not in k]  # fresh predictors start open
     unexpected = [k for k in unexpected if ".predictor." not in k]  # predictors of now-dense layers
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path!r} does not fit its config: missing {missing[:5]}, "
+        raise cli.BadInput(f"checkpoint {path!r} does not fit its config: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     tok = Tokenizer(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
     return model.to(device), tok, ckpt
+
+
+def check_shapes(model: GPT, state: dict, path: str):
+    """Refuse a state dict whose tensors have other shapes than the model's, naming the first few."""
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and own[k].shape != v.shape]
+    if wrong:
+        raise cli.BadInput(f"{path} holds tensors of another model size ({'; '.join(wrong[:3])}: checkpoint vs model); "
+                           "use the --ckpt (or model flags) this checkpoint was made with")

@@ -5,8 +5,10 @@ Sources (train.py's --data):
   a text file   split by position: the first 90% train, the rest val
   a folder      every text file under it, split by file (binary files are skipped, with a note)
   a prepared folder holding train.bin, val.bin and meta.json (from an earlier run)
-The cache folder's name hashes the tokenizer and the source, and meta.json records the
-tokenizer's identity, so a cache made with another tokenizer is never reused.
+The cache folder's name hashes the tokenizer and the source path; meta.json records the
+tokenizer's identity and a fingerprint of the source's contents (each file's size, mtime and a
+hash of its head), so a cache made with another tokenizer, or from a file since rewritten or
+deleted, is never reused. A rewritten source is tokenized again into the same folder.
 """
 
 import glob
@@ -18,8 +20,11 @@ import sysconfig
 import numpy as np
 import torch
 
+import cli
+
 VAL_EVERY = 10  # every 10th file (sorted) goes to the validation split
 DEFAULT_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_cache")
+HEAD_BYTES = 1 << 16  # how much of each source file the fingerprint hashes
 
 
 def tokenizer_id(spec: dict) -> str:
@@ -49,30 +54,46 @@ def read_text(path: str):
         return None
 
 
-def split_sources(data: str):
-    """(train texts, val texts, description) for a data argument."""
+def source_files(data: str) -> list:
+    """The files a data argument names: stdlib source, every file under a folder, or one file."""
     if data == "":
-        files = stdlib_files()
-    elif os.path.isdir(data):
-        files = sorted(f for f in glob.glob(os.path.join(data, "**", "*"), recursive=True) if os.path.isfile(f))
-    elif os.path.isfile(data):
+        return stdlib_files()
+    if os.path.isdir(data):
+        return sorted(f for f in glob.glob(os.path.join(data, "**", "*"), recursive=True) if os.path.isfile(f))
+    if os.path.isfile(data):
+        return [data]
+    raise FileNotFoundError(f"--data={data} does not exist; give a text file, a folder, or omit it for stdlib")
+
+
+def fingerprint(files: list) -> str:
+    """A hash of each file's path, size, mtime and first HEAD_BYTES: changes when a file is rewritten."""
+    h = hashlib.sha256()
+    for path in files:
+        st = os.stat(path)
+        h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}|".encode())
+        with open(path, "rb") as f:
+            h.update(hashlib.sha256(f.read(HEAD_BYTES)).digest())
+    return h.hexdigest()[:16]
+
+
+def split_sources(data: str, files: list):
+    """(train texts, val texts, description) for a data argument and its source_files."""
+    if data and os.path.isfile(data):
         text = read_text(data)
         if text is None:
-            raise ValueError(f"--data={data} is a binary file; give a UTF-8 text file, a folder of them, "
+            raise cli.BadInput(f"--data={data} is a binary file; give a UTF-8 text file, a folder of them, "
                              "or a prepared folder with train.bin/val.bin/meta.json")
         if not text.strip():
-            raise ValueError(f"--data={data} is empty; give a text file with content")
+            raise cli.BadInput(f"--data={data} is empty; give a text file with content")
         cut = int(len(text) * 0.9)
         return [text[:cut]], [text[cut:]], data
-    else:
-        raise FileNotFoundError(f"--data={data} does not exist; give a text file, a folder, or omit it for stdlib")
     texts = [(f, read_text(f)) for f in files]
     binary = [f for f, t in texts if t is None]
     if binary:
         print(f"data: skipping {len(binary)} binary files, e.g. {binary[0]}")
     texts = [t for _, t in texts if t and t.strip()]  # empty files carry nothing
     if len(texts) < 2:
-        raise ValueError(f"--data={data or 'stdlib'} is empty or nearly: {len(texts)} non-empty text files; need at least 2 "
+        raise cli.BadInput(f"--data={data or 'stdlib'} is empty or nearly: {len(texts)} non-empty text files; need at least 2 "
                          "(one for training, one for validation), or pass a single text file")
     val_every = min(VAL_EVERY, len(texts))
     train = [t for i, t in enumerate(texts) if i % val_every != val_every - 1]
@@ -80,17 +101,33 @@ def split_sources(data: str):
     return train, val, data or "stdlib"
 
 
-def write_split(path: str, texts: list, tok, dtype):
-    ids = []
+def write_split(path: str, texts: list, tok, dtype) -> tuple:
+    """Tokenize texts into path (via path.tmp, removed if the write fails); returns (tokens, characters
+    dropped because the vocabulary lacks one of their bytes)."""
+    ids, dropped = [], 0
     for t in texts:
         ids.extend(tok.encode(t))
+        dropped += tok.dropped(t)
         if tok.eos_id is not None:
             ids.append(tok.eos_id)  # documents are separated by end-of-text
     arr = np.array(ids, dtype=dtype)
     tmp = path + ".tmp"
-    arr.tofile(tmp)
-    os.replace(tmp, path)
-    return len(arr)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(arr.data)  # (not arr.tofile: its disk-full error carries no errno)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return len(arr), dropped
+
+
+def remove_leftovers(folder: str):
+    """Delete *.tmp files a killed or failed tokenization left in a cache folder."""
+    for tmp in glob.glob(os.path.join(folder, "*.tmp")):
+        print(f"data: removing {tmp}, left by an interrupted tokenization")
+        os.remove(tmp)
 
 
 def prepare(data: str, tok, cache_root: str = DEFAULT_CACHE) -> str:
@@ -100,25 +137,35 @@ def prepare(data: str, tok, cache_root: str = DEFAULT_CACHE) -> str:
         with open(os.path.join(data, "meta.json")) as f:
             meta = json.load(f)
         if meta.get("tokenizer_id") != tid:
-            raise ValueError(f"prepared data in {data} was made with tokenizer {meta.get('tokenizer_id')}, "
+            raise cli.BadInput(f"prepared data in {data} was made with tokenizer {meta.get('tokenizer_id')}, "
                              f"this model's is {tid}; point --data at the raw text to re-tokenize")
         return data
     key = hashlib.sha256(f"{tid}|{os.path.abspath(data) if data else 'stdlib'}".encode()).hexdigest()[:12]
     folder = os.path.join(cache_root, key)
-    if os.path.isfile(os.path.join(folder, "meta.json")):
-        return folder
-    train, val, desc = split_sources(data)
+    files = source_files(data)
+    content = fingerprint(files)
+    meta_path = os.path.join(folder, "meta.json")
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            if json.load(f).get("fingerprint") == content:
+                return folder
+        print(f"data: {data or 'stdlib'} changed since it was tokenized into {folder}; tokenizing it again")
+        os.remove(meta_path)  # the folder is incomplete until the new meta.json is written
+    train, val, desc = split_sources(data, files)
     os.makedirs(folder, exist_ok=True)
+    remove_leftovers(folder)
     dtype = np.uint16 if tok.n_vocab <= 2**16 else np.uint32
-    n_train = write_split(os.path.join(folder, "train.bin"), train, tok, dtype)
-    n_val = write_split(os.path.join(folder, "val.bin"), val, tok, dtype)
+    n_train, dropped_train = write_split(os.path.join(folder, "train.bin"), train, tok, dtype)
+    n_val, dropped_val = write_split(os.path.join(folder, "val.bin"), val, tok, dtype)
     if n_train == 0 or n_val == 0:
-        raise ValueError(f"--data={desc} tokenized to {n_train} train / {n_val} val tokens; it is empty")
-    meta = {"tokenizer_id": tid, "dtype": np.dtype(dtype).name, "source": desc, "train_tokens": n_train,
-            "val_tokens": n_val}
-    with open(os.path.join(folder, "meta.json"), "w") as f:  # written last: marks the cache complete
+        raise cli.BadInput(f"--data={desc} tokenized to {n_train} train / {n_val} val tokens; it is empty")
+    meta = {"tokenizer_id": tid, "fingerprint": content, "dtype": np.dtype(dtype).name, "source": desc,
+            "train_tokens": n_train, "val_tokens": n_val, "dropped_chars": dropped_train + dropped_val}
+    with open(meta_path + ".tmp", "w") as f:  # written last: marks the cache complete
         json.dump(meta, f)
-    print(f"data: tokenized {desc}: {n_train:,} train / {n_val:,} val tokens -> {folder}")
+    os.replace(meta_path + ".tmp", meta_path)
+    print(f"data: tokenized {desc}: {n_train:,} train / {n_val:,} val tokens -> {folder}"
+          + (f"; dropped {meta['dropped_chars']:,} characters with bytes the vocabulary lacks" if meta["dropped_chars"] else ""))
     return folder
 
 
@@ -133,7 +180,7 @@ class Batches:
         self.seq_len = seq_len
         self.align = meta.get("align", 1)  # > 1: windows start at document boundaries (synthetic.py)
         if len(self.tokens) <= seq_len + 1:
-            raise ValueError(f"the {split} split has {len(self.tokens)} tokens, too few for seq_len={seq_len}; "
+            raise cli.BadInput(f"the {split} split has {len(self.tokens)} tokens, too few for seq_len={seq_len}; "
                              "use more data or a shorter --seq_len")
 
     def sample(self, n: int, gen: torch.Generator):

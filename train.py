@@ -27,7 +27,7 @@ import cli
 import data as datalib
 import kernels
 import spkv
-from checkpoint import load_model, read_checkpoint, save_checkpoint
+from checkpoint import check_shapes, load_model, read_checkpoint, save_checkpoint
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -37,39 +37,39 @@ class TrainConfig:
     preset: str = "auto"  # "cpu" | "gpu" | "auto" (gpu when CUDA is present); explicit flags win
     init: str = "pretrained"  # "pretrained": a converted checkpoint; "scratch": random weights
     ckpt: str = ""  # converted checkpoint to adapt; "" = the embedded SmolLM2-135M
-    out_dir: str = "out/spkv"
+    out_dir: str = ""  # where ckpt.pt, log.jsonl, final.json go; "" = out/spkv, or out/dense with --dense=True
     resume: bool = False  # continue from out_dir/ckpt.pt
     dense: bool = False  # plain attention everywhere: the baseline
     data: str = ""  # "" = Python stdlib source; a text file, a folder, or prepared memmaps
     data_cache: str = ""  # where tokenized memmaps are cached; "" = data_cache/ beside train.py
-    seq_len: int = 512
+    seq_len: int = 512  # tokens per training sequence
     batch_size: int = 2  # sequences per micro-step per process
-    grad_accum: int = 1
-    max_steps: int = 60
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 60  # optimizer steps in all
     lr: float = 1e-4  # base learning rate (peak); the predictor gets lr * predictor_lr_mult
     min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
-    warmup_steps: int = 5
+    warmup_steps: int = 5  # linear learning-rate warmup
     weight_decay: float = 0.0  # on the model's matrices (0: we adapt, not pretrain)
-    predictor_lr_mult: float = 5.0
-    predictor_weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    predictor_lr_mult: float = 5.0  # the predictors learn at lr x this
+    predictor_weight_decay: float = 0.1  # AdamW weight decay of the predictors
+    grad_clip: float = 1.0  # clip the global gradient norm to this
     freeze_frac: float = 0.25  # last fraction of the decay: predictor frozen, gates annealed
     anneal_steps: int = 500  # soft -> hard over this many steps (capped at half the frozen phase)
-    window: int = 128
-    tau: float = 0.5
+    window: int = 128  # the most recent keys every query sees; older ones are gated (must be < seq_len)
+    tau: float = 0.5  # hard-gate threshold: an old key is kept when its gate u >= tau
     predictor_init_bias: float = 5.0  # output bias of fresh predictors: 5 = open (METHOD.md), < 0 leans closed
-    eval_every: int = 20
-    eval_batches: int = 4
-    log_every: int = 1
-    ckpt_every: int = 20
+    eval_every: int = 20  # steps between evaluations on the val split
+    eval_batches: int = 4  # batches per evaluation
+    log_every: int = 1  # steps between progress lines
+    ckpt_every: int = 20  # steps between checkpoints (each one evaluated first)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     compile: bool = True  # torch.compile the model on CUDA (ignored on CPU)
     attn: str = "auto"  # attention path, see kernels.ATTN_IMPLS
-    seed: int = 1337
+    seed: int = 1337  # model init and data order
     n_layer: int = 4  # --init=scratch model shape; the tokenizer comes from --ckpt
-    n_embd: int = 256
-    n_head: int = 4
-    n_kv_head: int = 2
+    n_embd: int = 256  # --init=scratch width
+    n_head: int = 4  # --init=scratch query heads
+    n_kv_head: int = 2  # --init=scratch key/value heads
 
 
 PRESETS = {  # plain dicts of overrides, applied before explicit flags
@@ -82,14 +82,16 @@ PRESETS = {  # plain dicts of overrides, applied before explicit flags
 
 def parse_flags(argv: list) -> tuple:
     """--key=value flags -> (TrainConfig, set of keys given explicitly)."""
-    given = cli.parse(argv, dataclasses.asdict(TrainConfig()), "train.py")
+    given = cli.parse(argv, TrainConfig, "train.py")
     preset = given.get("preset", "auto")
     if preset == "auto":
         preset = "gpu" if torch.cuda.is_available() and given.get("device") != "cpu" else "cpu"
     if preset not in PRESETS:
-        sys.exit(f"train.py: unknown preset {preset!r}; use one of {sorted(PRESETS)} or auto")
-    cfg = TrainConfig(**{**PRESETS[preset], **given, "preset": preset})
-    validate(cfg)
+        raise cli.BadInput(f"unknown preset {preset!r}; use one of {sorted(PRESETS)} or auto")
+    out_dir = given.get("out_dir") or ("out/dense" if given.get("dense") else "out/spkv")
+    cfg = TrainConfig(**{**PRESETS[preset], **given, "preset": preset, "out_dir": out_dir})
+    if not cfg.resume:  # a resume is checked once the saved recipe is known
+        validate(cfg)
     return cfg, set(given)
 
 
@@ -106,10 +108,13 @@ def validate(cfg: TrainConfig):
                  if not 0 <= getattr(cfg, k) <= 1]
     if cfg.warmup_steps >= cfg.max_steps:
         problems.append(f"--warmup_steps={cfg.warmup_steps} must be below --max_steps={cfg.max_steps}")
-    if cfg.window < 1:
-        problems.append(f"--window={cfg.window} must be >= 1")
+    if not 1 <= cfg.window < cfg.seq_len:
+        problems.append(f"--window={cfg.window} must be in [1, --seq_len={cfg.seq_len}): older keys are what SP-KV prunes")
+    problems += [f"--{k}={getattr(cfg, k)!r} is not one of {choices}" for k, choices in
+                 (("device", ("auto", "cpu", "cuda")), ("init", ("pretrained", "scratch")),
+                  ("attn", ("auto", *kernels.ATTN_IMPLS))) if getattr(cfg, k) not in choices]
     if problems:
-        sys.exit("train.py: " + "; ".join(problems))
+        raise cli.BadInput("; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +126,7 @@ def setup_processes(cfg: TrainConfig):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if want == "cuda" and not torch.cuda.is_available():
-        sys.exit("train.py: --device=cuda but no CUDA device is visible; use --device=cpu")
+        raise cli.BadInput("--device=cuda but no CUDA device is visible; use --device=cpu")
     reason = "CUDA is available" if want == "cuda" else "no CUDA device (or --device=cpu)"
     device = torch.device(want)
     if world > 1:
@@ -143,16 +148,14 @@ def build_model(cfg: TrainConfig, device):
     if cfg.init == "scratch":  # only the tokenizer and vocabulary size come from the checkpoint
         ckpt = read_checkpoint(path)
         if not ckpt.get("tokenizer"):
-            sys.exit(f"train.py: checkpoint {path} has no tokenizer; convert it with its tokenizer.json")
+            raise cli.BadInput(f"checkpoint {path} has no tokenizer; convert it with its tokenizer.json")
         mc = GPTConfig(vocab_size=ckpt["config"]["vocab_size"], n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
                        n_kv_head=cfg.n_kv_head, n_hidden=4 * cfg.n_embd, block_size=max(cfg.seq_len, 1024),
                        **spkv_knobs, dense_layers=tuple(range(cfg.n_layer)) if cfg.dense else ())
         return GPT(mc).to(device), Tokenizer(ckpt["tokenizer"]), "scratch"
-    if cfg.init != "pretrained":
-        sys.exit(f"train.py: --init={cfg.init!r} is not one of pretrained, scratch")
     model, tok, _ = load_model(path, dense=cfg.dense, dense_layers=(), **spkv_knobs)  # every layer adapted
     if tok is None:
-        sys.exit(f"train.py: checkpoint {path} has no tokenizer; convert it with its tokenizer.json")
+        raise cli.BadInput(f"checkpoint {path} has no tokenizer; convert it with its tokenizer.json")
     return model.to(device), tok, path
 
 
@@ -236,17 +239,91 @@ def report_density(stats: dict):
 # Checkpoints and logs
 
 
+RUN_FILES = ("ckpt.pt", "log.jsonl", "final.json")  # what a run leaves in its out_dir
+DIVERGED_NATS = 1.0  # a val loss this far above the run's best is a diverged model
+WEIGHT_GROWTH = 1000.0  # weights this many times larger than at the start are a diverged model
+
+
+def check_fresh_out_dir(out_dir: str):
+    """A new run never replaces an earlier one's files."""
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
+    if found:
+        raise cli.BadInput(f"--out_dir={out_dir} already holds a run ({', '.join(found)}); continue it with "
+                           f"--resume=True, or give a fresh --out_dir")
+
+
+def saved_config(ckpt_path: str) -> dict:
+    """The recipe of the run a --resume=True continues."""
+    if not os.path.isfile(ckpt_path):
+        raise cli.BadInput(f"--resume=True but {ckpt_path} does not exist; drop --resume to start a new run")
+    ckpt = read_checkpoint(ckpt_path)
+    if "train_config" not in ckpt:
+        raise cli.BadInput(f"{ckpt_path} is a converted checkpoint, not a training run, so there is nothing to "
+                           f"resume; adapt it with --ckpt={ckpt_path} and a fresh --out_dir")
+    return ckpt["train_config"]
+
+
+def max_abs_weight(model: GPT) -> float:
+    return max(p.detach().abs().max().item() for p in model.parameters())
+
+
+class SaveGuard:
+    """Decides whether a state may replace ckpt.pt, and says what ckpt.pt holds. A state is saved
+    only when its weights are finite and under WEIGHT_GROWTH x their size at the start of the run,
+    and its val loss is finite and within DIVERGED_NATS of the best one seen in this run."""
+
+    def __init__(self, path: str, model: GPT, start_eval: dict, saved_step):
+        self.path, self.step = path, saved_step  # saved_step: the step path holds, None if none yet
+        self.start_weight = max_abs_weight(model)
+        self.best = math.inf
+        self.seen(start_eval)
+
+    def seen(self, ev: dict):
+        if math.isfinite(ev["val_soft"]):
+            self.best = min(self.best, ev["val_soft"])
+
+    def problem(self, model: GPT, ev: dict) -> str:
+        """Why this state must not be saved ("" when it may)."""
+        w, v = max_abs_weight(model), ev["val_soft"]
+        if not math.isfinite(w):
+            return "non-finite weights"
+        if w > WEIGHT_GROWTH * max(self.start_weight, 1.0):
+            return f"weights grew to {w:.3g} (largest {self.start_weight:.3g} at the start)"
+        if not (math.isfinite(v) and math.isfinite(ev["val_hard"])):
+            return f"val loss {v} (soft) / {ev['val_hard']} (hard)"
+        if v > self.best + DIVERGED_NATS:
+            return f"val loss {v:.4f} is over {DIVERGED_NATS} above the best {self.best:.4f}: diverged"
+        return ""
+
+    def check(self, model: GPT, ev: dict, step: int):
+        """Stop the run before a diverged state is written."""
+        problem = self.problem(model, ev)
+        if problem:
+            raise cli.BadInput(f"step {step}: {problem}; not saved, {self.holds()}. Lower --lr or check the data")
+
+    def saved(self, step: int):
+        self.step = step
+
+    def holds(self) -> str:
+        if self.step is None:
+            return f"no checkpoint exists yet at {self.path}"
+        return f"{self.path} still holds step {self.step}"
+
+
 def save_state(path, model, tok, source, opt, step, gen, cfg):
     """Model + tokenizer in the shared format, plus what a resume needs: optimizer, step, data RNG.
-    A state with a non-finite weight is never written: the last good checkpoint stays."""
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        sys.exit(f"train.py: non-finite weights at step {step}; not saved, {path} keeps the last good state")
+    Callers ask SaveGuard first: a diverged state never replaces the last good one."""
     save_checkpoint(path, model, tok.spec, source, optimizer=opt.state_dict(), step=step,
                     data_rng=gen.get_state(), train_config=dataclasses.asdict(cfg))
 
 
 def restore_state(path, model, opt, gen) -> int:
     ckpt = read_checkpoint(path)
+    check_shapes(model, ckpt["model"], path)
+    missing, unexpected = model.state_dict().keys() - ckpt["model"].keys(), ckpt["model"].keys() - model.state_dict().keys()
+    if missing or unexpected:
+        raise cli.BadInput(f"{path} does not fit this model (missing {sorted(missing)[:3]}, unexpected "
+                           f"{sorted(unexpected)[:3]}); resume with the flags it was trained with")
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     gen.set_state(ckpt["data_rng"])
@@ -267,9 +344,42 @@ class StopFlag:
         print("\nCtrl-C: finishing this step, then saving (press again to abort without saving)", flush=True)
 
 
+def strict_json(obj):
+    """obj with every non-finite float as None (null): strict JSON parsers reject a bare NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def log_line(path: str, record: dict):
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
+
+
+def truncate_log(path: str, step: int) -> int:
+    """Drop the records of steps >= step, which a resume from `step` writes again (and a line torn
+    by a kill); returns how many were dropped."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = f.read().splitlines()
+    keep = [line for line in lines if is_record_before(line, step)]
+    if len(keep) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.write("".join(line + "\n" for line in keep))
+        os.replace(path + ".tmp", path)
+    return len(lines) - len(keep)
+
+
+def is_record_before(line: str, step: int) -> bool:
+    try:
+        return json.loads(line)["step"] < step
+    except json.JSONDecodeError:  # the last line of a run killed mid-write
+        return False
 
 
 def progress(step, total, t0, start, text):
@@ -297,12 +407,15 @@ def main(argv):
     master = rank == 0
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:  # the saved recipe, with the flags given now on top (e.g. a longer max_steps)
-        saved = read_checkpoint(ckpt_path)["train_config"]
+        saved = saved_config(ckpt_path)
         cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given}, "resume": True})
+        validate(cfg)
+    else:
+        check_fresh_out_dir(cfg.out_dir)
     torch.manual_seed(cfg.seed)
     model, tok, source = build_model(cfg, device)
     if cfg.seq_len > model.cfg.block_size:
-        sys.exit(f"train.py: --seq_len={cfg.seq_len} is beyond the model's context of {model.cfg.block_size}")
+        raise cli.BadInput(f"--seq_len={cfg.seq_len} is beyond the model's context of {model.cfg.block_size}")
     cuda = device.type == "cuda"
     impl, why_attn = kernels.choose_attention(device, cfg.attn)
     model.attn_impl = impl
@@ -312,6 +425,10 @@ def main(argv):
     opt = make_optimizer(model, cfg, fused=cuda)
     gen = torch.Generator().manual_seed(cfg.seed)  # the data position: saved and restored
     step = restore_state(ckpt_path, model, opt, gen) if cfg.resume else 0
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    if master and cfg.resume:
+        dropped = truncate_log(log_path, step)
+        print(f"resumed from step {step} of {ckpt_path}" + (f"; dropped {dropped} log records past it" if dropped else ""))
     fwd = model
     if cuda and cfg.compile:
         fwd = torch.compile(model)
@@ -329,7 +446,9 @@ def main(argv):
             print(f"schedule: soft gates to step {freeze}, then predictor frozen and gates annealed to hard "
                   f"over {anneal_len} steps (hard from step {freeze + anneal_len})")
         os.makedirs(cfg.out_dir, exist_ok=True)
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+        start_eval = evaluate(model, val, cfg, device, autocast)
+        print(f"start: val soft {start_eval['val_soft']:.4f} hard {start_eval['val_hard']:.4f}")
+        guard = SaveGuard(ckpt_path, model, start_eval, step if cfg.resume else None)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
     t0, start, stop = time.time(), step, StopFlag()
     while step < cfg.max_steps:
@@ -341,8 +460,8 @@ def main(argv):
         loss, norm = train_step(fwd, model, opt, train.sample(cfg.grad_accum * world * cfg.batch_size, gen),
                                 cfg, rank, world, view, a, autocast, device)
         if not (math.isfinite(loss) and math.isfinite(norm)):
-            sys.exit(f"\ntrain.py: loss {loss} / grad norm {norm} at step {step}; stopped before the update, "
-                     f"the last good checkpoint stays at {ckpt_path}. Lower --lr or check the data.")
+            raise cli.BadInput(f"loss {loss} / grad norm {norm} at step {step}; stopped before the update, "
+                               f"{guard.holds() if master else 'see rank 0'}. Lower --lr or check the data.")
         opt.step()
         opt.zero_grad(set_to_none=True)
         rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "view": view, "anneal": a,
@@ -351,17 +470,21 @@ def main(argv):
             rec["mfu"] = flops_per_token(model, cfg.seq_len) * rec["tokens_per_s"] / world / 989e12  # H100 bf16
         step += 1
         stopping = any_rank(stop.requested, world, device)
-        if master and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+        saving = step % cfg.ckpt_every == 0 or step == cfg.max_steps or stopping
+        if master and (step % cfg.eval_every == 0 or step == cfg.max_steps or saving):  # a save is judged by its eval
             rec.update(evaluate(model, val, cfg, device, autocast))
             print(f"\nstep {step}: train {loss:.4f} val soft {rec['val_soft']:.4f} hard {rec['val_hard']:.4f}"
                   + (f" density {rec['density']:.3f}" if "density" in rec else ""))
+            guard.seen(rec)
         if master:
             log_line(log_path, rec)
             if step % cfg.log_every == 0:
                 progress(step - 1, cfg.max_steps, t0, start, f"loss {loss:.4f} {view}"
                          + ("" if view == "soft" else f" a={a:.2f}") + f" {rec['tokens_per_s']:.0f} tok/s")
-            if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stopping:
+            if saving:
+                guard.check(model, rec, step)
                 save_state(ckpt_path, model, tok, source, opt, step, gen, cfg)
+                guard.saved(step)
         if stopping:
             if master:
                 print(f"\ninterrupted: saved step {step} to {ckpt_path}; "
@@ -372,7 +495,8 @@ def main(argv):
         print(f"\ndone: val loss soft {final['val_soft']:.4f}, hard {final['val_hard']:.4f} -> {ckpt_path}")
         report_density(final)
         with open(os.path.join(cfg.out_dir, "final.json"), "w") as f:
-            json.dump({"step": step, **final, "train_config": dataclasses.asdict(cfg)}, f, indent=1)
+            json.dump(strict_json({"step": step, **final, "train_config": dataclasses.asdict(cfg)}), f, indent=1,
+                      allow_nan=False)
     if world > 1:
         torch.distributed.destroy_process_group()
 
@@ -408,7 +532,4 @@ def any_rank(flag: bool, world: int, device) -> bool:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
-        sys.exit(f"train.py: {e}")
+    cli.run(main, "train.py")

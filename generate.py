@@ -13,9 +13,11 @@ store first. The oracle every path is tested against is generate_uncached: one f
 hard gates per token.
 """
 
+import dataclasses
 import functools
-import sys
+import math
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -182,14 +184,20 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, gen=None):
     return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
 
 
-def decode_n_tokens(model, cache, first_logits, lengths, n, sampling, impl="sdpa"):
-    """Sample n tokens per row after the prompts; returns (new tokens (B, n), logits (B, n, V))."""
+def decode_n_tokens(model, cache, first_logits, lengths, n, sampling, impl="sdpa", eos_id=None):
+    """Sample up to n tokens per row after the prompts, stopping early once every row has sampled
+    eos_id; returns (new tokens (B, n'), logits (B, n', V)) with n' <= n."""
     tokens, all_logits, logits = [], [], first_logits
     pos = torch.tensor(lengths, device=first_logits.device)
+    ended = torch.zeros(len(lengths), dtype=torch.bool, device=first_logits.device)  # (B,)
     for i in range(n):
         tok = sample(logits, **sampling)
         tokens.append(tok)
         all_logits.append(logits)
+        if eos_id is not None:
+            ended |= tok == eos_id
+            if bool(ended.all()):  # no row needs another forward pass
+                break
         if i < n - 1:  # the last sample needs no forward pass
             logits = decode_one_token(model, cache, tok, pos, impl)
             pos = pos + 1
@@ -198,14 +206,16 @@ def decode_n_tokens(model, cache, first_logits, lengths, n, sampling, impl="sdpa
     return torch.stack(tokens, 1), torch.stack(all_logits, 1)
 
 
-def generate(model, prompts, max_new_tokens, dense=False, chunk=256, sampling=None, impl="sdpa", page_size=16):
-    """Cached generation for a batch of prompts (lists of ids, any lengths).
-    Returns (new tokens (B, n), their logits (B, n, V), the cache)."""
+def generate(model, prompts, max_new_tokens, dense=False, chunk=256, sampling=None, impl="sdpa", page_size=16,
+             eos_id=None):
+    """Cached generation for a batch of prompts (lists of ids, any lengths), stopping early once
+    every row has produced eos_id (None: never). Returns (new tokens (B, n), their logits
+    (B, n, V), the cache); the cache holds each prompt and the first n - 1 new tokens."""
     check_request(model, prompts, max_new_tokens, impl)
     cache = new_cache(model, len(prompts), max(map(len, prompts)) + max_new_tokens, dense, page_size)
     first = prefill(model, cache, prompts, chunk, impl)
     tokens, logits = decode_n_tokens(model, cache, first, [len(p) for p in prompts], max_new_tokens,
-                                     sampling or {}, impl)
+                                     sampling or {}, impl, eos_id)
     return tokens, logits, cache
 
 
@@ -229,14 +239,14 @@ IMPLS = ("reference", "sdpa", "split", *PAGED)  # cached attention paths, see ke
 
 def check_request(model, prompts, max_new_tokens, impl="sdpa"):
     if impl not in IMPLS:
-        raise ValueError(f"unknown cached attention path {impl!r}; use one of {IMPLS}")
+        raise cli.BadInput(f"unknown cached attention path {impl!r}; use one of {IMPLS}")
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+        raise cli.BadInput(f"max_new_tokens={max_new_tokens} must be >= 0")
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("empty prompt: give at least one token of text")
+        raise cli.BadInput("empty prompt: give at least one token of text")
     longest = max(map(len, prompts)) + max_new_tokens
     if longest > model.cfg.block_size:
-        raise ValueError(f"prompt + max_new_tokens = {longest} tokens is longer than the model's context "
+        raise cli.BadInput(f"prompt + max_new_tokens = {longest} tokens is longer than the model's context "
                          f"of {model.cfg.block_size}; shorten the prompt or lower max_new_tokens")
 
 
@@ -245,7 +255,8 @@ def check_request(model, prompts, max_new_tokens, impl="sdpa"):
 
 
 def cache_report(cache, lengths, dense_bytes_per_pair, n_layer, Hkv) -> dict:
-    """Kept pairs and density per layer, KV bytes in use vs a dense cache of the same length."""
+    """Kept pairs and density per layer, KV bytes in use vs a dense cache of the same length.
+    lengths: tokens each row's cache holds (its prompt and all new tokens but the last)."""
     if isinstance(cache, DenseKVCache):
         total = sum(lengths) * n_layer * Hkv
         return {"pairs": total, "dense_pairs": total, "bytes": total * dense_bytes_per_pair,
@@ -265,9 +276,25 @@ def cache_report(cache, lengths, dense_bytes_per_pair, n_layer, Hkv) -> dict:
 # Command line
 
 
-DEFAULTS = dict(ckpt="", prompt="Write a Python function that checks whether a number is prime.",
-                max_new_tokens=64, tau=-1.0, dense=False, temperature=0.0, top_k=0, top_p=1.0, chunk=256,
-                chat=True, seed=0, page_size=16, target_density=0.0, impl="paged")
+@dataclass
+class Flags:
+    ckpt: str = ""  # checkpoint to decode with; "" = the embedded SmolLM2-135M
+    prompt: str = "Write a Python function that checks whether a number is prime."  # the text to continue
+    max_new_tokens: int = 64  # tokens to generate at most (decoding stops at end-of-text)
+    tau: float = -1.0  # hard-gate threshold in [0, 1]; -1 = the checkpoint's own
+    dense: bool = False  # plain KV cache instead of SP-KV, same model
+    temperature: float = 0.0  # 0 = greedy; > 0 samples from softmax(logits / temperature)
+    top_k: int = 0  # sample among the k most likely tokens; 0 = all
+    top_p: float = 1.0  # nucleus sampling: the smallest set of tokens holding this probability, in (0, 1]
+    chunk: int = 256  # prefill chunk length in tokens
+    chat: bool = True  # wrap the prompt in the checkpoint's chat template, if it has one
+    seed: int = 0  # sampling seed
+    page_size: int = 16  # KV pairs per page of the SP-KV store
+    target_density: float = 0.0  # in (0, 1]: calibrate tau to keep this fraction of old pairs; 0 = off
+    impl: str = "paged"  # cached attention path, one of IMPLS
+
+
+DEFAULTS = dataclasses.asdict(Flags())
 
 
 def describe_path(impl: str, dense: bool, cuda: bool = False) -> str:
@@ -287,7 +314,22 @@ def describe_path(impl: str, dense: bool, cuda: bool = False) -> str:
 
 
 def parse_flags(argv) -> dict:
-    return {**DEFAULTS, **cli.parse(argv, DEFAULTS, "generate.py")}
+    o = {**DEFAULTS, **cli.parse(argv, Flags, "generate.py")}
+    problems = [f"--{k}={o[k]} must be >= {low}" for k, low in (("chunk", 1), ("page_size", 1), ("max_new_tokens", 0),
+                                                                  ("top_k", 0)) if o[k] < low]
+    if not (math.isfinite(o["temperature"]) and o["temperature"] >= 0):
+        problems.append(f"--temperature={o['temperature']} must be a finite number >= 0 (0 = greedy)")
+    if not 0 < o["top_p"] <= 1:
+        problems.append(f"--top_p={o['top_p']} must be in (0, 1]")
+    if o["tau"] != -1.0 and not 0 <= o["tau"] <= 1:
+        problems.append(f"--tau={o['tau']} is outside [0, 1] (-1 = the checkpoint's own)")
+    if o["target_density"] != 0 and not 0 < o["target_density"] <= 1:
+        problems.append(f"--target_density={o['target_density']} must be in (0, 1], or 0 for off")
+    if o["impl"] not in IMPLS:
+        problems.append(f"--impl={o['impl']!r} is not one of {IMPLS}")
+    if problems:
+        raise cli.BadInput("; ".join(problems))
+    return o
 
 
 def chat_prompt(tok, text: str) -> list:
@@ -308,7 +350,7 @@ def main(argv):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok, _ = load_model(o["ckpt"] or default_checkpoint(), device, dense=o["dense"], **overrides)
     if tok is None:
-        sys.exit("generate.py: this checkpoint has no tokenizer; convert it from a folder with tokenizer.json")
+        raise cli.BadInput(f"{o['ckpt'] or 'the checkpoint'} has no tokenizer; convert it from a folder with tokenizer.json")
     model.eval()
     if o["target_density"] > 0:  # pick tau on calibration text (stdlib source, train split)
         import data as datalib
@@ -319,25 +361,33 @@ def main(argv):
         print(f"tau calibrated to {model.cfg.tau:.4f} for target density {o['target_density']}")
     torch.manual_seed(o["seed"])
     ids = chat_prompt(tok, o["prompt"]) if o["chat"] else tok.encode(o["prompt"])
+    dropped = tok.dropped(o["prompt"])
+    if dropped:
+        print(f"prompt: dropped {dropped} character(s) with bytes this vocabulary lacks; {len(ids)} tokens remain")
+    if o["prompt"] and not ids:
+        raise cli.BadInput("--prompt has only characters this vocabulary cannot encode; give text it can")
     print(f"cache: {'dense KV cache' if o['dense'] else f'SP-KV ring of {model.cfg.window} + paged store, tau={model.cfg.tau}'}"
           f"; attention: {describe_path(o['impl'], o['dense'], device == 'cuda')}; device: {device}"
           + ("" if device == "cuda" else " (no CUDA device)"))
     t0 = time.time()
     sampling = dict(temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"])
     tokens, _, cache = generate(model, [ids], o["max_new_tokens"], o["dense"], o["chunk"], sampling,
-                                impl=o["impl"], page_size=o["page_size"])
+                                impl=o["impl"], page_size=o["page_size"], eos_id=tok.eos_id)
     dt = time.time() - t0
     out = tokens[0].tolist()
+    n_new = len(out)
     if tok.eos_id in out:
         out = out[:out.index(tok.eos_id)]
     print(tok.decode(out))
     c = model.cfg
-    rep = cache_report(cache, [len(ids) + o["max_new_tokens"]], 2 * c.head_dim * 4, c.n_layer, c.n_kv_head)
-    print(f"\n--- {len(ids)} prompt + {o['max_new_tokens']} new tokens in {dt:.2f}s "
-          f"({(len(ids) + o['max_new_tokens']) / dt:.1f} tokens/s, prefill included"
+    held = len(ids) + max(0, n_new - 1)  # the last new token is sampled, never run through the model
+    rep = cache_report(cache, [held], 2 * c.head_dim * 4, c.n_layer, c.n_kv_head)
+    print(f"\n--- {len(ids)} prompt + {n_new} new tokens"
+          + (" (stopped at end-of-text)" if n_new < o["max_new_tokens"] else "") + f" in {dt:.2f}s "
+          f"({(len(ids) + n_new) / dt:.1f} tokens/s, prefill included"
           + (", and the one-time compile" if is_compiled(o["impl"], device == "cuda") else "") + ")")
     if rep["density_per_layer"] and rep["density"] != rep["density"]:  # nan: nothing has left the window
-        print(f"density: no pair is older than the window yet ({len(ids) + o['max_new_tokens']} tokens <= window "
+        print(f"density: no pair is older than the window yet ({held} tokens <= window "
               f"{c.window}); the ring is allocated whole, so a dense cache is smaller at this length")
     elif rep["density_per_layer"]:
         print(f"density of pairs older than the window: {rep['density']:.3f}; per layer: "
@@ -347,7 +397,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"generate.py: {e}")
+    cli.run(main, "generate.py")

@@ -209,6 +209,7 @@ def evaluate(model: GPT, val: datalib.Batches, cfg: TrainConfig, device, autocas
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same batches at every eval
     soft = hard = 0.0
     keeps = {layer: [] for layer in model.cfg.spkv_layers()}
+    us = {layer: [] for layer in keeps}  # gate values u (B, Hkv, T) per SP-KV layer
     for _ in range(cfg.eval_batches):
         x, y = (t.to(device) for t in val.sample(cfg.batch_size, gen))
         gates = []
@@ -217,13 +218,24 @@ def evaluate(model: GPT, val: datalib.Batches, cfg: TrainConfig, device, autocas
             hard += model(x, y, view="hard", gates=gates)[1].item() / cfg.eval_batches
         for layer, logit in zip(keeps, gates):
             keeps[layer].append(spkv.hard_keep(logit, model.cfg.tau).cpu())
+            us[layer].append(torch.sigmoid(logit.float()).cpu())
     model.train()
     out = {"val_soft": soft, "val_hard": hard}
     if keeps:
+        out["gates"] = gate_stats(model, {k: torch.cat(v) for k, v in us.items()})
         stats = spkv.density_stats({k: torch.cat(v) for k, v in keeps.items()}, model.cfg.window)
         out.update(density=stats["overall"], density_per_layer=stats["per_layer"],
                    density_per_head=stats["per_head"])
     return out
+
+
+def gate_stats(model: GPT, us: dict) -> dict:
+    """Per SP-KV layer, what the gates do: the mean u over every position, the fraction of
+    positions below tau (dropped once old), and the mean output bias b2 of the predictor (where
+    the gates started: b2 = predictor_init_bias). us: {layer: (B, Hkv, T) gate values}."""
+    return {layer: {"mean_u": u.mean().item(), "below_tau": (u < model.cfg.tau).float().mean().item(),
+                    "bias": model.blocks[layer].attn.predictor.proj.bias.mean().item()}
+            for layer, u in us.items()}
 
 
 def report_density(stats: dict):

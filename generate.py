@@ -292,6 +292,7 @@ class Flags:
     page_size: int = 16  # KV pairs per page of the SP-KV store
     target_density: float = 0.0  # in (0, 1]: calibrate tau to keep this fraction of old pairs; 0 = off
     impl: str = "paged"  # cached attention path, one of IMPLS
+    device: str = "auto"  # auto (CUDA when present), cpu or cuda
 
 
 DEFAULTS = dataclasses.asdict(Flags())
@@ -347,7 +348,9 @@ def main(argv):
 
     o = parse_flags(argv)
     overrides = {} if o["tau"] == -1.0 else {"tau": o["tau"]}  # -1: the checkpoint's own tau
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = o["device"] if o["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise cli.BadInput(f"--device={o['device']}: use auto, cpu, or cuda on a machine with a CUDA GPU")
     model, tok, _ = load_model(o["ckpt"] or default_checkpoint(), device, dense=o["dense"], **overrides)
     if tok is None:
         raise cli.BadInput(f"{o['ckpt'] or 'the checkpoint'} has no tokenizer; convert it from a folder with tokenizer.json")

@@ -259,9 +259,15 @@ def paged_flex_decode_attention(q, k, v, pos, pool, pages, ring, window):
     P, p = pos_pool.shape
     keys = k_pool.reshape(1, 1, P * p, D).expand(S, 1, P * p, D)  # every stream sees the pool; the mask picks
     values = v_pool.reshape(1, 1, P * p, D).expand(S, 1, P * p, D)
-    out, aux = flex_attention(q.reshape(S, G, 1, D), keys, values, block_mask=page_block_mask(pos_pool, owner, *pages),
-                              scale=1 / math.sqrt(D), enable_gqa=G > 1, return_aux=AuxRequest(lse=True))
-    out_store, lse_store = out.reshape(B, Hkv, G, D).float(), aux.lse.reshape(B, Hkv, G).float()  # lse -inf: empty
+    # the fused decoding kernel takes a power-of-two query group only (SmolLM2 has G = 3): pad the
+    # group with zero queries, whose rows are dropped after
+    Gp = 1 << (G - 1).bit_length()
+    qf = q.reshape(S, G, 1, D)
+    qf = torch.cat([qf, qf.new_zeros(S, Gp - G, 1, D)], 1) if Gp != G else qf  # (S, Gp, 1, D)
+    out, aux = flex_attention(qf, keys, values, block_mask=page_block_mask(pos_pool, owner, *pages),
+                              scale=1 / math.sqrt(D), enable_gqa=Gp > 1, return_aux=AuxRequest(lse=True))
+    out, lse = out[:, :G], aux.lse[:, :G]  # (S, G, 1, D), (S, G, 1)
+    out_store, lse_store = out.reshape(B, Hkv, G, D).float(), lse.reshape(B, Hkv, G).float()  # lse -inf: empty
     s_ring, s_new = local_scores(q.reshape(B, Hkv, G, D) / math.sqrt(D), k, pos, ring, window)
     s_local = torch.cat([s_ring, s_new], -1)  # (B, Hkv, G, w + 1)
     lse_local = torch.logsumexp(s_local, -1)  # finite: the new pair is always there

@@ -159,6 +159,14 @@ def build_model(cfg: TrainConfig, device):
     return model.to(device), tok, path
 
 
+def compile_blocks(model: GPT):
+    """torch.compile each block in place (regional compilation). The blocks share one code path, so
+    the compiled graph is reused across layers and compiling costs about one block's time instead
+    of the whole model's (a whole-model compile of the 30-layer SmolLM2 took 144 s on an H100)."""
+    for block in model.blocks:
+        block.compile()
+
+
 def make_optimizer(model: GPT, cfg: TrainConfig, fused: bool):
     """AdamW with three groups: model matrices (weight_decay), model vectors (no decay), and the
     predictors (lr x predictor_lr_mult, predictor_weight_decay). Each group keeps its lr multiplier."""
@@ -443,7 +451,7 @@ def main(argv):
         print(f"resumed from step {step} of {ckpt_path}" + (f"; dropped {dropped} log records past it" if dropped else ""))
     fwd = model
     if cuda and cfg.compile:
-        fwd = torch.compile(model)
+        compile_blocks(model)
     if world > 1:
         fwd = torch.nn.parallel.DistributedDataParallel(  # frozen predictors get no gradient: "unused"
             fwd, device_ids=[device.index] if cuda else None, find_unused_parameters=not cfg.dense)

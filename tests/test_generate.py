@@ -158,7 +158,7 @@ def test_bad_tau_and_missing_tokenizer(tmp_path):
 
 def test_cli_prints_text_and_cache_figures(tmp_path, capsys):
     path = tiny_checkpoint(tmp_path / "t.pt")
-    G.main([f"--ckpt={path}", "--prompt=hello world, " * 5, "--max_new_tokens=8", "--tau=0.5"])
+    G.main([f"--ckpt={path}", "--prompt=hello world, " * 5, "--max_new_tokens=8", "--tau=0.5", "--device=cpu"])
     out = capsys.readouterr().out
     assert "tokens/s" in out and "compression" in out and "density" in out
 
@@ -258,7 +258,7 @@ def test_bench_decode_prints_a_row_per_path(tmp_path, capsys):
 
     path = tiny_checkpoint(tmp_path / "t.pt")
     bench_decode.main([f"--ckpt={path}", "--contexts=64", "--batch=2", "--densities=0.25", "--steps=1",
-                       "--repeats=2", "--impl=paged,split,paged_flex"])
+                       "--repeats=2", "--impl=paged,split,paged_flex", "--device=cpu"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("64 ")]
     assert sorted(r[2] for r in rows) == ["paged", "paged", "paged_flex", "paged_flex", "split", "split"]  # 0.25, real
     assert all(r[5].endswith("x") and float(r[5][:-1]) > 0 for r in rows)
@@ -301,13 +301,18 @@ def test_paged_decode_kernel_on_bf16_pages():
 
 
 @needs_cuda
-def test_paged_flex_compiled_on_cuda_matches_reference():
+@pytest.mark.parametrize("n_head,dtype,tol", [(4, torch.float32, 1e-3), (6, torch.float32, 1e-3),
+                                              (6, torch.bfloat16, 5e-2)])
+def test_paged_flex_compiled_on_cuda_matches_reference(n_head, dtype, tol):
     """On CUDA "paged_flex" runs the decode step compiled (the fused FlexAttention kernel reading the
-    pages the block mask lists): same tokens and logits as the reference path, pool growing."""
-    model = random_gate_model(0, window=8, tau=0.5, n_kv_head=2, n_head=4, n_embd=64).cuda()
+    pages the block mask lists): same logits as the reference path, pool growing. n_head=6 over 2
+    KV heads is SmolLM2's query group (G = 3, not a power of two) at its head dim D = 64."""
+    model = random_gate_model(0, window=8, tau=0.5, n_kv_head=2, n_head=n_head, n_embd=64 * n_head)
+    model = model.to("cuda", dtype)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (20, 90, 47)]
     fast = G.generate(model, prompts, 40, chunk=16, impl="paged_flex", page_size=16)
     plain = G.generate(model, prompts, 40, chunk=16, impl="reference", page_size=16)
-    assert torch.equal(fast[0], plain[0])
-    assert (fast[1] - plain[1]).abs().max().item() <= 1e-3
+    if dtype == torch.float32:  # bf16 rounding may flip a near-tie argmax; the logits still agree
+        assert torch.equal(fast[0], plain[0])
+    assert (fast[1].float() - plain[1].float()).abs().max().item() <= tol

@@ -23,7 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def flags(tmp_path, ckpt, **kw) -> list:
     base = dict(ckpt=ckpt, data=tiny_text_dir(tmp_path / "text"), data_cache=str(tmp_path / "cache"),
                 out_dir=str(tmp_path / "out"), preset="cpu", seq_len=64, batch_size=2, max_steps=8,
-                warmup_steps=1, eval_every=4, eval_batches=2, ckpt_every=4, window=8, lr=3e-3)
+                warmup_steps=1, eval_every=4, eval_batches=2, ckpt_every=4, window=8, lr=3e-3,
+                device="cpu")  # the CPU even on a GPU machine: tiny heads (D=8) are below CUDA flex's minimum
     base.update(kw)
     return [f"--{k}={v}" for k, v in base.items()]
 

@@ -1,0 +1,296 @@
+"""Check and measure every GPU path in one command, and write a short report (markdown + JSON).
+
+    python gpu_check.py                          # every part, on one CUDA GPU (about 15 min)
+    python gpu_check.py --parts=tests,train      # some parts (each part is one --parts name)
+    python gpu_check.py --dry=True               # tiny shapes on the CPU: what CI runs, so it cannot rot
+
+Parts, each run in its own process with its own time limit, so one failure or hang never ends the
+report (its row says FAILED or TIMEOUT and the tail of what it printed):
+  tests     the test suite with the GPU visible (the CUDA-only tests run, the rest must still pass)
+  train     one training step at the gpu preset's shape (SmolLM2-135M shape, random weights, batch 8
+            x 4096, bf16, blocks compiled, FlexAttention): SP-KV vs dense, and SP-KV with the
+            gate gradient cut (what the gradient through the score_mod's captured log-gates costs);
+            MFU, compiled graphs and graph breaks
+  dynamics  a short train.py run from scratch on stdlib source (byte-level model) through soft,
+            anneal and hard gates
+  decode    bench_decode.py: batch 16, bf16, contexts 8k and 32k, densities 10/25/50%, each
+            compiled decode path, with both ideals
+  generate  generate.py end to end with the dynamics checkpoint on every decode path
+Needs nothing but this folder: random weights, a byte-level tokenizer, the interpreter's stdlib.
+The report goes to --out (report.md, report.json); each part's log beside them.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import cli
+
+PARTS = ("tests", "train", "dynamics", "decode", "generate")
+
+
+@dataclass
+class Flags:
+    parts: str = ",".join(PARTS)  # comma list of parts to run, in this order
+    out: str = "runs/gpu_check"  # folder for report.md, report.json and the parts' logs
+    dry: bool = False  # tiny shapes on the CPU (CI): checks the plumbing, measures nothing
+    limit_s: int = 540  # time limit of each part, seconds
+    part: str = ""  # internal: run one part in this process
+
+
+# ---------------------------------------------------------------------------------------------
+# The parts. Each returns a dict of figures (JSON-able); raising marks the part FAILED.
+
+
+def part_tests(dry: bool) -> dict:
+    # on the GPU, the CUDA-only tests (the CPU suite is what CI runs); dry, a few flex tests on the CPU
+    args = ["tests/test_spkv.py", "-k", "flex or reference"] if dry else ["tests", "-k", "cuda or compiled"]
+    res = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", *args],
+                         env={**os.environ, "CI": "true"}, capture_output=True, text=True)
+    summary = [line for line in res.stdout.splitlines() if " passed" in line or " failed" in line]
+    failed = [line for line in res.stdout.splitlines() if line.startswith("FAILED")]
+    print(res.stdout[-4000:])
+    if res.returncode != 0:
+        raise RuntimeError(f"pytest exit {res.returncode}: {summary[-1:] or res.stdout[-500:]} {failed}")
+    return {"summary": summary[-1] if summary else "", "failed": failed}
+
+
+def train_shape(dry: bool):
+    from model import GPTConfig
+
+    if dry:
+        return GPTConfig(vocab_size=257, n_layer=2, n_head=6, n_kv_head=2, n_embd=96, n_hidden=192, block_size=128,
+                         window=16), 2, 64
+    return GPTConfig(), 8, 4096  # SmolLM2-135M shape; the gpu preset's micro-batch
+
+
+def part_train(dry: bool) -> dict:
+    """Time a training micro-step (forward, backward, AdamW) of the three variants."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    import kernels
+    from model import GPT
+    from train import compile_blocks, flops_per_token
+
+    device = "cpu" if dry else "cuda"
+    cfg, B, T = train_shape(dry)
+    steps = 2 if dry else 8
+    out = {"shape": f"{cfg.n_layer} layers, d={cfg.n_embd}, {cfg.n_head}/{cfg.n_kv_head} heads, batch {B} x {T}"}
+    for name, dense, view in [("dense", True, "soft"), ("spkv", False, "soft"), ("spkv_no_gate_grad", False, "anneal")]:
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        c = dataclasses.replace(cfg, dense_layers=tuple(range(cfg.n_layer)) if dense else ())
+        model = GPT(c, attn_impl="sdpa" if dry else "flex_compiled").to(device)
+        if not dry:
+            compile_blocks(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not dry)
+        x = torch.randint(0, c.vocab_size, (B, T), device=device)
+        autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=not dry)
+        a = torch.tensor(0.0)  # "anneal" at a = 0 is the soft view with the predictor detached
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        t_first = time.perf_counter()
+        for i in range(2 + steps):
+            if i == 2:
+                sync()
+                t0 = time.perf_counter()
+            with autocast:
+                loss = model(x, x, view=view, anneal=a)[1]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i == 0:
+                sync()
+                first = time.perf_counter() - t_first
+        sync()
+        dt = (time.perf_counter() - t0) / steps
+        mfu = flops_per_token(model, T) * B * T / dt / 989e12  # H100 SXM dense bf16 peak
+        out[name] = {"step_ms": 1000 * dt, "tokens_per_s": B * T / dt, "mfu_h100": mfu, "first_step_s": first,
+                     "graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+                     "max_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0}
+        print(name, out[name], flush=True)
+        del model, opt
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    out["spkv_over_dense"] = out["spkv"]["step_ms"] / out["dense"]["step_ms"]
+    out["gate_grad_share"] = 1 - out["spkv_no_gate_grad"]["step_ms"] / out["spkv"]["step_ms"]
+    del kernels
+    return out
+
+
+def byte_checkpoint(path: str):
+    """A tiny checkpoint whose only use is its byte-level tokenizer (train.py --init=scratch)."""
+    import torch
+
+    from checkpoint import save_checkpoint
+    from model import GPT, GPTConfig
+    from tokenizer import byte_spec
+
+    torch.manual_seed(0)
+    save_checkpoint(path, GPT(GPTConfig(vocab_size=257, n_layer=1, n_head=2, n_kv_head=1, n_embd=32, n_hidden=64,
+                                        block_size=64)), byte_spec(), source="gpu_check.py")
+
+
+def part_dynamics(dry: bool, out: str) -> dict:
+    """train.py from scratch (byte-level, stdlib source) through soft, anneal and hard gates."""
+    folder = os.path.join(out, "dynamics")
+    os.makedirs(out, exist_ok=True)
+    tok_ckpt = os.path.join(out, "bytes.pt")
+    if not os.path.exists(tok_ckpt):
+        byte_checkpoint(tok_ckpt)
+    shape = (["--n_layer=2", "--n_embd=64", "--seq_len=128", "--window=16", "--batch_size=2", "--max_steps=6",
+              "--eval_every=3", "--device=cpu", "--preset=cpu"] if dry else
+             ["--n_layer=4", "--n_embd=256", "--seq_len=2048", "--window=64", "--batch_size=16", "--grad_accum=1",
+              "--max_steps=600", "--eval_every=200", "--eval_batches=4", "--ckpt_every=200", "--preset=gpu"])
+    flags = [*shape, "--init=scratch", f"--ckpt={tok_ckpt}", "--lr=2e-3", "--warmup_steps=2" if dry else "--warmup_steps=50",
+             "--weight_decay=0.1", f"--out_dir={folder}", f"--data_cache={os.path.join(out, 'data_cache')}"]
+    if os.path.exists(os.path.join(folder, "final.json")):
+        os.replace(folder, folder + f".old-{int(time.time())}")  # an earlier check's run is kept, renamed
+    res = subprocess.run([sys.executable, "train.py", *flags], capture_output=True, text=True)
+    print(res.stdout[-3000:], res.stderr[-3000:])
+    if res.returncode != 0:
+        raise RuntimeError(f"train.py exit {res.returncode}: {res.stderr.strip().splitlines()[-1:]}")
+    with open(os.path.join(folder, "final.json")) as f:
+        final = json.load(f)
+    with open(os.path.join(folder, "log.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    speed = [r["tokens_per_s"] for r in log if "tokens_per_s" in r][5:] or [0.0]
+    return {"flags": " ".join(flags), "val_soft": final["val_soft"], "val_hard": final["val_hard"],
+            "density": final.get("density"), "density_per_layer": final.get("density_per_layer"),
+            "views": sorted({r["view"] for r in log if "view" in r}), "tokens_per_s_median": sorted(speed)[len(speed) // 2]}
+
+
+def part_decode(dry: bool, out: str) -> dict:
+    """bench_decode.py, one process per path so that one failing path leaves the others' rows."""
+    tiny = ["--contexts=64", "--batch=2", "--densities=0.25", "--steps=1", "--repeats=1", "--device=cpu",
+            f"--ckpt={os.path.join(out, 'dynamics', 'ckpt.pt')}"]  # the dry run's model: window 16
+    args = (tiny if dry else
+            ["--contexts=8192,32768", "--batch=16", "--densities=0.1,0.25,0.5", "--steps=8", "--repeats=2",
+             "--dtype=bfloat16", "--device=cuda"])
+    rows, problems = [], []
+    for impl in ("paged_compiled", "paged_flex", "paged"):
+        res = subprocess.run([sys.executable, "bench_decode.py", *args, f"--impl={impl}"], capture_output=True, text=True)
+        print(res.stdout[-3000:], res.stderr[-2000:])
+        rows += [line for line in res.stdout.splitlines() if line.strip()[:1].isdigit() and impl in line.split()]
+        if res.returncode != 0:
+            problems.append(f"{impl}: exit {res.returncode}: {res.stderr.strip().splitlines()[-1:]}")
+    if problems and not rows:
+        raise RuntimeError("; ".join(problems))
+    header = "context density path dense_tok/s spkv_tok/s speedup ideal of_ideal ideal(t) of_it dense_KV_MB spkv_KV_MB compress"
+    return {"columns": header.split(), "rows": [r.split() for r in rows], "problems": problems}
+
+
+def part_generate(dry: bool, out: str) -> dict:
+    """generate.py with the dynamics checkpoint on each decode path: the same text on every path."""
+    ckpt = os.path.join(out, "dynamics", "ckpt.pt")
+    if not os.path.exists(ckpt):
+        raise RuntimeError(f"{ckpt} is missing: run the dynamics part first")
+    texts, speeds = {}, {}
+    for impl in ("reference", "paged", "paged_compiled", "paged_flex"):
+        res = subprocess.run([sys.executable, "generate.py", f"--ckpt={ckpt}", "--prompt=def main(argv):\n    " * 30,
+                              "--max_new_tokens=8" if dry else "--max_new_tokens=256", f"--impl={impl}", "--chat=False",
+                              "--device=cpu" if dry else "--device=cuda"], capture_output=True, text=True)
+        print(impl, res.stdout[-1500:], res.stderr[-1500:])
+        if res.returncode != 0:
+            texts[impl] = f"FAILED: {res.stderr.strip().splitlines()[-1:]}"
+            continue
+        lines = res.stdout.splitlines()
+        texts[impl] = "\n".join(lines[1:next(i for i, line in enumerate(lines) if line.startswith("--- "))])
+        speeds[impl] = next(line for line in lines if line.startswith("--- "))
+    same = len({t for t in texts.values() if not t.startswith("FAILED")}) == 1
+    if not speeds:
+        raise RuntimeError("every path failed: " + "; ".join(texts.values()))
+    return {"same_text_on_every_path": same, "speed_lines": speeds,
+            "failed": {k: v for k, v in texts.items() if v.startswith("FAILED")}}
+
+
+def run_part(name: str, dry: bool, out: str) -> dict:
+    fns = {"tests": lambda: part_tests(dry), "train": lambda: part_train(dry), "dynamics": lambda: part_dynamics(dry, out),
+           "decode": lambda: part_decode(dry, out), "generate": lambda: part_generate(dry, out)}
+    return fns[name]()
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver: one process per part, a time limit each, a report at the end.
+
+
+def drive(name: str, o: dict) -> dict:
+    """Run one part in a child process; return {"status", "seconds", "figures" or "tail"}."""
+    log = os.path.join(o["out"], f"{name}.log")
+    result = os.path.join(o["out"], f"{name}.json")
+    if os.path.exists(result):
+        os.remove(result)  # a stale result must never stand in for this run's
+    cmd = [sys.executable, "gpu_check.py", f"--part={name}", f"--out={o['out']}", f"--dry={o['dry']}"]
+    t0 = time.time()
+    with open(log, "w") as f:
+        try:
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=o["limit_s"]).returncode
+            status = "ok" if code == 0 and os.path.exists(result) else "FAILED"
+        except subprocess.TimeoutExpired:
+            status = f"TIMEOUT after {o['limit_s']} s"
+    row = {"status": status, "seconds": round(time.time() - t0, 1)}
+    if status == "ok":
+        with open(result) as f:
+            row["figures"] = json.load(f)
+    else:
+        with open(log) as f:
+            row["tail"] = f.read()[-1500:]
+    print(f"{name}: {status} in {row['seconds']} s", flush=True)
+    return row
+
+
+def environment() -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "python": sys.version.split()[0],
+            "device": torch.cuda.get_device_name() if cuda else "cpu", "dry": not cuda}
+
+
+def write_report(o: dict, env: dict, rows: dict):
+    with open(os.path.join(o["out"], "report.json.tmp"), "w") as f:
+        json.dump({"environment": env, "parts": rows}, f, indent=1)
+    os.replace(os.path.join(o["out"], "report.json.tmp"), os.path.join(o["out"], "report.json"))
+    lines = [f"# gpu_check report ({env['date']}, {env['device']}, torch {env['torch']}"
+             + (", dry run: tiny shapes on the CPU, nothing measured" if o["dry"] else "") + ")", ""]
+    for name, row in rows.items():
+        lines += [f"## {name}: {row['status']} ({row['seconds']} s)", ""]
+        body = json.dumps(row.get("figures", {}), indent=1) if row["status"] == "ok" else row["tail"]
+        lines += ["```", body, "```", ""]
+    with open(os.path.join(o["out"], "report.md.tmp"), "w") as f:
+        f.write("\n".join(lines))
+    os.replace(os.path.join(o["out"], "report.md.tmp"), os.path.join(o["out"], "report.md"))
+
+
+def main(argv):
+    o = dataclasses.asdict(Flags())
+    o.update(cli.parse(argv, Flags, "gpu_check.py"))
+    names = [p for p in o["parts"].split(",") if p]
+    bad = [p for p in names + ([o["part"]] if o["part"] else []) if p not in PARTS]
+    if bad:
+        raise cli.BadInput(f"unknown part {bad[0]!r}; use a comma list of {', '.join(PARTS)}")
+    os.makedirs(o["out"], exist_ok=True)
+    if o["part"]:  # child: run one part, write its figures
+        figures = run_part(o["part"], o["dry"], o["out"])
+        with open(os.path.join(o["out"], f"{o['part']}.json"), "w") as f:
+            json.dump(figures, f, indent=1)
+        return
+    import torch
+
+    if not o["dry"] and not torch.cuda.is_available():
+        raise cli.BadInput("no CUDA GPU is visible; run on a GPU machine, or --dry=True for the CPU plumbing check")
+    env = environment()
+    print(f"gpu_check: {env['device']}, torch {env['torch']}; parts {names}; {o['limit_s']} s each; report in {o['out']}")
+    rows = {name: drive(name, o) for name in names}
+    write_report(o, env, rows)
+    print(f"report: {os.path.join(o['out'], 'report.md')}")
+
+
+if __name__ == "__main__":
+    cli.run(main, "gpu_check.py")

@@ -145,9 +145,14 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, D).transpose(1, 2)  # (B, Hkv, T, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        # the predictor reads the same normalized x as q/k/v; logits kept in fp32 under autocast
-        logit = self.predictor(x).float().transpose(1, 2) if self.is_spkv else None  # (B, Hkv, T)
+        logit = self.gate_logits(x) if self.is_spkv else None  # (B, Hkv, T)
         return q, k, v, logit
+
+    def gate_logits(self, x):
+        """The predictor reads the same normalized x as q/k/v. It runs in fp32 even under bf16
+        autocast, so that training sees the keep decisions (u >= tau) that fp32 decoding makes."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self.predictor(x.float()).transpose(1, 2)  # (B, Hkv, T)
 
     def forward(self, x, rope, view, anneal, impl, gates):
         q, k, v, logit = self.qkv(x, rope)

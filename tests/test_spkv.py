@@ -237,3 +237,19 @@ def test_predictor_starts_open_and_shape():
     u = torch.sigmoid(pred(torch.randn(2, 7, 32)))  # (B, T, Hkv)
     assert u.shape == (2, 7, 3)
     close(u, torch.full_like(u, 1 / (1 + math.exp(-5))), 1e-6)
+
+
+def test_gate_logits_are_fp32_under_bf16_autocast():
+    """Under bf16 autocast the predictor still runs in fp32: the logits equal the fp32 ones exactly,
+    so keep decisions near tau are the ones fp32 decoding makes."""
+    from model import GPT
+    from tiny import tiny_config
+
+    torch.manual_seed(0)
+    attn = GPT(tiny_config()).blocks[0].attn
+    torch.nn.init.normal_(attn.predictor.proj.weight)
+    x = torch.randn(2, 16, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attn.gate_logits(x)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, attn.predictor(x).transpose(1, 2))

@@ -94,7 +94,7 @@ def write_gguf(path, arch):
 # (script, argv with {b} for the fixture folder, what the one line must say)
 CASES = [
     ("train", "RUN", "--resume=True, or give a fresh --out_dir"),  # the overwrite case
-    ("train", "RUN --device=tpu", "--device='tpu' is not one of"),
+    ("train", "NEW --device=tpu", "--device='tpu' is not one of"),
     ("train", "NEW --window=64", "--window=64 must be in [1, --seq_len=64)"),
     ("train", "RUN --lr=2", "--lr is given twice"),
     ("train", "NEW --max_stpes=3", "unknown flag --max_stpes; did you mean --max_steps"),

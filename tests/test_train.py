@@ -193,3 +193,32 @@ def test_nan_loss_stops_and_says_nothing_was_saved(tmp_path):
     with pytest.raises(BadInput, match="loss nan .* no checkpoint exists yet"):
         train.main(flags(tmp_path, str(tmp_path / "poisoned.pt"), max_steps=2, ckpt_every=1))
     assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_logs_carry_each_layers_gate_statistics(tmp_path):
+    """Every eval record and final.json hold, per SP-KV layer, the mean gate u, the fraction below
+    tau and the predictor's output bias; recomputed here from the saved model's own gates on the
+    same held-out batches."""
+    import data as datalib
+
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    train.main(flags(tmp_path, ckpt))
+    evals = [r for r in read_log(tmp_path / "out") if "val_hard" in r]
+    assert evals and all(set(r["gates"]) == {"0", "1"} for r in evals)
+    final = json.load(open(tmp_path / "out" / "final.json"))
+    cfg = train.TrainConfig(**final["train_config"])
+    model, tok, _ = load_model(str(tmp_path / "out" / "ckpt.pt"))
+    val = datalib.Batches(datalib.prepare(cfg.data, tok, cfg.data_cache), "val", cfg.seq_len)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)  # evaluate's fixed batches
+    us = {0: [], 1: []}
+    with torch.no_grad():
+        for _ in range(cfg.eval_batches):
+            gates = []
+            model.eval()(*val.sample(cfg.batch_size, gen), view="hard", gates=gates)
+            for layer, logit in zip(us, gates):
+                us[layer].append(torch.sigmoid(logit))
+    for layer, parts in us.items():
+        u, rec = torch.cat(parts), final["gates"][str(layer)]
+        assert abs(rec["mean_u"] - u.mean().item()) <= 1e-6
+        assert abs(rec["below_tau"] - (u < cfg.tau).float().mean().item()) <= 1e-6
+        assert abs(rec["bias"] - model.blocks[layer].attn.predictor.proj.bias.mean().item()) <= 1e-6

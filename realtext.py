@@ -43,19 +43,24 @@ class Flags:
     eval_batches: int = 4  # held-out batches (of batch_size sequences) for every figure
     eval_only: bool = False  # skip training; measure the runs already in --out
     threads: int = 2  # torch threads
+    tiny: bool = False  # tests: a 2-layer d=32 model at 64 tokens, to check the plumbing in seconds
+    data: str = ""  # training text, as train.py's --data; "" = the Python standard library source
+    ckpt: str = ""  # where the tokenizer comes from, as train.py's --ckpt; "" = the embedded SmolLM2
 
 
-MODEL = ["--n_layer=4", "--n_embd=256", "--n_head=4", "--n_kv_head=2", "--seq_len=1024", "--window=64",
-         "--batch_size=4", "--weight_decay=0.1", "--eval_every=30", "--eval_batches=2", "--ckpt_every=30",
-         "--device=cpu", "--preset=cpu"]
+SHAPES = {False: dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=2, seq_len=1024, window=64, batch_size=4),
+          True: dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, seq_len=64, window=8, batch_size=2)}
 
 
 def runs(o: dict) -> dict:
     """name -> train.py flags. The adaptation runs start from the dense scratch run's checkpoint."""
     out, a, b = o["out"], o["scratch_steps"], o["adapt_steps"]
-    scratch = MODEL + ["--init=scratch", "--lr=1e-3", f"--warmup_steps={max(1, a // 10)}", f"--max_steps={a}"]
+    common = [f"--{k}={v}" for k, v in SHAPES[o["tiny"]].items()] + [
+        "--weight_decay=0.1", "--eval_every=30", "--eval_batches=2", "--ckpt_every=30", "--device=cpu", "--preset=cpu",
+        f"--data={o['data']}"]
+    scratch = common + [f"--ckpt={o['ckpt']}", "--init=scratch", "--lr=1e-3", f"--warmup_steps={max(1, a // 10)}", f"--max_steps={a}"]
     pretrained = os.path.join(out, "scratch_dense", "ckpt.pt")
-    adapt = MODEL + ["--init=pretrained", f"--ckpt={pretrained}", "--lr=5e-4", f"--warmup_steps={max(1, b // 10)}", f"--max_steps={b}"]
+    adapt = common + ["--init=pretrained", f"--ckpt={pretrained}", "--lr=5e-4", f"--warmup_steps={max(1, b // 10)}", f"--max_steps={b}"]
     return {"scratch_dense": scratch + ["--dense=True"], "scratch_spkv": scratch,
             "adapt_dense": adapt + ["--dense=True"], "adapt_spkv": adapt}
 
@@ -136,14 +141,15 @@ def main(argv):
         for name, flags in plan.items():
             train(name, flags, o["out"])
     tok = load_model(os.path.join(o["out"], "scratch_dense", "ckpt.pt"))[1]
-    texts = {"stdlib": datalib.Batches(datalib.prepare("", tok), "val", 1024),
-             "prose": datalib.Batches(datalib.prepare(PROSE, tok), "train", 1024)}
+    T = SHAPES[o["tiny"]]["seq_len"]
+    texts = {"stdlib": datalib.Batches(datalib.prepare(o["data"], tok), "val", T),
+             "prose": datalib.Batches(datalib.prepare(PROSE, tok), "train", T)}
     results = {}
     for flow in ("scratch", "adapt"):
         for text, batches in texts.items():
             results[(flow, text)] = measure(os.path.join(o["out"], f"{flow}_spkv", "ckpt.pt"),
                                             os.path.join(o["out"], f"{flow}_dense", "ckpt.pt"), batches,
-                                            o["eval_batches"], 4)
+                                            o["eval_batches"], SHAPES[o["tiny"]]["batch_size"])
     table(results)
     with open(os.path.join(o["out"], "results.json.tmp"), "w") as f:
         json.dump({f"{k[0]}/{k[1]}": v for k, v in results.items()}, f, indent=1)

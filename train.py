@@ -159,6 +159,22 @@ def build_model(cfg: TrainConfig, device):
     return model.to(device), tok, path
 
 
+BIAS_LIMIT_BYTES = 2e9  # the largest (B, Hkv, T, T) bias the "sdpa" path may build per layer
+
+
+def check_bias_size(cfg: TrainConfig, model: GPT, impl: str, dtype_bytes: int):
+    """The "sdpa" path materializes SP-KV's bias, B * Hkv * T * T values per layer: refuse a shape
+    where that alone would take gigabytes (0.8 GB per layer at the gpu preset) instead of failing
+    out of memory later; FlexAttention builds no bias."""
+    if impl != "sdpa" or cfg.dense:
+        return
+    size = cfg.batch_size * model.cfg.n_kv_head * cfg.seq_len ** 2 * dtype_bytes
+    if size > BIAS_LIMIT_BYTES:
+        raise cli.BadInput(f"--attn=sdpa would build a {size / 1e9:.1f} GB attention bias per layer at --batch_size="
+                           f"{cfg.batch_size} --seq_len={cfg.seq_len}; use --attn=flex_compiled (CUDA), or a smaller "
+                           f"batch or sequence")
+
+
 def compile_blocks(model: GPT):
     """torch.compile each block in place (regional compilation). The blocks share one code path, so
     the compiled graph is reused across layers and compiling costs about one block's time instead
@@ -439,6 +455,7 @@ def main(argv):
     cuda = device.type == "cuda"
     impl, why_attn = kernels.choose_attention(device, cfg.attn)
     model.attn_impl = impl
+    check_bias_size(cfg, model, impl, dtype_bytes=2 if cuda else 4)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     folder = datalib.prepare(cfg.data, tok, cfg.data_cache or datalib.DEFAULT_CACHE)
     train, val = datalib.Batches(folder, "train", cfg.seq_len), datalib.Batches(folder, "val", cfg.seq_len)

@@ -73,7 +73,6 @@ def part_train(dry: bool) -> dict:
     import torch
     from torch._dynamo.utils import counters
 
-    import kernels
     from model import GPT
     from train import compile_blocks, flops_per_token
 
@@ -120,7 +119,6 @@ def part_train(dry: bool) -> dict:
             torch.cuda.reset_peak_memory_stats()
     out["spkv_over_dense"] = out["spkv"]["step_ms"] / out["dense"]["step_ms"]
     out["gate_grad_share"] = 1 - out["spkv_no_gate_grad"]["step_ms"] / out["spkv"]["step_ms"]
-    del kernels
     return out
 
 

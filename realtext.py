@@ -86,17 +86,10 @@ def measure(spkv_path: str, dense_path: str, batches, n: int, bs: int) -> dict:
     policies = baselines.policy_losses(dense_model, batches, ["full", "h2o", "streaming", "window"], density, n, bs)
     sweep = [(t, *taulib.hard_loss_and_density(spkv_model, batches, t, n, bs)) for t in (0.1, 0.3, 0.5, 0.7, 0.9)]
     spkv_model.cfg.tau = tau
-    soft = sum(spkv_model(*batches_at(batches, bs, i), view="soft")[1].item() for i in range(n)) / n
+    gen = torch.Generator().manual_seed(1)  # the batches tau.hard_loss_and_density draws
+    soft = sum(spkv_model(*batches.sample(bs, gen), view="soft")[1].item() for _ in range(n)) / n
     return {"spkv_hard": hard, "spkv_soft": soft, "density": density, **policies,
             "tau_sweep": [{"tau": t, "loss": loss, "density": d} for t, loss, d in sweep]}
-
-
-def batches_at(batches, bs: int, i: int):
-    """The i-th of the fixed batches tau.hard_loss_and_density draws (seed 1)."""
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(i + 1):
-        x, y = batches.sample(bs, gen)
-    return x, y
 
 
 def table(results: dict):

@@ -42,6 +42,9 @@ class Flags:
     adapt_steps: int = 60  # (b): steps of the adaptation and of the continued dense run
     eval_batches: int = 4  # held-out batches (of batch_size sequences) for every figure
     eval_only: bool = False  # skip training; measure the runs already in --out
+    predictor_lr_mult: float = 20.0  # the flows' predictor LR multiplier (paper: 5; why 20: the ablation)
+    ablate: bool = False  # instead of the flows: the ablation rows (scratch runs, ~8 min each at 150 steps) and their table
+    rows: str = ""  # with --ablate: comma list of rows to run (paper,lr20,lr50,wd10,bias2,window2x,ctx_half,steps2x); "" = all
     threads: int = 2  # torch threads
     tiny: bool = False  # tests: a 2-layer d=32 model at 64 tokens, to check the plumbing in seconds
     data: str = ""  # training text, as train.py's --data; "" = the Python standard library source
@@ -51,29 +54,94 @@ class Flags:
 SHAPES = {False: dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=2, seq_len=1024, window=64, batch_size=4),
           True: dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, seq_len=64, window=8, batch_size=2)}
 
+# The ablation: from-scratch SP-KV runs, each changing one knob of the paper's recipe (predictor LR
+# x5, predictor weight decay 0.1, output bias 5, window 64, 150 steps, context 1024).
+def ablation_rows(o: dict) -> dict:
+    """key -> (what the row changes, its train.py flags on top of scratch_flags, the dense run it is
+    compared with). Only steps and context change the dense run."""
+    shape, a = SHAPES[o["tiny"]], o["scratch_steps"]
+    half = {"seq_len": shape["seq_len"] // 2, "batch_size": shape["batch_size"] * 2}  # same tokens a step
+    twice = {"max_steps": 2 * a, "warmup_steps": max(1, 2 * a // 10)}
+    return {
+        "paper": ("paper's recipe", {}, "scratch_dense"),
+        "lr20": ("predictor LR x20", {"predictor_lr_mult": 20}, "scratch_dense"),
+        "lr50": ("predictor LR x50", {"predictor_lr_mult": 50}, "scratch_dense"),
+        "wd10": ("predictor weight decay 10", {"predictor_weight_decay": 10}, "scratch_dense"),
+        "bias2": ("init bias 2 (u = 0.88)", {"predictor_init_bias": 2}, "scratch_dense"),
+        "window2x": (f"window {2 * shape['window']}", {"window": 2 * shape["window"]}, "scratch_dense"),
+        "ctx_half": (f"context {half['seq_len']}, batch x2", half, "dense_ctx_half"),
+        "steps2x": (f"{2 * a} steps", twice, "dense_steps2x"),
+    }, {"dense_ctx_half": half, "dense_steps2x": twice}
+
+
+def argv(flags: dict) -> list:
+    return [f"--{k}={v}" for k, v in flags.items()]
+
+
+def scratch_flags(o: dict) -> dict:
+    """train.py flags of a from-scratch run at the paper's recipe (no --predictor_* flag: train.py's
+    defaults are the paper's)."""
+    a = o["scratch_steps"]
+    return {**SHAPES[o["tiny"]], "weight_decay": 0.1, "eval_every": 30, "eval_batches": 2, "ckpt_every": 30,
+            "device": "cpu", "preset": "cpu", "data": o["data"], "ckpt": o["ckpt"], "init": "scratch",
+            "lr": 1e-3, "warmup_steps": max(1, a // 10), "max_steps": a}
+
 
 def runs(o: dict) -> dict:
-    """name -> train.py flags. The adaptation runs start from the dense scratch run's checkpoint."""
-    out, a, b = o["out"], o["scratch_steps"], o["adapt_steps"]
-    common = [f"--{k}={v}" for k, v in SHAPES[o["tiny"]].items()] + [
-        "--weight_decay=0.1", "--eval_every=30", "--eval_batches=2", "--ckpt_every=30", "--device=cpu", "--preset=cpu",
-        f"--data={o['data']}"]
-    scratch = common + [f"--ckpt={o['ckpt']}", "--init=scratch", "--lr=1e-3", f"--warmup_steps={max(1, a // 10)}", f"--max_steps={a}"]
-    pretrained = os.path.join(out, "scratch_dense", "ckpt.pt")
-    adapt = common + ["--init=pretrained", f"--ckpt={pretrained}", "--lr=5e-4", f"--warmup_steps={max(1, b // 10)}", f"--max_steps={b}"]
-    return {"scratch_dense": scratch + ["--dense=True"], "scratch_spkv": scratch,
-            "adapt_dense": adapt + ["--dense=True"], "adapt_spkv": adapt}
+    """name -> train.py flags of the two flows. SP-KV runs use --predictor_lr_mult; the adaptation
+    runs start from the dense scratch run's checkpoint."""
+    b = o["adapt_steps"]
+    scratch = scratch_flags(o)
+    pretrained = os.path.join(o["out"], "scratch_dense", "ckpt.pt")
+    adapt = {**scratch, "init": "pretrained", "ckpt": pretrained, "lr": 5e-4, "warmup_steps": max(1, b // 10),
+             "max_steps": b}
+    pred = {"predictor_lr_mult": o["predictor_lr_mult"]}
+    return {"scratch_dense": {**scratch, "dense": True}, "scratch_spkv": {**scratch, **pred},
+            "adapt_dense": {**adapt, "dense": True}, "adapt_spkv": {**adapt, **pred}}
 
 
-def train(name: str, flags: list, out: str):
+def ablation_runs(o: dict) -> dict:
+    """name -> train.py flags of the chosen ablation rows (--rows) and the dense runs they need."""
+    rows, dense = ablation_rows(o)
+    keys = [k for k in o["rows"].split(",") if k] or list(rows)
+    unknown = [k for k in keys if k not in rows]
+    if unknown:
+        raise cli.BadInput(f"--rows: unknown row {unknown[0]!r}; rows are {','.join(rows)}")
+    scratch = scratch_flags(o)
+    plan = {}
+    for key in keys:
+        _, over, dense_name = rows[key]
+        plan[dense_name] = {**scratch, **dense.get(dense_name, {}), "dense": True}
+        plan["ablate_" + key] = {**scratch, **over}
+    return plan
+
+
+def finished(folder: str, flags: dict) -> bool:
+    """Whether folder holds a finished run of these flags. A finished run made with other flags is
+    refused, never trained over or measured as if it were this one: it holds someone's results."""
+    final = os.path.join(folder, "final.json")
+    if not os.path.exists(final):
+        return False
+    with open(final) as f:
+        saved = json.load(f)["train_config"]
+    differ = [f"--{k}={saved.get(k)} (wanted {v})" for k, v in flags.items() if saved.get(k) != v]
+    if differ:
+        raise cli.BadInput(f"{folder} holds a finished run with other flags: {', '.join(differ)}; "
+                           "give a new --out (or remove that folder) to train these")
+    return True
+
+
+def train(name: str, flags: dict, out: str, threads: int, eval_only: bool):
     """Run train.py for one run unless it already finished (final.json present)."""
     folder = os.path.join(out, name)
-    if os.path.exists(os.path.join(folder, "final.json")):
+    if finished(folder, flags):
         print(f"{name}: finished earlier, kept ({folder})")
         return
-    cmd = [sys.executable, "train.py", *flags, f"--out_dir={folder}"]
-    print("$ " + " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True)
+    if eval_only:
+        raise cli.BadInput(f"--eval_only=True, but {folder} holds no finished run; drop --eval_only to train it")
+    cmd = [sys.executable, "train.py", *argv(flags), f"--out_dir={folder}"]
+    print(f"$ OMP_NUM_THREADS={threads} " + " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 
 @torch.no_grad()
@@ -96,7 +164,8 @@ def table(results: dict):
     print(f"\n{'flow':<8} {'text':<7} {'density':>8} {'SP-KV hard':>11} {'dense':>8} {'SP-KV vs dense':>15} "
           f"{'H2O':>8} {'Stream':>8} {'window':>8}")
     for (flow, text), r in results.items():
-        pct = lambda x: f"{100 * (x / r['full'] - 1):+.2f}%"  # noqa: E731
+        def pct(x):
+            return f"{100 * (x / r['full'] - 1):+.2f}%"
         print(f"{flow:<8} {text:<7} {r['density']:>8.3f} {r['spkv_hard']:>11.4f} {r['full']:>8.4f} "
               f"{pct(r['spkv_hard']):>15} {pct(r['h2o']):>8} {pct(r['streaming']):>8} {pct(r['window']):>8}")
 
@@ -123,16 +192,49 @@ def plot(results: dict, path: str):
     os.replace(path + ".tmp.png", path)  # atomic: an interrupted save leaves the old picture
 
 
+def final_eval(out: str, name: str) -> dict:
+    with open(os.path.join(out, name, "final.json")) as f:
+        return json.load(f)
+
+
+def ablation_table(o: dict) -> list:
+    """One row per knob: train.py's final eval (2 fixed held-out batches, hard gates) of the row's
+    run against its dense run, and the density per layer."""
+    rows, _ = ablation_rows(o)
+    table = []
+    print(f"\n{'ablation row':<28} {'density':>8} {'per layer':<24} {'SP-KV hard':>10} {'dense':>8} {'vs dense':>9}")
+    for key in [k for k in o["rows"].split(",") if k] or list(rows):
+        what, _, dense_name = rows[key]
+        r, d = final_eval(o["out"], "ablate_" + key), final_eval(o["out"], dense_name)
+        layers = [r["density_per_layer"][k] for k in sorted(r["density_per_layer"], key=int)]
+        table.append({"row": key, "what": what, "density": r["density"], "per_layer": layers,
+                      "spkv_hard": r["val_hard"], "dense": d["val_hard"], "vs_dense": r["val_hard"] / d["val_hard"] - 1})
+        print(f"{what:<28} {r['density']:>8.3f} {' '.join(f'{x:.2f}' for x in layers):<24} "
+              f"{r['val_hard']:>10.4f} {d['val_hard']:>8.4f} {100 * table[-1]['vs_dense']:>+8.2f}%")
+    return table
+
+
+def write_json(path: str, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)  # atomic: an interrupted write leaves the old file
+
+
 def main(argv):
     o = dataclasses.asdict(Flags())
     o.update(cli.parse(argv, Flags, "realtext.py"))
     if min(o["scratch_steps"], o["adapt_steps"], o["eval_batches"], o["threads"]) < 1:
         raise cli.BadInput("--scratch_steps, --adapt_steps, --eval_batches and --threads must be >= 1")
+    if not 0 < o["predictor_lr_mult"] < 1e4:
+        raise cli.BadInput(f"--predictor_lr_mult={o['predictor_lr_mult']} must be > 0 (the paper's is 5)")
     torch.set_num_threads(o["threads"])
-    plan = runs(o)
-    if not o["eval_only"]:
-        for name, flags in plan.items():
-            train(name, flags, o["out"])
+    plan = ablation_runs(o) if o["ablate"] else runs(o)
+    for name, flags in plan.items():
+        train(name, flags, o["out"], o["threads"], o["eval_only"])
+    if o["ablate"]:
+        write_json(os.path.join(o["out"], "ablation.json"), ablation_table(o))
+        print(f"\nwrote {o['out']}/ablation.json")
+        return
     tok = load_model(os.path.join(o["out"], "scratch_dense", "ckpt.pt"))[1]
     T = SHAPES[o["tiny"]]["seq_len"]
     texts = {"stdlib": datalib.Batches(datalib.prepare(o["data"], tok), "val", T),
@@ -144,9 +246,7 @@ def main(argv):
                                             os.path.join(o["out"], f"{flow}_dense", "ckpt.pt"), batches,
                                             o["eval_batches"], SHAPES[o["tiny"]]["batch_size"])
     table(results)
-    with open(os.path.join(o["out"], "results.json.tmp"), "w") as f:
-        json.dump({f"{k[0]}/{k[1]}": v for k, v in results.items()}, f, indent=1)
-    os.replace(os.path.join(o["out"], "results.json.tmp"), os.path.join(o["out"], "results.json"))
+    write_json(os.path.join(o["out"], "results.json"), {f"{k[0]}/{k[1]}": v for k, v in results.items()})
     plot(results, os.path.join(o["out"], "loss_vs_density.png"))
     print(f"\nwrote {o['out']}/results.json and {o['out']}/loss_vs_density.png")
 

@@ -1,10 +1,14 @@
 """realtext.py's plumbing at tiny sizes: both flows train through train.py, every figure of the table
-is measured and written (results.json, the PNG), and finished runs are kept, never retrained."""
+is measured and written (results.json, the PNG), finished runs are kept, never retrained, and a
+finished run made with other flags is refused; the ablation compares each row with its own dense run."""
 
 import json
 import os
 
+import pytest
+
 import realtext
+from cli import BadInput
 from tiny import tiny_checkpoint, tiny_text_dir
 
 
@@ -24,3 +28,34 @@ def test_flow_writes_every_figure_and_keeps_finished_runs(tmp_path, capsys):
     capsys.readouterr()
     realtext.main(argv)  # again: the four runs are kept, only the measurements rerun
     assert capsys.readouterr().out.count("finished earlier, kept") == 4
+
+
+def test_ablation_rows_are_tabulated_against_their_own_dense_runs(tmp_path, capsys):
+    ckpt = tiny_checkpoint(tmp_path / "bytes.pt")
+    out = tmp_path / "rt"
+    realtext.main([f"--out={out}", "--tiny=True", "--scratch_steps=2", "--ablate=True", "--rows=paper,ctx_half",
+                   f"--ckpt={ckpt}", f"--data={tiny_text_dir(tmp_path / 'text')}"])
+    rows = {r["row"]: r for r in json.loads((out / "ablation.json").read_text())}
+    assert set(rows) == {"paper", "ctx_half"}
+    for key, dense in (("paper", "scratch_dense"), ("ctx_half", "dense_ctx_half")):
+        run = json.loads((out / f"ablate_{key}" / "final.json").read_text())
+        base = json.loads((out / dense / "final.json").read_text())
+        assert base["train_config"]["dense"] and not run["train_config"]["dense"]
+        assert rows[key]["spkv_hard"] == run["val_hard"] and rows[key]["dense"] == base["val_hard"]
+        assert len(rows[key]["per_layer"]) == 2 and rows[key]["density"] == run["density"]
+    half = json.loads((out / "ablate_ctx_half" / "final.json").read_text())["train_config"]
+    assert (half["seq_len"], half["batch_size"]) == (32, 4)  # half the context, the same tokens a step
+
+
+def test_a_finished_run_with_other_flags_is_refused_not_reused(tmp_path):
+    folder = tmp_path / "scratch_spkv"
+    folder.mkdir()
+    final = folder / "final.json"
+    final.write_text(json.dumps({"train_config": {"predictor_lr_mult": 5.0, "max_steps": 150}}))
+    before = final.read_bytes()
+    assert realtext.finished(str(folder), {"predictor_lr_mult": 5, "max_steps": 150})
+    with pytest.raises(BadInput, match="predictor_lr_mult=5.0 \\(wanted 20\\)"):
+        realtext.finished(str(folder), {"predictor_lr_mult": 20, "max_steps": 150})
+    assert final.read_bytes() == before
+    with pytest.raises(BadInput, match="unknown row 'lr7'"):
+        realtext.ablation_runs({"tiny": True, "scratch_steps": 2, "rows": "paper,lr7", "data": "", "ckpt": ""})

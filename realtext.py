@@ -42,9 +42,10 @@ class Flags:
     adapt_steps: int = 60  # (b): steps of the adaptation and of the continued dense run
     eval_batches: int = 4  # held-out batches (of batch_size sequences) for every figure
     eval_only: bool = False  # skip training; measure the runs already in --out
-    predictor_lr_mult: float = 20.0  # the flows' predictor LR multiplier (paper: 5; why 20: the ablation)
+    scratch_predictor_lr_mult: float = 20.0  # (a)'s predictor LR multiplier (paper: 5; why 20: the ablation)
+    adapt_predictor_lr_mult: float = 100.0  # (b)'s: x100 of (b)'s 5e-4 is 5e-2 (the paper's x5 keeps every gate open)
     ablate: bool = False  # instead of the flows: the ablation rows (scratch runs, ~8 min each at 150 steps) and their table
-    rows: str = ""  # with --ablate: comma list of rows to run (paper,lr20,lr50,wd10,bias2,window2x,ctx_half,steps_half); "" = all
+    rows: str = ""  # with --ablate: comma list of rows to run (paper,lr20,lr50,wd10,bias2,window2x,ctx_half); "" = all
     threads: int = 2  # torch threads
     tiny: bool = False  # tests: a 2-layer d=32 model at 64 tokens, to check the plumbing in seconds
     data: str = ""  # training text, as train.py's --data; "" = the Python standard library source
@@ -56,15 +57,14 @@ SHAPES = {False: dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=2, seq_len=1024
 
 # The ablation, in two blocks of from-scratch SP-KV runs. The first changes one knob of the paper's
 # recipe (predictor LR x5, predictor weight decay 0.1, output bias 5): what makes gates close at
-# all. The second changes one knob of the flows' recipe (predictor LR x20; window 64, 150 steps,
-# context 1024): what sets how far they close.
+# all. The second changes one knob of the flows' recipe (predictor LR x20; window 64, context
+# 1024): what sets how far they close. Steps are read off each run's evals (density at each).
 def ablation_rows(o: dict) -> tuple:
     """(key -> (what the row changes, its train.py flags on top of scratch_flags, the dense run it is
-    compared with), dense run -> its flags on top of scratch_flags). Only steps and context change
-    the dense run."""
+    compared with), dense run -> its flags on top of scratch_flags). Only context changes the dense
+    run."""
     shape, a = SHAPES[o["tiny"]], o["scratch_steps"]
     half_ctx = {"seq_len": shape["seq_len"] // 2, "batch_size": shape["batch_size"] * 2}  # same tokens a step
-    half_steps = {"max_steps": a // 2, "warmup_steps": max(1, a // 20)}
     x20 = {"predictor_lr_mult": 20}
     return {
         "paper": ("paper's recipe", {}, "scratch_dense"),
@@ -74,8 +74,7 @@ def ablation_rows(o: dict) -> tuple:
         "bias2": ("init bias 2 (u = 0.88)", {"predictor_init_bias": 2}, "scratch_dense"),
         "window2x": (f"x20, window {2 * shape['window']}", {**x20, "window": 2 * shape["window"]}, "scratch_dense"),
         "ctx_half": (f"x20, context {half_ctx['seq_len']}, batch x2", {**x20, **half_ctx}, "dense_ctx_half"),
-        "steps_half": (f"x20, {a // 2} steps", {**x20, **half_steps}, "dense_steps_half"),
-    }, {"dense_ctx_half": half_ctx, "dense_steps_half": half_steps}
+    }, {"dense_ctx_half": half_ctx}
 
 
 def argv(flags: dict) -> list:
@@ -92,16 +91,17 @@ def scratch_flags(o: dict) -> dict:
 
 
 def runs(o: dict) -> dict:
-    """name -> train.py flags of the two flows. SP-KV runs use --predictor_lr_mult; the adaptation
-    runs start from the dense scratch run's checkpoint."""
+    """name -> train.py flags of the two flows. The adaptation runs start from the dense scratch
+    run's checkpoint."""
     b = o["adapt_steps"]
     scratch = scratch_flags(o)
     pretrained = os.path.join(o["out"], "scratch_dense", "ckpt.pt")
     adapt = {**scratch, "init": "pretrained", "ckpt": pretrained, "lr": 5e-4, "warmup_steps": max(1, b // 10),
              "max_steps": b}
-    pred = {"predictor_lr_mult": o["predictor_lr_mult"]}
-    return {"scratch_dense": {**scratch, "dense": True}, "scratch_spkv": {**scratch, **pred},
-            "adapt_dense": {**adapt, "dense": True}, "adapt_spkv": {**adapt, **pred}}
+    return {"scratch_dense": {**scratch, "dense": True},
+            "scratch_spkv": {**scratch, "predictor_lr_mult": o["scratch_predictor_lr_mult"]},
+            "adapt_dense": {**adapt, "dense": True},
+            "adapt_spkv": {**adapt, "predictor_lr_mult": o["adapt_predictor_lr_mult"]}}
 
 
 def ablation_runs(o: dict) -> dict:
@@ -201,20 +201,31 @@ def final_eval(out: str, name: str) -> dict:
         return json.load(f)
 
 
+def density_by_eval(out: str, name: str) -> list:
+    """[(step, hard-gate density)] at each of the run's evals (log.jsonl)."""
+    with open(os.path.join(out, name, "log.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [(r["step"] + 1, r["density"]) for r in records if "density" in r]
+
+
 def ablation_table(o: dict) -> list:
     """One row per knob: train.py's final eval (2 fixed held-out batches, hard gates) of the row's
-    run against its dense run, and the density per layer."""
+    run against its dense run, the density per layer, and the density at each eval (steps)."""
     rows, _ = ablation_rows(o)
     table = []
-    print(f"\n{'ablation row':<28} {'density':>8} {'per layer':<24} {'SP-KV hard':>10} {'dense':>8} {'vs dense':>9}")
+    print(f"\n{'ablation row':<28} {'density':>8} {'per layer':<24} {'SP-KV hard':>10} {'dense':>8} {'vs dense':>9}"
+          "  density at each eval")
     for key in [k for k in o["rows"].split(",") if k] or list(rows):
         what, _, dense_name = rows[key]
         r, d = final_eval(o["out"], "ablate_" + key), final_eval(o["out"], dense_name)
         layers = [r["density_per_layer"][k] for k in sorted(r["density_per_layer"], key=int)]
+        by_eval = density_by_eval(o["out"], "ablate_" + key)
         table.append({"row": key, "what": what, "density": r["density"], "per_layer": layers,
-                      "spkv_hard": r["val_hard"], "dense": d["val_hard"], "vs_dense": r["val_hard"] / d["val_hard"] - 1})
+                      "spkv_hard": r["val_hard"], "dense": d["val_hard"], "vs_dense": r["val_hard"] / d["val_hard"] - 1,
+                      "density_by_eval": by_eval})
         print(f"{what:<28} {r['density']:>8.3f} {' '.join(f'{x:.2f}' for x in layers):<24} "
-              f"{r['val_hard']:>10.4f} {d['val_hard']:>8.4f} {100 * table[-1]['vs_dense']:>+8.2f}%")
+              f"{r['val_hard']:>10.4f} {d['val_hard']:>8.4f} {100 * table[-1]['vs_dense']:>+8.2f}%  "
+              + " ".join(f"{step}:{x:.2f}" for step, x in by_eval))
     return table
 
 
@@ -229,8 +240,9 @@ def main(argv):
     o.update(cli.parse(argv, Flags, "realtext.py"))
     if min(o["scratch_steps"], o["adapt_steps"], o["eval_batches"], o["threads"]) < 1:
         raise cli.BadInput("--scratch_steps, --adapt_steps, --eval_batches and --threads must be >= 1")
-    if not 0 < o["predictor_lr_mult"] < 1e4:
-        raise cli.BadInput(f"--predictor_lr_mult={o['predictor_lr_mult']} must be > 0 (the paper's is 5)")
+    for k in ("scratch_predictor_lr_mult", "adapt_predictor_lr_mult"):
+        if not 0 < o[k] < 1e4:
+            raise cli.BadInput(f"--{k}={o[k]} must be a number in (0, 1e4) (the paper's is 5)")
     torch.set_num_threads(o["threads"])
     plan = ablation_runs(o) if o["ablate"] else runs(o)
     for name, flags in plan.items():

@@ -189,7 +189,9 @@ def test_help_lists_every_flag_with_default_and_meaning(script, monkeypatch, cap
         assert meaning, f"{script}.py --{name} has no comment to print"
         assert any(line.strip().startswith(f"--{name}=") and line.rstrip().endswith(meaning)
                    for line in out.splitlines()), name
-    assert "cli.run(main" in open(os.path.join(ROOT, f"{script}.py")).read()
+    path = os.path.join(ROOT, f"{script}.py")
+    path = path if os.path.exists(path) else os.path.join(ROOT, "experiments", f"{script}.py")
+    assert "cli.run(main" in open(path).read()
 
 
 def test_dense_baseline_has_its_own_default_out_dir():

@@ -45,6 +45,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python experiments/<name>.py
+
 import numpy as np
 import torch
 
@@ -267,7 +269,7 @@ def train_both(o):
     for out_dir, n, extra in runs:
         subprocess.run([sys.executable, "train.py", *common, *extra, f"--max_steps={n}", f"--eval_every={n}",
                         f"--ckpt_every={n}", f"--out_dir={out_dir}"], check=True,
-                       cwd=os.path.dirname(os.path.abspath(__file__)))
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 
 def evaluate_all(o) -> dict:

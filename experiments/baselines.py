@@ -21,7 +21,11 @@ Options: --density (default: the SP-KV checkpoint's measured density), --n_sink,
 
 import dataclasses
 import math
+import os
+import sys
 from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python experiments/<name>.py
 
 import torch
 import torch.nn.functional as F

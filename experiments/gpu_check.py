@@ -28,6 +28,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python experiments/<name>.py
+
 import cli
 
 PARTS = ("tests", "train", "dynamics", "decode", "generate")
@@ -173,7 +175,7 @@ def part_decode(dry: bool, out: str) -> dict:
              "--dtype=bfloat16", "--device=cuda"])
     rows, problems = [], []
     for impl in ("paged", "paged_flex") if dry else ("paged_compiled", "paged_flex", "paged"):  # dry: no compile
-        res = subprocess.run([sys.executable, "bench_decode.py", *args, f"--impl={impl}"], capture_output=True, text=True)
+        res = subprocess.run([sys.executable, "experiments/bench_decode.py", *args, f"--impl={impl}"], capture_output=True, text=True)
         print(res.stdout[-3000:], res.stderr[-2000:])
         rows += [line for line in res.stdout.splitlines() if line.strip()[:1].isdigit() and impl in line.split()]
         if res.returncode != 0:
@@ -224,7 +226,7 @@ def drive(name: str, o: dict) -> dict:
     result = os.path.join(o["out"], f"{name}.json")
     if os.path.exists(result):
         os.remove(result)  # a stale result must never stand in for this run's
-    cmd = [sys.executable, "gpu_check.py", f"--part={name}", f"--out={o['out']}", f"--dry={o['dry']}"]
+    cmd = [sys.executable, "experiments/gpu_check.py", f"--part={name}", f"--out={o['out']}", f"--dry={o['dry']}"]
     t0 = time.time()
     with open(log, "w") as f:
         try:

@@ -24,6 +24,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python experiments/<name>.py
+
 import torch
 
 import baselines

@@ -7,7 +7,11 @@ Options: --data=PATH (as train.py; default stdlib source), --seq_len, --batches,
 """
 
 import dataclasses
+import os
+import sys
 from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python experiments/<name>.py
 
 import torch
 

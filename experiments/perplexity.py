@@ -9,7 +9,10 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python experiments/<name>.py
 
 import torch
 

@@ -11,7 +11,10 @@ Needs matplotlib (`pip install matplotlib`), used only here.
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python experiments/<name>.py
 
 import torch
 

@@ -26,9 +26,13 @@ Runs on CUDA when there is one (--device=auto), else on CPU; weights and both ca
 """
 
 import dataclasses
+import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python experiments/<name>.py
 
 import torch
 

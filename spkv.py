@@ -21,9 +21,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-GATE_VIEWS = ("soft", "anneal", "hard")
-
-
 class UtilityPredictor(nn.Module):
     """The per-layer utility predictor: one logit per KV head from the attention's normalized input.
 
@@ -54,7 +51,8 @@ class UtilityPredictor(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# The three gate views. Each maps logits (B, Hkv, S) to the log-gate added to old keys' scores.
+# The three gate views. Each maps logits (B, Hkv, S) to the log-gate added to old keys' scores;
+# log_gate picks one by the anneal weight a.
 
 
 def soft_log_gate(logit: torch.Tensor) -> torch.Tensor:
@@ -88,15 +86,17 @@ def annealed_log_gate(logit: torch.Tensor, tau: float, a) -> torch.Tensor:
     return torch.logaddexp(torch.log1p(-a) + F.logsigmoid(logit), torch.log(a) + log_keep)
 
 
-def log_gate(logit: torch.Tensor, view: str, tau: float, anneal: float = 0.0) -> torch.Tensor:
-    """Dispatch to one of GATE_VIEWS: 'soft' (training), 'anneal' (with weight `anneal`), 'hard'."""
-    if view == "soft":
+def log_gate(logit: torch.Tensor, tau: float, a=0.0) -> torch.Tensor:
+    """The log-gate of anneal weight a: 0 soft (training), 1 hard (inference), between: annealing.
+    A plain number 0 or 1 takes the soft or hard view directly; anything else, a tensor included
+    (train.py passes one while annealing), the annealed formula, which equals them at the ends."""
+    if not isinstance(a, torch.Tensor) and a == 0:
         return soft_log_gate(logit)
-    if view == "anneal":
-        return annealed_log_gate(logit, tau, anneal)
-    if view == "hard":
+    if not isinstance(a, torch.Tensor) and a == 1:
         return hard_log_gate(logit, tau)
-    raise ValueError(f"unknown gate view {view!r}; use one of {GATE_VIEWS}")
+    if not isinstance(a, torch.Tensor) and not 0 <= a <= 1:
+        raise ValueError(f"anneal weight a={a} is outside [0, 1]")
+    return annealed_log_gate(logit, tau, a)
 
 
 # ---------------------------------------------------------------------------------------------

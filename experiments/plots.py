@@ -1,6 +1,6 @@
 """Pictures of what an SP-KV checkpoint keeps, written as PNG files by one command.
 
-    python plots.py --ckpt=out/spkv/ckpt.pt [--data=PATH] [--out=out/plots]
+    python experiments/plots.py --ckpt=out/spkv/ckpt.pt [--data=PATH] [--out=out/plots]
 
   density_heatmap.png  density per layer x KV head (hard gates, held-out text)
   kept_tokens.png      a text, one row per layer: each token shaded by how many of that layer's
@@ -23,6 +23,7 @@ import data as datalib
 import spkv
 import tau as taulib
 from checkpoint import load_model
+from convert import default_checkpoint
 
 
 def plt_module():
@@ -40,7 +41,7 @@ def plt_module():
 def keep_masks(model, x):
     """Hard keep flags per SP-KV layer for a batch x: {layer: (B, Hkv, T) bool}."""
     gates = []
-    model(x, view="hard", gates=gates)
+    model(x, a=1.0, gates=gates)
     return {layer: spkv.hard_keep(g, model.cfg.tau) for layer, g in zip(model.cfg.spkv_layers(), gates)}
 
 
@@ -108,8 +109,6 @@ class Flags:
 
 
 def main(argv):
-    from convert import default_checkpoint
-
     o = dataclasses.asdict(Flags())
     o.update(cli.parse(argv, Flags, "plots.py"))
     plt = plt_module()

@@ -113,7 +113,7 @@ CASES = [
     ("generate", "--ckpt={b}/tiny.pt --max_new_tokens=300", "longer than the model's context of 256"),
     ("perplexity", "--ckpt={b}/nope.pt", "{b}/nope.pt' does not exist"),
     ("perplexity", "--ckpt={b}/tiny.pt --tokns=64", "unknown flag --tokns; did you mean --tokens"),
-    ("perplexity", "--ckpt={b}/tiny.pt {b}/missing.txt", "{b}/missing.txt is not a file"),
+    ("perplexity", "--ckpt={b}/tiny.pt --files={b}/missing.txt", "{b}/missing.txt is not a file"),
     ("tau", "--ckpt={b}/nope.pt", "{b}/nope.pt' does not exist"),
     ("tau", "--ckpt={b}/tiny.pt --target_density=1.5", "--target_density=1.5 must be in (0, 1]"),
     ("baselines", "--ckpt={b}/nope.pt", "{b}/nope.pt' does not exist"),

@@ -9,6 +9,15 @@ always visible; an older key s is seen through its gate:
     bias[t, s]  = -inf if s > t;  0 if t - s < window;  log u_s otherwise      (training, "soft")
     bias[t, s]  = -inf if s > t;  0 if t - s < window or u_s >= tau;  -inf otherwise   ("hard")
 
+Where the rest of the method lives (METHOD.md tells it section by section):
+    model.py   predictor placement: each SP-KV Attention owns a UtilityPredictor that reads the
+               attention's normalized input, and adds log_gate(...) to the scores (section 1)
+    train.py   the freeze/anneal schedule: soft gates while the predictor learns, then predictor
+               frozen and the anneal weight a going 0 -> 1 (gate_schedule, gate_view_at; section 4)
+    cache.py   write-time eviction: hard_keep decides as a pair is written; a pair leaving the
+               local ring goes to the paged store if kept and is dropped for good otherwise (section 6)
+    kernels.py the fast attention paths, each tested against reference_attention below
+
 Axis letters used in every shape comment of this project:
     B batch, T query length, S key length, H query heads, Hkv key/value heads (each serves G = H/Hkv
     query heads), D head dim, d model width, L layers.

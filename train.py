@@ -564,7 +564,7 @@ def main(argv):
         report_density(final)
         if not cuda and not cfg.dense and final.get("density", 0.0) > 0.95:
             print("note: this short CPU run kept (almost) every old pair: a few dozen steps do not move gates that "
-                  "start open (u = 0.993). Gates close with longer training: see the README's real-text results "
+                  "start open (u = 0.993). Gates close with longer training: see experiments/README.md, real text "
                   "(`python experiments/realtext.py`, ~40 min on 2 cores) and the gpu preset (`python train.py` on one GPU).")
         with open(os.path.join(cfg.out_dir, "final.json"), "w") as f:
             json.dump(strict_json({"step": step, **final, "train_config": dataclasses.asdict(cfg)}), f, indent=1,

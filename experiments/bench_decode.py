@@ -149,47 +149,45 @@ class Flags:
 
 
 def main(argv):
-    opts = dataclasses.asdict(Flags())
-    opts.update(cli.parse(argv, Flags, "bench_decode.py"))
-    for key, typ in (("contexts", int), ("densities", float)):  # refused here, before any work; parsed where used
-        cli.number_list(key, opts[key], typ)
-    if int(opts["threads"]):
-        torch.set_num_threads(int(opts["threads"]))
-    B, steps, page, repeats = int(opts["batch"]), int(opts["steps"]), int(opts["page_size"]), int(opts["repeats"])
-    if opts["ckpt"]:
-        model, tok, _ = load_model(opts["ckpt"])
-    else:  # the SmolLM2-135M shape with random weights: speed does not depend on the values
-        model, tok = GPT(GPTConfig()), None
+    o = {**dataclasses.asdict(Flags()), **cli.parse(argv, Flags, "bench_decode.py")}
+    contexts, densities = cli.number_list("contexts", o["contexts"], int), cli.number_list("densities", o["densities"], float)
+    B, steps, page, repeats = o["batch"], o["steps"], o["page_size"], o["repeats"]
     if min(B, steps, page, repeats) < 1:
         raise cli.BadInput(f"--batch, --steps, --page_size and --repeats must be >= 1; got {B}, {steps}, {page}, "
-                 f"{repeats}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if opts["device"] == "auto" else opts["device"]
-    if opts["dtype"] not in ("float32", "bfloat16") or device not in ("cpu", "cuda"):
+                           f"{repeats}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if o["device"] == "auto" else o["device"]
+    if o["dtype"] not in ("float32", "bfloat16") or device not in ("cpu", "cuda"):
         raise cli.BadInput(f"--device takes auto, cpu or cuda and --dtype float32 or bfloat16; got "
-                 f"{opts['device']!r}, {opts['dtype']!r}")
-    model = model.to(device, getattr(torch, opts["dtype"])).eval()
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    gen = torch.Generator().manual_seed(0)
-    impls = opts["impl"].split(",")
+                           f"{o['device']!r}, {o['dtype']!r}")
+    impls = o["impl"].split(",")
     bad = [i for i in impls if i not in DP.PATHS]
     if bad:
         raise cli.BadInput(f"unknown --impl {bad}; use a comma list of {DP.PATHS}")
+    if o["threads"]:
+        torch.set_num_threads(o["threads"])
+    if o["ckpt"]:
+        model, tok, _ = load_model(o["ckpt"])
+    else:  # the SmolLM2-135M shape with random weights: speed does not depend on the values
+        model, tok = GPT(GPTConfig()), None
+    model = model.to(device, getattr(torch, o["dtype"])).eval()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    gen = torch.Generator().manual_seed(0)
     where = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"device: {where}; {opts['dtype']}; model {weights / 1e6:.0f} MB of weights; batch {B}; "
+    print(f"device: {where}; {o['dtype']}; model {weights / 1e6:.0f} MB of weights; batch {B}; "
           f"window {model.cfg.window}; {steps} timed decode steps, {repeats} times per case, each time dense "
           f"then SP-KV, median ratio; dense cache: 'sdpa' eager; SP-KV: "
           + "; ".join(f"{i!r} = {DP.describe(i, device == 'cuda')}" for i in impls) + f"; {page} pairs per page")
-    profile = bool(int(opts["profile"]))
+    profile = bool(o["profile"])
     span = steps + 1 + profile  # positions one timing decodes
     base_tps = time_without_kv(model, B, steps, repeats, span)
     print(f"a step without KV traffic (dense cache of 1 pair): {base_tps:.1f} tok/s")
     print(f"{'context':>8} {'density':>8} {'path':>15} {'dense tok/s':>12} {'spkv tok/s':>11} {'speedup':>8} "
           f"{'ideal':>6} {'of ideal':>9} {'ideal(t)':>9} {'of it':>6} {'dense KV MB':>12} {'spkv KV MB':>11} {'compress':>9}")
-    for ctx in map(int, opts["contexts"].split(",")):
+    for ctx in contexts:
         dense = fill_dense(model, B, ctx, repeats * span)
         dense_bytes = dense.nbytes()["in_use"] * ctx // dense.k.shape[3]  # the ctx pairs it holds
         cases = [(f"{d:.2f}", lambda path, d=d: fill_spkv(model, B, ctx, d, gen, page, path))
-                 for d in map(float, opts["densities"].split(","))]
+                 for d in densities]
         if tok is not None:
             ids = (tok.encode(open(G.__file__).read()) * 64)[:ctx]
             cases.append(("real", lambda path: fill_real(model, B, ids, page, path)))

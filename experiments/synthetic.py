@@ -13,12 +13,9 @@ says exactly which positions the future needs: the fact bytes of the queried key
 
 The task is built so that next-token loss rewards keeping the facts and nothing else: facts sit
 at independent random positions and queries repeat keys freely, so neither counting facts or
-queries nor knowing the absolute position predicts anything. An earlier version (8 facts on fixed
-4-byte slots in the first 60%, each key queried once) rewarded counting, and its second layer
-kept 81% of the filler for it (README, Results).
-
-(One byte per fact means one attention hop can answer. A two-byte version, key then value,
-needs an induction circuit; our 2-layer CPU models did not learn it in 2000 steps, see README.)
+queries nor knowing the absolute position predicts anything. (Facts on fixed slots, each key
+queried once, would reward counting, and the filler that counting needs would be kept.) One byte
+per fact means one attention hop can answer; a key-then-value pair would need an induction circuit.
 
     python experiments/synthetic.py                 # data, a dense "pretrained" model, SP-KV and dense adapted from it
     python experiments/synthetic.py --from_scratch=1 --steps=2000 --out=out/synthetic_scratch   # both from scratch
@@ -26,7 +23,7 @@ needs an induction circuit; our 2-layer CPU models did not learn it in 2000 step
     python experiments/synthetic.py --probe_layer=0 # loss by target kind: dense, SP-KV, SP-KV with layer 0 seeing old facts only
 
 The SP-KV runs start their predictors at --predictor_init_bias=-2 (u = 0.12, below tau): from the
-open init (5) nothing closes on this kind of task, see README.
+open init (5) nothing closes on this kind of task (experiments/README.md, the synthetic task).
 
 Reported, on held-out sequences, under hard gates for SP-KV:
   accuracy   queries whose digit is predicted (argmax, teacher forcing); chance is 0.1

@@ -1,18 +1,26 @@
 """The decode-time KV caches: SP-KV's compacting cache (a ring + a paged long-term store) and the
-plain dense cache it is measured against. Containers only: they store what they are told to keep
-(spkv.hard_keep decides) and report what they hold, so tests can look.
+plain dense cache it is measured against. Each cache owns its attention: the model's attention
+calls cache.update_and_attend(layer, q, k, v, logit, pos), and the cache keeps the new pairs by
+the keep rule (spkv.hard_keep, METHOD.md section 3) and answers with the attention output of the
+kernel it owns (kernels.py). The caches report what they hold, so tests can look.
 
-SPKVCache, per layer, per sequence (row), per KV head ("stream" = (row, head)):
+SPKVCache, per layer, per sequence (row), per KV head ("stream" = (row, head)), METHOD.md section 6:
   ring   the last `window` pairs, slot = position % window, always attended;
   store  older pairs with u >= tau, in a pool of fixed-size pages with a page table per stream.
 A pair leaving the ring goes to the store if it was kept, and is dropped for good otherwise. Pages
 are taken from the pool only for kept pairs, so bytes in use follow the kept pairs (at most one
 partly filled page per stream), not the densest head. Keys are stored after RoPE, at their
 original positions: nothing is ever re-rotated.
-Shapes: B rows, Hkv KV heads, w window, D head dim, P pages, p page size, S = B * Hkv streams.
+Shapes: B rows, Hkv KV heads, w window, D head dim, P pages, p page size, S = B * Hkv streams,
+R rows of one forward pass, T its new tokens.
 """
 
+import copy
+
 import torch
+
+import kernels
+import spkv
 
 
 class PagedStore:
@@ -31,6 +39,7 @@ class PagedStore:
         self.span = 0  # pages [0, span) cover every page ever handed out: what a decode step must read
         self.table = torch.zeros(n_streams, 1, dtype=torch.long, device=device)  # (S, max pages)
         self.length = torch.zeros(n_streams, dtype=torch.long, device=device)  # (S,) pairs held
+        self._refresh_view()
 
     def pages_for(self, n_pairs):
         """Pages needed to hold n_pairs (an int or a tensor of counts): ceil(n / page_size)."""
@@ -42,7 +51,10 @@ class PagedStore:
     def _grow_pool(self, n_needed: int):
         old = self.k.shape[0]
         new = max(2 * old, old + n_needed)
-        pad = lambda t, fill: torch.cat([t, t.new_full((new - old, *t.shape[1:]), fill)])  # noqa: E731
+
+        def pad(t, fill):  # (old, ...) -> (new, ...), the new pages filled with `fill`
+            return torch.cat([t, t.new_full((new - old, *t.shape[1:]), fill)])
+
         self.k, self.v, self.pos, self.owner = pad(self.k, 0), pad(self.v, 0), pad(self.pos, -1), pad(self.owner, -1)
         self.free = list(range(new - 1, old - 1, -1)) + self.free
 
@@ -54,45 +66,53 @@ class PagedStore:
         return torch.tensor(ids[::-1], dtype=torch.long, device=self.k.device)
 
     def append(self, streams, k, v, pos):
-        """Append pairs in order: streams (N,) (repeats allowed), k, v (N, D), pos (N,)."""
+        """Append pairs in order: streams (N,) (repeats allowed), k, v (N, D), pos (N,).
+
+        Worked example, page size p = 2, two streams; stream 0 holds 1 pair (page 5), stream 1
+        holds 2 (page 3, full); append streams = [1, 0, 1, 1]:
+            counts    = [1, 3]            new pairs per stream
+            rank      = [0, 0, 1, 2]      each pair's place among its stream's new pairs
+            old_pages = [1, 1], new_pages = ceil([1 + 1, 2 + 3] / 2) = [1, 3], need = [0, 2]
+            taker     = [1, 1], col = [1, 2]: stream 1 gets two fresh pages in table[1, 1:3]
+            slot      = length[streams] + rank = [2, 1, 3, 4]: the pair's index in its stream
+            page      = table[streams, slot // 2] = [table[1, 1], 5, table[1, 1], table[1, 2]]
+        and each pair lands at (page, slot % 2) = offsets [0, 1, 1, 0]."""
         if streams.numel() == 0:
             return
         S, p = self.length.shape[0], self.page_size
         counts = torch.bincount(streams, minlength=S)  # (S,) new pairs per stream
         order = torch.argsort(streams, stable=True)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.empty_like(streams)
+        starts = torch.cumsum(counts, 0) - counts  # (S,) where each stream's run starts in `order`
+        rank = torch.empty_like(streams)  # (N,)
         rank[order] = torch.arange(streams.numel(), device=streams.device) - starts[streams[order]]
-        old_pages = self.pages_for(self.length)
+        old_pages = self.pages_for(self.length)  # (S,)
         new_pages = self.pages_for(self.length + counts)  # (S,)
-        if int(new_pages.max()) > self.table.shape[1]:
+        if int(new_pages.max()) > self.table.shape[1]:  # widen the page table
             self.table = torch.cat([self.table, self.table.new_zeros(S, int(new_pages.max()) - self.table.shape[1])], 1)
-        need = new_pages - old_pages
+        need = new_pages - old_pages  # (S,) fresh pages per stream
         if int(need.sum()) > 0:
             taker = torch.repeat_interleave(torch.arange(S, device=streams.device), need)  # a stream per new page
-            col = old_pages[taker] + torch.arange(taker.numel(), device=taker.device) - (torch.cumsum(need, 0) - need)[taker]
+            first = (torch.cumsum(need, 0) - need)[taker]  # where the taker's run of new pages starts
+            col = old_pages[taker] + torch.arange(taker.numel(), device=taker.device) - first  # its table column
             pages = self._alloc(taker.numel())
             self.table[taker, col], self.owner[pages] = pages, taker
-        slot = self.length[streams] + rank
-        page = self.table[streams, slot // p]
+        slot = self.length[streams] + rank  # (N,) index of the pair within its stream
+        page = self.table[streams, slot // p]  # (N,)
         self.k[page, slot % p], self.v[page, slot % p], self.pos[page, slot % p] = k, v, pos
         self.length += counts
+        self._refresh_view()
 
     def pool(self):
-        """The pool up to the span, as views (k, v, pos, owner) for kernels.paged_decode_attention.
-        Pages are handed out lowest id first, so the span stays near the pages in use even after the
-        pool doubles: free pages beyond it are never read."""
-        n = max(self.span, min(2, self.k.shape[0]))  # >= 2: torch.compile specializes sizes 0 and 1
-        return self.k[:n], self.v[:n], self.pos[:n], self.owner[:n]
+        """The pool up to the span, as views (k, v, pos, owner) for kernels.paged_decode_attention,
+        kept by every change to the store, so that reading it (inside a compiled decode step)
+        involves no Python arithmetic on the span."""
+        return self.view
 
-    def page_table(self):
-        """(table (S, n), pages per stream (S,)) for kernels.paged_flex_decode_attention, with n the
-        pool size of pool(): stream s holds pages table[s, :n_pages[s]], in order; the rest is
-        padding. As wide as the pool, so a compiled step sees one growing size, never the width."""
-        n = self.pool()[0].shape[0]
-        table = self.table.new_zeros(self.table.shape[0], n)  # every page id is < n, so width <= n
-        table[:, :self.table.shape[1]] = self.table
-        return table, self.pages_for(self.length)
+    def _refresh_view(self):
+        """Pages are handed out lowest id first, so the span stays near the pages in use even
+        after the pool doubles: free pages beyond it are never read."""
+        n = max(self.span, min(2, self.k.shape[0]))  # >= 2: torch.compile specializes sizes 0 and 1
+        self.view = (self.k[:n], self.v[:n], self.pos[:n], self.owner[:n])
 
     def gather(self, streams):
         """Padded views of the given streams: k, v (N, L, D), pos (N, L) with -1 for padding."""
@@ -111,20 +131,78 @@ class PagedStore:
             self.pos[pages], self.owner[pages] = -1, -1
             self.free += pages.tolist()
             self.length[s] = 0
+        self._refresh_view()
 
 
 class SPKVCache:
-    """Ring + paged store for every layer. `keep` flags arrive with each pair (decided by
-    spkv.hard_keep at write time, or all True for a dense layer of a hybrid model)."""
+    """Ring + paged store for every layer, and the attention over them.
 
-    def __init__(self, n_layer, B, n_kv_head, head_dim, window, dtype, device, page_size=16):
-        self.B, self.Hkv, self.w, self.D = B, n_kv_head, window, head_dim
+    update_and_attend() attends the new queries to what the cache holds plus the new pairs and
+    stages the new pairs with their keep flags; commit() writes them (the ring, and the pairs the
+    ring displaces into the store if kept). Splitting the two keeps a decode step free of writes,
+    so it can run as one compiled graph. A forward pass covers every row (a decode step) or the
+    rows of for_rows(rows) (a prefill chunk of one row). Kernels (METHOD.md section 3 over the cache):
+        decode step, paged=True   kernels.paged_decode_attention reads the page pool in place
+        otherwise                 the store is gathered and kernels.cached_attention runs
+                                  ("sdpa" when paged, the plain-ops "reference" when not)
+    """
+
+    def __init__(self, n_layer, B, n_kv_head, head_dim, window, tau, dtype, device, page_size=16, paged=True):
+        self.Hkv, self.w, self.D, self.tau, self.paged = n_kv_head, window, head_dim, tau, paged
         shape = (n_layer, B, n_kv_head, window)
         self.ring_k = torch.zeros(*shape, head_dim, dtype=dtype, device=device)  # (L, B, Hkv, w, D)
         self.ring_v = torch.zeros_like(self.ring_k)
         self.ring_keep = torch.zeros(shape, dtype=torch.bool, device=device)  # (L, B, Hkv, w)
         self.ring_pos = torch.full((n_layer, B, window), -1, dtype=torch.long, device=device)  # (L, B, w)
         self.stores = [PagedStore(B * n_kv_head, head_dim, page_size, dtype, device) for _ in range(n_layer)]
+        self.rows = None  # (R,) rows of the current forward pass; None = every row (a decode step)
+        self.staged = []  # per layer of the current forward pass: (k, v, keep, pos) waiting for commit()
+
+    def for_rows(self, rows):
+        """This cache as one forward pass over some rows sees it (a prefill chunk of row r: rows =
+        tensor([r])): the same tensors and stores, its own staged pairs."""
+        view = copy.copy(self)
+        view.rows, view.staged = rows, []
+        return view
+
+    def keep_flags(self, logit, k):
+        """The keep rule on the new pairs: spkv.hard_keep of their gate logits (R, Hkv, T); a
+        dense layer (no gates) keeps every pair."""
+        if logit is None:
+            return torch.ones(k.shape[:3], dtype=torch.bool, device=k.device)
+        return spkv.hard_keep(logit, self.tau)
+
+    def update_and_attend(self, layer, q, k, v, logit, pos):
+        """q (R, H, T, D), k, v (R, Hkv, T, D), logit (R, Hkv, T) or None, pos (R, T) -> attention
+        output (R, H, T, D) over the held pairs and the new ones; the new pairs wait for commit()."""
+        keep = self.keep_flags(logit, k)  # (R, Hkv, T)
+        self.staged.append((k, v, keep, pos))
+        if self.rows is None and self.paged:  # a decode step: read the page pool in place
+            ring = (self.ring_k[layer], self.ring_v[layer], self.ring_pos[layer], self.ring_keep[layer])
+            return kernels.paged_decode_attention(q, k, v, pos[:, 0], self.stores[layer].pool(), ring, self.w)
+        return self.attend_gathered(layer, q, k, v, keep, pos)
+
+    def attend_gathered(self, layer, q, k, v, keep, pos):
+        """The gather path: the rows' store pairs, ring and the new pairs concatenated, then
+        kernels.cached_attention with the hard-gate bias (kernels.cache_bias)."""
+        R, Hkv = k.shape[:2]
+        pieces = self.keys(layer, self.all_rows() if self.rows is None else self.rows)
+        pieces.append((k, v, pos[:, None].expand(R, Hkv, -1), keep))
+        k_all, v_all, pos_all, keep_all = (torch.cat(t, 2) for t in zip(*pieces))  # (R, Hkv, n, ...)
+        bias = kernels.cache_bias(pos, pos_all, keep_all, self.w)  # (R, Hkv, T, n)
+        return kernels.cached_attention(q, k_all, v_all, bias, "sdpa" if self.paged else "reference")
+
+    def commit(self):
+        """Write the pairs staged by the forward pass that just ran, layer by layer."""
+        for layer, (k, v, keep, pos) in enumerate(self.staged):
+            if self.rows is None:  # a decode step: one pair per row
+                self.write(layer, self.all_rows(), k[:, :, 0], v[:, :, 0], keep[:, :, 0], pos[:, 0])
+            else:  # a prefill chunk of one row
+                self.write_chunk(layer, int(self.rows[0]), k[0], v[0], keep[0], pos[0])
+        self.staged.clear()
+
+    def all_rows(self):
+        return torch.arange(self.ring_pos.shape[1], device=self.ring_pos.device)  # (B,)
 
     def streams(self, rows):
         """Stream ids (R, Hkv) of the given rows."""
@@ -182,24 +260,50 @@ class SPKVCache:
         return set(pos[pos >= 0].tolist()) | set(ring[ring >= 0].tolist())
 
     def nbytes(self) -> dict:
-        """Bytes in use (ring + store pages held) and allocated (ring + whole pool capacity)."""
+        """Bytes of the ring, of the kept store pairs, in use (ring + store pages held) and
+        allocated (ring + whole pool capacity)."""
         per_pair = 2 * self.D * self.ring_k.element_size() + 8  # k + v + position
         ring = self.ring_k.numel() // self.D * per_pair
         pages = sum(s.pages_in_use() for s in self.stores) * self.stores[0].page_size * per_pair
         pool = sum(s.k.shape[0] for s in self.stores) * self.stores[0].page_size * per_pair
         kept = sum(int(s.length.sum()) for s in self.stores) * per_pair
-        return {"ring": ring, "store_kept": kept, "store_pages": pages, "store_pool": pool,
-                "in_use": ring + pages, "allocated": ring + pool}
+        return {"ring": ring, "store_kept": kept, "in_use": ring + pages, "allocated": ring + pool}
 
 
 class DenseKVCache:
     """The plain cache SP-KV is measured against: preallocated (L, B, Hkv, max_len, D), written by
-    position (gpt-fast's KVCache). Holds every pair; nothing is evicted."""
+    position (gpt-fast's KVCache). Holds every pair; nothing is evicted. update_and_attend writes
+    the new pairs at once (a write by position needs no staging), so commit() has nothing to do."""
 
-    def __init__(self, n_layer, B, n_kv_head, head_dim, max_len, dtype, device):
+    def __init__(self, n_layer, B, n_kv_head, head_dim, max_len, dtype, device, impl="sdpa"):
         self.k = torch.zeros(n_layer, B, n_kv_head, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self.length = torch.zeros(B, dtype=torch.long, device=device)  # valid pairs per row
+        self.impl = impl  # kernels.cached_attention path: "sdpa", or the plain-ops "reference"
+        self.rows = None  # (R,) rows of the current forward pass; None = every row (a decode step)
+
+    def for_rows(self, rows):
+        """This cache as one forward pass over some rows sees it (see SPKVCache.for_rows)."""
+        view = copy.copy(self)
+        view.rows = rows
+        return view
+
+    def update_and_attend(self, layer, q, k, v, logit, pos):
+        """Write the new pairs k, v (R, Hkv, T, D) at positions pos (R, T), then attend q (R, H, T, D)
+        causally to every pair up to the newest position."""
+        rows = torch.arange(self.k.shape[1], device=k.device) if self.rows is None else self.rows
+        if q.shape[2] == 1:  # decode: one pair per row
+            self.k[layer, rows, :, pos[:, 0]], self.v[layer, rows, :, pos[:, 0]] = k[:, :, 0], v[:, :, 0]
+        else:  # prefill chunk of one row, consecutive positions
+            p0, p1 = int(pos[0, 0]), int(pos[0, -1]) + 1
+            self.k[layer, int(rows[0]), :, p0:p1], self.v[layer, int(rows[0]), :, p0:p1] = k[0], v[0]
+        n = int(pos.max()) + 1
+        k_pos = torch.arange(n, device=q.device).expand(len(rows), k.shape[1], n)  # (R, Hkv, n)
+        bias = kernels.cache_bias(pos, k_pos, torch.ones_like(k_pos, dtype=torch.bool), window=n + 1)
+        span = slice(int(rows[0]), int(rows[-1]) + 1)  # one row (prefill) or all rows: a view, no copy
+        return kernels.cached_attention(q, self.k[layer, span, :, :n], self.v[layer, span, :, :n], bias, self.impl)
+
+    def commit(self):
+        """Nothing is staged: update_and_attend wrote the pairs by position."""
 
     def nbytes(self) -> dict:
         b = 2 * self.k.numel() * self.k.element_size()

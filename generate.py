@@ -2,15 +2,15 @@
 
     python generate.py --prompt="def fibonacci(n):" --max_new_tokens=64 --tau=0.5
     python generate.py --prompt="..." --dense=True          # plain KV cache, same model
-    python generate.py --prompt="..." --impl=paged_compiled # the decode step under torch.compile
+    python generate.py --prompt="..." --compile=True        # the decode step under torch.compile
+    python generate.py --prompt="..." --target_density=0.2  # tau calibrated to keep 20% of old pairs
 Defaults to the embedded SmolLM2-135M, so it runs offline. The steps, as in gpt-fast: prefill
 (chunks that evict as they go, so a long prompt never needs a dense cache), decode_one_token,
-decode_n_tokens. Decode paths (--impl): "paged" (default) reads the page pool in place
-(kernels.paged_decode_attention, one step for all layers, decode_step_paged), "paged_compiled"
-the same step compiled once, "paged_flex" the step with FlexAttention over the page table
-(compiled on CUDA; eager elsewhere, a checking path), "split" / "sdpa" / "reference" gather the
-store first. The oracle every path is tested against is generate_uncached: one full forward under
-hard gates per token.
+decode_n_tokens, sample. Attention is the cache's business (cache.py): the model hands each
+layer's new pairs to cache.update_and_attend. Decode paths (--impl): "paged" (default) reads the
+page pool in place, eager or compiled (--compile=True); "reference" gathers the store and attends
+with plain tensor ops, the twin the tests hold it to. The oracle both are tested against is
+generate_uncached: one full forward under hard gates per token.
 """
 
 import dataclasses
@@ -22,150 +22,68 @@ from dataclasses import dataclass
 import torch
 
 import cli
-import kernels
-import spkv
+import data as datalib
 from cache import DenseKVCache, SPKVCache
+from checkpoint import load_model
+from convert import default_checkpoint
 
-PAGED = ("paged", "paged_compiled", "paged_flex")  # decode paths that read the page pool in place
-PREFILL_PATH = {impl: "split" for impl in PAGED}  # their prefill chunks go through "split"
-
-
-def is_compiled(impl: str, cuda: bool) -> bool:
-    """Whether the decode step runs under torch.compile: "paged_compiled" always, "paged_flex" on
-    CUDA only (torch 2.13 compiles flex_attention with its log-sum-exp there only)."""
-    return impl == "paged_compiled" or (impl == "paged_flex" and cuda)
-
-
-# ---------------------------------------------------------------------------------------------
-# One forward pass over new tokens, reading and writing a cache.
-
-
-def attend_spkv(cache: SPKVCache, layer, q, k, v, keep, pos, rows, impl):
-    """Attend new queries (R, H, T, D) to the cache plus themselves, then store the new pairs."""
-    R, Hkv = k.shape[:2]
-    pieces = cache.keys(layer, rows) + [(k, v, pos[:, None].expand(R, Hkv, -1), keep)]
-    if impl == "split":  # no concatenation: one softmax across the pieces
-        y = kernels.split_cached_attention(q, [(pk, pv, kernels.cache_bias(pos, pp, pkeep, cache.w))
-                                               for pk, pv, pp, pkeep in pieces])
-    else:
-        k_all, v_all, pos_all, keep_all = (torch.cat(t, 2) for t in zip(*pieces))  # one copy each
-        y = kernels.cached_attention(q, k_all, v_all, kernels.cache_bias(pos, pos_all, keep_all, cache.w), impl)
-    if q.shape[2] == 1:  # decode: one pair per row, vectorized over rows
-        cache.write(layer, rows, k[:, :, 0], v[:, :, 0], keep[:, :, 0], pos[:, 0])
-    else:  # prefill chunk of one row
-        cache.write_chunk(layer, int(rows[0]), k[0], v[0], keep[0], pos[0])
-    return y
-
-
-def attend_dense(cache: DenseKVCache, layer, q, k, v, pos, rows, impl):
-    """Plain KV cache: write the new pairs at their positions, attend causally to all of them."""
-    if q.shape[2] == 1:  # decode: one pair per row
-        cache.k[layer, rows, :, pos[:, 0]], cache.v[layer, rows, :, pos[:, 0]] = k[:, :, 0], v[:, :, 0]
-    else:  # prefill chunk of one row, consecutive positions
-        p0, p1 = int(pos[0, 0]), int(pos[0, -1]) + 1
-        cache.k[layer, int(rows[0]), :, p0:p1], cache.v[layer, int(rows[0]), :, p0:p1] = k[0], v[0]
-    n = int(pos.max()) + 1
-    k_pos = torch.arange(n, device=q.device).expand(len(rows), k.shape[1], n)  # (R, Hkv, n)
-    bias = kernels.cache_bias(pos, k_pos, torch.ones_like(k_pos, dtype=torch.bool), window=n + 1)
-    span = slice(int(rows[0]), int(rows[-1]) + 1)  # rows are one row (prefill) or all rows: a view, no copy
-    return kernels.cached_attention(q, cache.k[layer, span, :, :n], cache.v[layer, span, :, :n], bias, impl)
-
-
-def keep_flags(model, logit, k):
-    """Which new pairs are kept: spkv.hard_keep of the gate logits (R, Hkv, T); a dense layer
-    (no gates) keeps all."""
-    if logit is None:
-        return torch.ones(k.shape[:3], dtype=torch.bool, device=k.device)
-    return spkv.hard_keep(logit, model.cfg.tau)
-
-
-def forward_cached(model, cache, idx, pos, rows, impl="sdpa", last_only=False):
-    """idx, pos (R, T) new tokens of rows (R,) -> logits (R, T, V), updating the cache; with
-    last_only, logits (R, 1, V) of the last token (prefill needs no others).
-    Mirrors GPT.forward under hard gates (GPT.forward_with); keep_flags decides what is stored."""
-
-    def attend(layer, q, k, v, logit):
-        if isinstance(cache, DenseKVCache):
-            return attend_dense(cache, layer, q, k, v, pos, rows, impl)
-        return attend_spkv(cache, layer, q, k, v, keep_flags(model, logit, k), pos, rows, impl)
-
-    return model.forward_with(idx, pos, attend, last_only)
+IMPLS = ("paged", "reference")  # SP-KV decode paths, see cache.SPKVCache
 
 
 # ---------------------------------------------------------------------------------------------
 # Prefill, decode, sampling
 
 
-def new_cache(model, B, max_len, dense, page_size=16):
+def new_cache(model, B, max_len, dense, page_size=16, impl="paged"):
+    """An empty cache for B rows of up to max_len tokens: dense, or SP-KV at the model's tau."""
     c, p = model.cfg, next(model.parameters())
     if dense:
-        return DenseKVCache(c.n_layer, B, c.n_kv_head, c.head_dim, max_len, p.dtype, p.device)
-    return SPKVCache(c.n_layer, B, c.n_kv_head, c.head_dim, c.window, p.dtype, p.device, page_size)
+        return DenseKVCache(c.n_layer, B, c.n_kv_head, c.head_dim, max_len, p.dtype, p.device,
+                            impl="reference" if impl == "reference" else "sdpa")
+    return SPKVCache(c.n_layer, B, c.n_kv_head, c.head_dim, c.window, c.tau, p.dtype, p.device, page_size,
+                     paged=impl == "paged")
 
 
 @torch.no_grad()
-def prefill(model, cache, prompts, chunk, impl="sdpa"):
+def prefill(model, cache, prompts, chunk):
     """Each row's prompt in chunks of `chunk` tokens; returns every row's last logits (B, V)."""
     last = []
     device = next(model.parameters()).device
     for r, ids in enumerate(prompts):
+        view = cache.for_rows(torch.tensor([r], device=device))
         for s in range(0, len(ids), chunk):
             piece = torch.tensor(ids[s:s + chunk], device=device)[None]  # (1, C)
             pos = torch.arange(s, s + piece.shape[1], device=device)[None]  # (1, C)
-            logits = forward_cached(model, cache, piece, pos, torch.tensor([r], device=device),
-                                    PREFILL_PATH.get(impl, impl), last_only=True)
+            logits, _ = model(piece, cache=view, pos=pos, last_only=True)  # (1, 1, V)
+            view.commit()
         last.append(logits[0, -1])
-    return torch.stack(last)
+    return torch.stack(last)  # (B, V)
 
 
-@torch.no_grad()
-def decode_one_token(model, cache, tokens, pos, impl="sdpa"):
-    """tokens, pos (B,) -> next-token logits (B, V). Under the PAGED paths an SP-KV cache is read
-    in place (one step for all layers, then the writes): "paged" and "paged_compiled" by
-    kernels.paged_decode_attention, eager or compiled; "paged_flex" by
-    kernels.paged_flex_decode_attention, compiled on CUDA and eager elsewhere (describe_path
-    says so). Every other path gathers the store (forward_cached)."""
-    rows = torch.arange(tokens.shape[0], device=tokens.device)
-    if impl in PAGED and isinstance(cache, SPKVCache):
-        pools = [s.pool() for s in cache.stores]
-        rings = [(cache.ring_k[i], cache.ring_v[i], cache.ring_pos[i], cache.ring_keep[i]) for i in range(len(pools))]
-        tables = [s.page_table() for s in cache.stores] if impl == "paged_flex" else None
-        step = decode_step_paged
-        if is_compiled(impl, tokens.is_cuda):
-            step = compiled_decode_step()
-            for t in [t for pool in pools for t in pool]:
-                torch._dynamo.mark_dynamic(t, 0)  # the pool grows (so do tables): never a recompile
-            for table, _ in tables or []:
-                torch._dynamo.mark_dynamic(table, 1)
-        logits, new = step(model, tokens, pos, pools, rings, cache.w, tables)
-        for layer, (k, v, keep) in enumerate(new):
-            cache.write(layer, rows, k, v, keep, pos)
-        return logits
-    return forward_cached(model, cache, tokens[:, None], pos[:, None], rows, PREFILL_PATH.get(impl, impl))[:, 0]
-
-
-def decode_step_paged(model, tokens, pos, pools, rings, window, tables=None):
-    """One decode step of every row over SP-KV caches handed in as tensors; mutates nothing.
-    tokens, pos (B,); pools[layer] = (k, v, pos, owner) of its PagedStore; rings[layer] = (k, v,
-    pos, keep) of its ring; tables[layer] = PagedStore.page_table() to attend with FlexAttention
-    (None: kernels.paged_decode_attention). Returns logits (B, V) and per layer the new pair k, v
-    (B, Hkv, D) and keep (B, Hkv) for SPKVCache.write. Shapes are fixed but for the pool and
-    table sizes, so it compiles once."""
-    new = []
-
-    def attend(layer, q, k, v, logit):  # q (B, H, 1, D), k, v (B, Hkv, 1, D)
-        new.append((k[:, :, 0], v[:, :, 0], keep_flags(model, logit, k)[:, :, 0]))
-        if tables is None:
-            return kernels.paged_decode_attention(q, k, v, pos, pools[layer], rings[layer], window)
-        return kernels.paged_flex_decode_attention(q, k, v, pos, pools[layer], tables[layer], rings[layer], window)
-
-    return model.forward_with(tokens[:, None], pos[:, None], attend)[:, 0], new
+def decode_step(model, cache, tokens, pos):
+    """One token for every row: tokens, pos (B,) -> logits (B, V). Writes nothing: the cache
+    stages the new pairs, and decode_one_token commits them after the step."""
+    return model(tokens[:, None], cache=cache, pos=pos[:, None])[0][:, 0]
 
 
 @functools.lru_cache(maxsize=1)
 def compiled_decode_step():
-    """torch.compile(decode_step_paged), built on first use (gpt-fast compiles decode_one_token)."""
-    return torch.compile(decode_step_paged)
+    """torch.compile(decode_step), built on first use (gpt-fast compiles decode_one_token)."""
+    return torch.compile(decode_step)
+
+
+@torch.no_grad()
+def decode_one_token(model, cache, tokens, pos, compiled=False):
+    """tokens, pos (B,) -> next-token logits (B, V), then the cache writes the new pairs. Compiled,
+    the step is one graph for every length: only the page pools' sizes are dynamic."""
+    step = decode_step
+    if compiled:
+        step = compiled_decode_step()
+        for t in [t for store in cache.stores for t in store.pool()]:
+            torch._dynamo.mark_dynamic(t, 0)  # the pool grows: never a recompile
+    logits = step(model, cache, tokens, pos)
+    cache.commit()
+    return logits
 
 
 def sample(logits, temperature=0.0, top_k=0, top_p=1.0, gen=None):
@@ -184,11 +102,11 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, gen=None):
     return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
 
 
-def decode_n_tokens(model, cache, first_logits, lengths, n, sampling, impl="sdpa", eos_id=None):
+def decode_n_tokens(model, cache, first_logits, lengths, n, sampling, compiled=False, eos_id=None):
     """Sample up to n tokens per row after the prompts, stopping early once every row has sampled
     eos_id; returns (new tokens (B, n'), logits (B, n', V)) with n' <= n."""
     tokens, all_logits, logits = [], [], first_logits
-    pos = torch.tensor(lengths, device=first_logits.device)
+    pos = torch.tensor(lengths, device=first_logits.device)  # (B,)
     ended = torch.zeros(len(lengths), dtype=torch.bool, device=first_logits.device)  # (B,)
     for i in range(n):
         tok = sample(logits, **sampling)
@@ -199,34 +117,35 @@ def decode_n_tokens(model, cache, first_logits, lengths, n, sampling, impl="sdpa
             if bool(ended.all()):  # no row needs another forward pass
                 break
         if i < n - 1:  # the last sample needs no forward pass
-            logits = decode_one_token(model, cache, tok, pos, impl)
+            logits = decode_one_token(model, cache, tok, pos, compiled)
             pos = pos + 1
     if not tokens:
         return first_logits.new_zeros(len(lengths), 0, dtype=torch.long), first_logits[:, None, :0]
     return torch.stack(tokens, 1), torch.stack(all_logits, 1)
 
 
-def generate(model, prompts, max_new_tokens, dense=False, chunk=256, sampling=None, impl="sdpa", page_size=16,
-             eos_id=None):
+def generate(model, prompts, max_new_tokens, dense=False, chunk=256, sampling=None, impl="paged", page_size=16,
+             eos_id=None, compiled=False):
     """Cached generation for a batch of prompts (lists of ids, any lengths), stopping early once
     every row has produced eos_id (None: never). Returns (new tokens (B, n), their logits
     (B, n, V), the cache); the cache holds each prompt and the first n - 1 new tokens."""
-    check_request(model, prompts, max_new_tokens, impl)
-    cache = new_cache(model, len(prompts), max(map(len, prompts)) + max_new_tokens, dense, page_size)
-    first = prefill(model, cache, prompts, chunk, impl)
+    check_request(model, prompts, max_new_tokens, impl, dense, compiled)
+    cache = new_cache(model, len(prompts), max(map(len, prompts)) + max_new_tokens, dense, page_size, impl)
+    first = prefill(model, cache, prompts, chunk)
     tokens, logits = decode_n_tokens(model, cache, first, [len(p) for p in prompts], max_new_tokens,
-                                     sampling or {}, impl, eos_id)
+                                     sampling or {}, compiled, eos_id)
     return tokens, logits, cache
 
 
 @torch.no_grad()
-def generate_uncached(model, prompts, max_new_tokens, view="hard"):
-    """The oracle: greedy decoding by one full forward per new token (no cache at all)."""
+def generate_uncached(model, prompts, max_new_tokens, a=1.0):
+    """The oracle: greedy decoding by one full forward per new token (no cache at all), under
+    gates of anneal weight a (1: hard, as decoding uses)."""
     out_tokens, out_logits = [], []
     for ids in prompts:
         seq, row_logits = list(ids), []
         for _ in range(max_new_tokens):
-            logits = model(torch.tensor(seq)[None], view=view)[0][0, -1]
+            logits = model(torch.tensor(seq)[None], a=a)[0][0, -1]
             row_logits.append(logits)
             seq.append(int(logits.argmax()))
         out_tokens.append(seq[len(ids):])
@@ -234,12 +153,11 @@ def generate_uncached(model, prompts, max_new_tokens, view="hard"):
     return out_tokens, out_logits
 
 
-IMPLS = ("reference", "sdpa", "split", *PAGED)  # cached attention paths, see kernels.py
-
-
-def check_request(model, prompts, max_new_tokens, impl="sdpa"):
+def check_request(model, prompts, max_new_tokens, impl="paged", dense=False, compiled=False):
     if impl not in IMPLS:
-        raise cli.BadInput(f"unknown cached attention path {impl!r}; use one of {IMPLS}")
+        raise cli.BadInput(f"unknown decode path {impl!r}; use one of {IMPLS}")
+    if compiled and (dense or impl != "paged"):
+        raise cli.BadInput("--compile=True compiles the SP-KV paged decode step; drop --dense=True / --impl=reference")
     if max_new_tokens < 0:
         raise cli.BadInput(f"max_new_tokens={max_new_tokens} must be >= 0")
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -248,6 +166,39 @@ def check_request(model, prompts, max_new_tokens, impl="sdpa"):
     if longest > model.cfg.block_size:
         raise cli.BadInput(f"prompt + max_new_tokens = {longest} tokens is longer than the model's context "
                          f"of {model.cfg.block_size}; shorten the prompt or lower max_new_tokens")
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing tau for a deployment: the threshold that keeps a target fraction of old pairs
+
+
+def tau_for_density(u: torch.Tensor, target: float) -> float:
+    """The threshold keeping a `target` fraction of gates: u (N,) pooled over layers, heads and
+    old positions of a calibration set; keep = u >= tau, so tau is the (1 - target) quantile."""
+    if not 0.0 < target <= 1.0:
+        raise cli.BadInput(f"target density {target} must be in (0, 1]")
+    ranked = u.flatten().sort().values
+    return float(ranked[min(int((1.0 - target) * ranked.numel()), ranked.numel() - 1)])
+
+
+@torch.no_grad()
+def old_gate_values(model, batches, n_batches, batch_size, gen) -> torch.Tensor:
+    """u of every pair older than the window (the ones the gate decides), pooled: (N,)."""
+    values = []
+    for _ in range(n_batches):
+        x, _ = batches.sample(batch_size, gen)
+        gates = []
+        model(x, gates=gates)
+        T = x.shape[1]
+        old = torch.arange(T) <= T - 1 - model.cfg.window  # (T,)
+        values += [torch.sigmoid(g[..., old]).flatten() for g in gates]
+    return torch.cat(values)
+
+
+def calibrate(model, batches, target, n_batches=4, batch_size=2, seed=0) -> float:
+    """tau for `target` density on calibration batches drawn with `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    return tau_for_density(old_gate_values(model, batches, n_batches, batch_size, gen), target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,27 +242,22 @@ class Flags:
     seed: int = 0  # sampling seed
     page_size: int = 16  # KV pairs per page of the SP-KV store
     target_density: float = 0.0  # in (0, 1]: calibrate tau to keep this fraction of old pairs; 0 = off
-    impl: str = "paged"  # cached attention path, one of IMPLS
+    impl: str = "paged"  # SP-KV decode path: paged (reads the page pool in place) or reference (plain ops)
+    compile: bool = False  # torch.compile the paged decode step (compiled once, about a minute on CPU)
     device: str = "auto"  # auto (CUDA when present), cpu or cuda
 
 
 DEFAULTS = dataclasses.asdict(Flags())
 
 
-def describe_path(impl: str, dense: bool, cuda: bool = False) -> str:
-    """Which cached attention path runs, in words (printed, so no path is chosen silently)."""
+def describe_path(impl: str, dense: bool, compiled: bool) -> str:
+    """Which cached attention path runs, in one line (printed, so no path is chosen silently)."""
     if dense:
         return f"dense cache, kernels.cached_attention ({'reference' if impl == 'reference' else 'sdpa'})"
-    how = "torch.compile" if is_compiled(impl, cuda) else "eager"
-    if impl == "paged_flex":
-        if not cuda:
-            how += (", because torch 2.13 compiles flex_attention with its log-sum-exp on CUDA only: unfused, "
-                    "every stream scored against the whole pool, for checking, not speed")
-        return (f"decode steps: FlexAttention over the page pool with the page table as block mask ({how}); "
-                f"prefill chunks gather ('split')")
-    if impl in PAGED:
-        return f"decode steps read the page pool in place (kernels.paged_decode_attention, {how}); prefill chunks gather ('split')"
-    return f"store gathered per step, then {impl!r} (kernels.py)"
+    if impl == "reference":
+        return "SP-KV reference: store gathered, plain-ops kernels.cached_attention (the tests' twin)"
+    return (f"SP-KV paged: decode reads the page pool in place (kernels.paged_decode_attention, "
+            f"{'torch.compile' if compiled else 'eager'}); prefill gathers (sdpa)")
 
 
 def parse_flags(argv) -> dict:
@@ -328,6 +274,8 @@ def parse_flags(argv) -> dict:
         problems.append(f"--target_density={o['target_density']} must be in (0, 1], or 0 for off")
     if o["impl"] not in IMPLS:
         problems.append(f"--impl={o['impl']!r} is not one of {IMPLS}")
+    if o["compile"] and (o["dense"] or o["impl"] != "paged"):
+        problems.append("--compile=True compiles the SP-KV paged decode step; drop --dense=True / --impl=reference")
     if problems:
         raise cli.BadInput("; ".join(problems))
     return o
@@ -343,9 +291,6 @@ def chat_prompt(tok, text: str) -> list:
 
 
 def main(argv):
-    from checkpoint import load_model
-    from convert import default_checkpoint
-
     o = parse_flags(argv)
     overrides = {} if o["tau"] == -1.0 else {"tau": o["tau"]}  # -1: the checkpoint's own tau
     device = o["device"] if o["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -356,11 +301,8 @@ def main(argv):
         raise cli.BadInput(f"{o['ckpt'] or 'the checkpoint'} has no tokenizer; convert it from a folder with tokenizer.json")
     model.eval()
     if o["target_density"] > 0:  # pick tau on calibration text (stdlib source, train split)
-        import data as datalib
-        import tau as taulib
-
         folder = datalib.prepare("", tok)
-        model.cfg.tau = taulib.calibrate(model, datalib.Batches(folder, "train", 512), o["target_density"])
+        model.cfg.tau = calibrate(model, datalib.Batches(folder, "train", 512), o["target_density"])
         print(f"tau calibrated to {model.cfg.tau:.4f} for target density {o['target_density']}")
     torch.manual_seed(o["seed"])
     ids = chat_prompt(tok, o["prompt"]) if o["chat"] else tok.encode(o["prompt"])
@@ -370,12 +312,12 @@ def main(argv):
     if o["prompt"] and not ids:
         raise cli.BadInput("--prompt has only characters this vocabulary cannot encode; give text it can")
     print(f"cache: {'dense KV cache' if o['dense'] else f'SP-KV ring of {model.cfg.window} + paged store, tau={model.cfg.tau}'}"
-          f"; attention: {describe_path(o['impl'], o['dense'], device == 'cuda')}; device: {device}"
+          f"; attention: {describe_path(o['impl'], o['dense'], o['compile'])}; device: {device}"
           + ("" if device == "cuda" else " (no CUDA device)"))
     t0 = time.time()
     sampling = dict(temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"])
     tokens, _, cache = generate(model, [ids], o["max_new_tokens"], o["dense"], o["chunk"], sampling,
-                                impl=o["impl"], page_size=o["page_size"], eos_id=tok.eos_id)
+                                impl=o["impl"], page_size=o["page_size"], eos_id=tok.eos_id, compiled=o["compile"])
     dt = time.time() - t0
     out = tokens[0].tolist()
     n_new = len(out)
@@ -388,7 +330,7 @@ def main(argv):
     print(f"\n--- {len(ids)} prompt + {n_new} new tokens"
           + (" (stopped at end-of-text)" if n_new < o["max_new_tokens"] else "") + f" in {dt:.2f}s "
           f"({(len(ids) + n_new) / dt:.1f} tokens/s, prefill included"
-          + (", and the one-time compile" if is_compiled(o["impl"], device == "cuda") else "") + ")")
+          + (", and the one-time compile" if o["compile"] else "") + ")")
     if rep["density_per_layer"] and rep["density"] != rep["density"]:  # nan: nothing has left the window
         print(f"density: no pair is older than the window yet ({held} tokens <= window "
               f"{c.window}); the ring is allocated whole, so a dense cache is smaller at this length")

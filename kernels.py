@@ -1,17 +1,19 @@
-"""Fast attention paths for training and prefill, each the twin of spkv.reference_attention.
+"""The attention kernels: fast paths for training and prefill, each the twin of
+spkv.reference_attention, and the attention over a decode cache.
 
+Over a whole sequence (training, evaluation), kernels.attention(..., impl):
     "reference"      spkv.reference_attention: materialized scores, plain tensor ops (the oracle)
     "sdpa"           scaled_dot_product_attention with the SP-KV bias as an additive float mask;
                      forward and backward on any device (the CPU training path)
     "flex"           FlexAttention, eager: a score_mod adds log u to keys older than the window and
                      a causal block_mask lets the kernel skip blocks above the diagonal
     "flex_compiled"  the same under torch.compile: the fused kernel (the CUDA training path)
-
 choose_attention() decides once per program and returns the reason, which the caller prints.
 
-Over a decode cache: cached_attention / split_cached_attention attend to a gathered store (their
-twin: the "reference" branch), and paged_decode_attention reads the page pool in place (its twin:
-the gather path; tests/test_generate.py holds them equal).
+Over a decode cache (cache.py calls these): cached_attention attends to gathered keys with the
+hard-gate bias of cache_bias ("sdpa", or the plain-ops "reference" twin), and
+paged_decode_attention reads the page pool in place (its twin: the gather path;
+tests/test_generate.py holds them equal).
 Shapes: q (B, H, T, D); k, v (B, Hkv, T, D); lg (B, Hkv, T) log-gates or None (plain causal layer).
 """
 
@@ -20,7 +22,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import spkv
 
@@ -151,22 +153,6 @@ def cached_attention(q, k, v, bias, impl: str):
     return out.reshape(R, H, T, D)
 
 
-def split_cached_attention(q, pieces):
-    """Attention over keys held in separate pieces [(k, v, bias)] (the gathered store, the ring,
-    the new tokens) without concatenating them: scores per piece, one softmax across all through
-    a shared max and summed normalizers. Saves the copy of the whole key set that "sdpa" makes.
-    q (R, H, T, D); each k, v (R, Hkv, S_i, D), bias (R, Hkv, T, S_i)."""
-    R, H, T, D = q.shape
-    Hkv = pieces[0][0].shape[1]
-    G = H // Hkv
-    qg = q.reshape(R, Hkv, G * T, D) / math.sqrt(D)  # (R, Hkv, G*T, D): G heads folded into rows
-    scores = [qg @ k.transpose(-1, -2) + fold_bias(b.to(q.dtype), G) for k, _, b in pieces]  # (R, Hkv, G*T, S_i)
-    top = torch.stack([s.amax(-1) for s in scores]).amax(0)[..., None]  # (R, Hkv, G*T, 1)
-    weights = [torch.exp(s - top) for s in scores]
-    out = sum(w @ v for w, (_, v, _) in zip(weights, pieces)) / sum(w.sum(-1, keepdim=True) for w in weights)
-    return out.reshape(R, H, T, D)
-
-
 # ---------------------------------------------------------------------------------------------
 # Decode attention straight over the page pool: no gather, each kept byte read once.
 
@@ -200,7 +186,10 @@ def paged_decode_attention(q, k, v, pos, pool, ring, window):
     G, S = H // Hkv, B * Hkv
     qs = q.reshape(B, Hkv, G, D) / math.sqrt(D)  # (B, Hkv, G, D): a stream's G query heads
     owner = torch.where(owner >= 0, owner, S)  # free pages feed a dummy stream S, dropped below
-    per_page = lambda x: torch.cat([x, x.new_zeros(1, *x.shape[1:])])[owner]  # noqa: E731  (S, ...) -> (P, ...)
+
+    def per_page(x):  # (S, ...) per stream -> (P, ...) per page, the dummy stream's rows zero
+        return torch.cat([x, x.new_zeros(1, *x.shape[1:])])[owner]
+
     q_page = per_page(qs.reshape(S, G, D))  # (P, G, D)
     # scores, maxima and normalizers in fp32 (pages may be bf16); the matmuls read the stored dtype
     f32 = torch.float32
@@ -220,59 +209,3 @@ def paged_decode_attention(q, k, v, pos, pool, ring, window):
     num = num + (w_ring.to(v.dtype) @ ring_v).to(f32) + (w_new.to(v.dtype) @ v).to(f32)  # (B, Hkv, G, D)
     den = den + w_ring.sum(-1) + w_new[..., 0]
     return (num / den[..., None]).to(q.dtype).reshape(B, H, 1, D)
-
-
-# ---------------------------------------------------------------------------------------------
-# The same step with FlexAttention: the page table becomes the block mask.
-
-
-def page_block_mask(pos_pool, owner, table, n_pages):
-    """A BlockMask over the flattened pool (P * p keys) for S "batches", one per stream, with one
-    KV block per page: stream s lists the pages of its page-table row, table[s, :n_pages[s]], so a
-    fused kernel reads only those. mask_mod is the exact rule (the slot is filled and its page
-    belongs to stream b); eager flex_attention applies only mask_mod, the fused kernel both."""
-    P, p = pos_pool.shape
-    S = table.shape[0]  # table (S, P): PagedStore.page_table(), as wide as the pool
-    filled = pos_pool.reshape(-1) >= 0  # (P * p,)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return filled[kv_idx] & (owner[kv_idx // p] == b)
-
-    kv_indices = table.to(torch.int32).view(S, 1, 1, P)  # (S, 1 head, 1 q block, P)
-    return BlockMask.from_kv_blocks(n_pages.to(torch.int32).view(S, 1, 1), kv_indices, BLOCK_SIZE=(128, p),
-                                    mask_mod=mask_mod, seq_lengths=(1, P * p), compute_q_blocks=False)
-
-
-def paged_flex_decode_attention(q, k, v, pos, pool, pages, ring, window):
-    """paged_decode_attention with FlexAttention over the store: each stream is one batch entry of
-    a flex_attention call whose keys are the whole pool (a stride-0 view, no copy) and whose block
-    mask is built from the page table (page_block_mask); flex returns the store's log-sum-exp, and
-    the ring and the new pair are merged in through it. pages = PagedStore.page_table(): table
-    (S, P), n_pages (S,). Fused only under torch.compile, which torch 2.13 supports with the
-    log-sum-exp on CUDA only; eager (any device) it materializes the scores of every stream
-    against the whole pool: a correctness twin, not a fast path. Its plain twin:
-    paged_decode_attention."""
-    k_pool, v_pool, pos_pool, owner = pool
-    B, H, _, D = q.shape
-    Hkv = ring[0].shape[1]
-    G, S = H // Hkv, B * Hkv
-    P, p = pos_pool.shape
-    keys = k_pool.reshape(1, 1, P * p, D).expand(S, 1, P * p, D)  # every stream sees the pool; the mask picks
-    values = v_pool.reshape(1, 1, P * p, D).expand(S, 1, P * p, D)
-    # the fused decoding kernel takes a power-of-two query group only (SmolLM2 has G = 3): pad the
-    # group with zero queries, whose rows are dropped after
-    Gp = 1 << (G - 1).bit_length()
-    qf = q.reshape(S, G, 1, D)
-    qf = torch.cat([qf, qf.new_zeros(S, Gp - G, 1, D)], 1) if Gp != G else qf  # (S, Gp, 1, D)
-    out, aux = flex_attention(qf, keys, values, block_mask=page_block_mask(pos_pool, owner, *pages),
-                              scale=1 / math.sqrt(D), enable_gqa=Gp > 1, return_aux=AuxRequest(lse=True))
-    out, lse = out[:, :G], aux.lse[:, :G]  # (S, G, 1, D), (S, G, 1)
-    out_store, lse_store = out.reshape(B, Hkv, G, D).float(), lse.reshape(B, Hkv, G).float()  # lse -inf: empty
-    s_ring, s_new = local_scores(q.reshape(B, Hkv, G, D) / math.sqrt(D), k, pos, ring, window)
-    s_local = torch.cat([s_ring, s_new], -1)  # (B, Hkv, G, w + 1)
-    lse_local = torch.logsumexp(s_local, -1)  # finite: the new pair is always there
-    out_local = (torch.softmax(s_local, -1).to(v.dtype) @ torch.cat([ring[1], v], 2)).float()  # (B, Hkv, G, D)
-    top = torch.maximum(lse_store, lse_local)
-    w_store, w_local = torch.exp(lse_store - top)[..., None], torch.exp(lse_local - top)[..., None]
-    out = (out_store * w_store + out_local * w_local) / (w_store + w_local)
-    return out.to(q.dtype).reshape(B, H, 1, D)

@@ -120,12 +120,27 @@ def make_norm(cfg: GPTConfig) -> nn.Module:
     return RMSNorm(cfg.n_embd, cfg.norm_eps) if cfg.arch == "llama" else nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
 
 
+@dataclass
+class Pass:
+    """What every layer of one forward pass reads besides its input; GPT.forward builds it once.
+    (One object instead of the same six arguments threaded through Block and Attention.)"""
+    pos: torch.Tensor  # (T,) or (B, T) absolute positions of the tokens
+    rope: tuple  # (cos, sin) at pos for RoPE; None for GPT-2 (learned positions)
+    impl: str  # the kernels.py path that attends without a cache (GPT.attn_impl)
+    a: object = 0.0  # gate anneal weight in [0, 1], float or 0-dim tensor: 0 soft, 1 hard (spkv.log_gate)
+    frozen: bool = False  # detach the gate logits: the predictor gets no gradient (train.py's anneal phase)
+    cache: object = None  # decoding: attention is cache.update_and_attend(...), see cache.py
+    gates: list = None  # a list: each SP-KV layer appends its gate logits (B, Hkv, T), in layer order
+
+
 class Attention(nn.Module):
-    """Multi-head attention with GQA; an SP-KV layer also owns a utility predictor."""
+    """Multi-head attention with GQA; an SP-KV layer also owns a utility predictor.
+    Without a cache it attends over the whole sequence through kernels.attention (training,
+    evaluation); with one, the cache stores the new pairs and answers (decoding, gpt-fast style)."""
 
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.layer = cfg, layer
         self.is_spkv = layer not in cfg.dense_layers
         D, Hkv = cfg.head_dim, cfg.n_kv_head
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * D, bias=cfg.qkv_bias)
@@ -154,16 +169,17 @@ class Attention(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return self.predictor(x.float()).transpose(1, 2)  # (B, Hkv, T)
 
-    def forward(self, x, rope, view, anneal, impl, gates):
-        q, k, v, logit = self.qkv(x, rope)
-        lg = None
-        if logit is not None:
-            if view == "anneal":  # the predictor is frozen while gates anneal: no gradient through it
-                logit = logit.detach()
-            if gates is not None:
-                gates.append(logit.detach())
-            lg = spkv.log_gate(logit, view, self.cfg.tau, anneal)
-        y = kernels.attention(q, k, v, lg, self.cfg.window, impl)  # (B, H, T, D)
+    def forward(self, x, p: Pass):
+        q, k, v, logit = self.qkv(x, p.rope)
+        if logit is not None and p.frozen:  # the predictor is frozen while gates anneal: no gradient through it
+            logit = logit.detach()
+        if logit is not None and p.gates is not None:
+            p.gates.append(logit.detach())
+        if p.cache is not None:  # the cache writes what the keep rule keeps, and attends with its own kernel
+            y = p.cache.update_and_attend(self.layer, q, k, v, logit, p.pos)
+        else:
+            lg = None if logit is None else spkv.log_gate(logit, self.cfg.tau, p.a)  # (B, Hkv, T)
+            y = kernels.attention(q, k, v, lg, self.cfg.window, p.impl)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
@@ -193,8 +209,8 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, h, rope, view, anneal, impl, gates):
-        h = h + self.attn(self.attn_norm(h), rope, view, anneal, impl, gates)
+    def forward(self, h, p: Pass):
+        h = h + self.attn(self.attn_norm(h), p)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -245,32 +261,26 @@ class GPT(nn.Module):
             return h + self.pos_embed(pos), None
         return h, self.rope(pos)
 
-    def forward_with(self, idx, pos, attend, last_only=False):
-        """The blocks of forward() with attention handed to attend(layer, q, k, v, logit) -> y
-        (B, H, T, D): how generate.py attends over a cache and baselines.py through a mask.
-        idx, pos (B, T) (pos may be (T,)); logits (B, T, V), or (B, 1, V) with last_only."""
-        h, rope = self.embed_tokens(idx, pos)
-        for layer, block in enumerate(self.blocks):
-            q, k, v, logit = block.attn.qkv(block.attn_norm(h), rope)
-            y = attend(layer, q, k, v, logit)
-            h = h + block.attn.o_proj(y.transpose(1, 2).reshape(*idx.shape, -1))
-            h = h + block.mlp(block.mlp_norm(h))
-        return self.lm_head(self.norm(h[:, -1:] if last_only else h))
-
-    def forward(self, idx, targets=None, view="soft", anneal=0.0, gates=None):
+    def forward(self, idx, targets=None, *, a=0.0, frozen=False, gates=None, cache=None, pos=None, last_only=False):
         """idx (B, T) token ids -> logits (B, T, V) and the mean next-token loss if targets given.
 
-        view: "soft" (training), "anneal" (soft-to-hard with weight `anneal`), "hard" (inference).
+        a: gate anneal weight, 0 soft (training), 1 hard (inference), in between while annealing
+           (METHOD.md section 4); frozen: detach the gate logits (the predictor learns nothing).
         gates: optional list; each SP-KV layer appends its gate logits (B, Hkv, T), in layer order.
+        cache: decode through a cache.py cache (or anything with the same update_and_attend, like
+           baselines.py's masks); pos (B, T) or (T,) are then the tokens' positions (default 0..T-1).
+        last_only: logits (B, 1, V) of the last token only (a prefill chunk needs no others).
         """
         T = idx.shape[1]
         if T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the model's context "
                              f"block_size={self.cfg.block_size}; use a shorter seq_len")
-        h, rope = self.embed_tokens(idx, torch.arange(T, device=idx.device))
+        pos = torch.arange(T, device=idx.device) if pos is None else pos
+        h, rope = self.embed_tokens(idx, pos)
+        p = Pass(pos=pos, rope=rope, impl=self.attn_impl, a=a, frozen=frozen, cache=cache, gates=gates)
         for block in self.blocks:
-            h = block(h, rope, view, anneal, self.attn_impl, gates)
-        logits = self.lm_head(self.norm(h))  # (B, T, V)
+            h = block(h, p)
+        logits = self.lm_head(self.norm(h[:, -1:] if last_only else h))  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)

@@ -9,6 +9,15 @@ always visible; an older key s is seen through its gate:
     bias[t, s]  = -inf if s > t;  0 if t - s < window;  log u_s otherwise      (training, "soft")
     bias[t, s]  = -inf if s > t;  0 if t - s < window or u_s >= tau;  -inf otherwise   ("hard")
 
+Where the rest of the method lives (METHOD.md tells it section by section):
+    model.py   predictor placement: each SP-KV Attention owns a UtilityPredictor that reads the
+               attention's normalized input, and adds log_gate(...) to the scores (section 1)
+    train.py   the freeze/anneal schedule: soft gates while the predictor learns, then predictor
+               frozen and the anneal weight a going 0 -> 1 (gate_schedule, gate_view_at; section 4)
+    cache.py   write-time eviction: hard_keep decides as a pair is written; a pair leaving the
+               local ring goes to the paged store if kept and is dropped for good otherwise (section 6)
+    kernels.py the fast attention paths, each tested against reference_attention below
+
 Axis letters used in every shape comment of this project:
     B batch, T query length, S key length, H query heads, Hkv key/value heads (each serves G = H/Hkv
     query heads), D head dim, d model width, L layers.
@@ -20,9 +29,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-GATE_VIEWS = ("soft", "anneal", "hard")
-
 
 class UtilityPredictor(nn.Module):
     """The per-layer utility predictor: one logit per KV head from the attention's normalized input.
@@ -54,7 +60,8 @@ class UtilityPredictor(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# The three gate views. Each maps logits (B, Hkv, S) to the log-gate added to old keys' scores.
+# The three gate views. Each maps logits (B, Hkv, S) to the log-gate added to old keys' scores;
+# log_gate picks one by the anneal weight a.
 
 
 def soft_log_gate(logit: torch.Tensor) -> torch.Tensor:
@@ -88,15 +95,17 @@ def annealed_log_gate(logit: torch.Tensor, tau: float, a) -> torch.Tensor:
     return torch.logaddexp(torch.log1p(-a) + F.logsigmoid(logit), torch.log(a) + log_keep)
 
 
-def log_gate(logit: torch.Tensor, view: str, tau: float, anneal: float = 0.0) -> torch.Tensor:
-    """Dispatch to one of GATE_VIEWS: 'soft' (training), 'anneal' (with weight `anneal`), 'hard'."""
-    if view == "soft":
+def log_gate(logit: torch.Tensor, tau: float, a=0.0) -> torch.Tensor:
+    """The log-gate of anneal weight a: 0 soft (training), 1 hard (inference), between: annealing.
+    A plain number 0 or 1 takes the soft or hard view directly; anything else, a tensor included
+    (train.py passes one while annealing), the annealed formula, which equals them at the ends."""
+    if not isinstance(a, torch.Tensor) and a == 0:
         return soft_log_gate(logit)
-    if view == "anneal":
-        return annealed_log_gate(logit, tau, anneal)
-    if view == "hard":
+    if not isinstance(a, torch.Tensor) and a == 1:
         return hard_log_gate(logit, tau)
-    raise ValueError(f"unknown gate view {view!r}; use one of {GATE_VIEWS}")
+    if not isinstance(a, torch.Tensor) and not 0 <= a <= 1:
+        raise ValueError(f"anneal weight a={a} is outside [0, 1]")
+    return annealed_log_gate(logit, tau, a)
 
 
 # ---------------------------------------------------------------------------------------------

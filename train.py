@@ -28,6 +28,7 @@ import data as datalib
 import kernels
 import spkv
 from checkpoint import check_shapes, load_model, read_checkpoint, save_checkpoint
+from convert import default_checkpoint
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -64,6 +65,7 @@ class TrainConfig:
     ckpt_every: int = 20  # steps between checkpoints (each one evaluated first)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     compile: bool = True  # torch.compile the model on CUDA (ignored on CPU)
+    peak_tflops: float = 0.0  # the GPU's dense bf16 peak for MFU; 0 = look the device up in PEAK_TFLOPS
     attn: str = "auto"  # attention path, see kernels.ATTN_IMPLS
     seed: int = 1337  # model init and data order
     n_layer: int = 4  # --init=scratch model shape; the tokenizer comes from --ckpt
@@ -102,6 +104,8 @@ def validate(cfg: TrainConfig):
                  "ckpt_every", "anneal_steps") if getattr(cfg, k) < 1]
     problems += [f"--{k}={getattr(cfg, k)} must be a finite number > 0" for k in ("lr", "predictor_lr_mult",
                  "grad_clip") if not (math.isfinite(getattr(cfg, k)) and getattr(cfg, k) > 0)]
+    if not (math.isfinite(cfg.peak_tflops) and cfg.peak_tflops >= 0):
+        problems.append(f"--peak_tflops={cfg.peak_tflops} must be a finite number >= 0 (0 = look the GPU up)")
     if not math.isfinite(cfg.predictor_init_bias):
         problems.append(f"--predictor_init_bias={cfg.predictor_init_bias} must be a finite number")
     problems += [f"--{k}={getattr(cfg, k)} must be in [0, 1]" for k in ("min_lr_frac", "freeze_frac", "tau")
@@ -119,6 +123,15 @@ def validate(cfg: TrainConfig):
 
 # ---------------------------------------------------------------------------------------------
 # Setup: processes, device, model, optimizer.
+
+
+@dataclass
+class Proc:
+    """This process's place in the run, decided once in main()."""
+    rank: int  # 0 .. world - 1; rank 0 evaluates, logs and saves
+    world: int  # processes in the run (DDP under torchrun), 1 otherwise
+    device: torch.device
+    autocast: object  # bf16 autocast on CUDA, a disabled autocast on CPU (fp32)
 
 
 def setup_processes(cfg: TrainConfig):
@@ -141,8 +154,6 @@ def setup_processes(cfg: TrainConfig):
 
 def build_model(cfg: TrainConfig, device):
     """(model, tokenizer, where the weights came from). Pretrained: predictors start open."""
-    from convert import default_checkpoint
-
     path = cfg.ckpt or default_checkpoint()
     spkv_knobs = dict(window=cfg.window, tau=cfg.tau, predictor_init_bias=cfg.predictor_init_bias)
     if cfg.init == "scratch":  # only the tokenizer and vocabulary size come from the checkpoint
@@ -214,8 +225,9 @@ def gate_schedule(cfg: TrainConfig) -> tuple:
 
 def gate_view_at(step: int, cfg: TrainConfig) -> tuple:
     """("soft", 0) while the predictor learns; ("anneal", a) with a: 0 -> 1 once it is frozen.
-    Freezing is done by the view: model.py detaches the gate logits under "anneal", so predictor
-    parameters get no gradient and AdamW skips them (their weight decay included)."""
+    Freezing is done by the forward pass: under "anneal" train_step passes frozen=True, model.py
+    detaches the gate logits, so predictor parameters get no gradient and AdamW skips them (their
+    weight decay included)."""
     freeze, length = gate_schedule(cfg)
     if cfg.dense or step < freeze:
         return "soft", 0.0
@@ -227,7 +239,7 @@ def gate_view_at(step: int, cfg: TrainConfig) -> tuple:
 
 
 @torch.no_grad()
-def evaluate(model: GPT, val: datalib.Batches, cfg: TrainConfig, device, autocast) -> dict:
+def evaluate(model: GPT, val: datalib.Batches, cfg: TrainConfig, proc: Proc) -> dict:
     """Val loss under soft and hard gates on fixed batches, and hard-gate density."""
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same batches at every eval
@@ -235,11 +247,11 @@ def evaluate(model: GPT, val: datalib.Batches, cfg: TrainConfig, device, autocas
     keeps = {layer: [] for layer in model.cfg.spkv_layers()}
     us = {layer: [] for layer in keeps}  # gate values u (B, Hkv, T) per SP-KV layer
     for _ in range(cfg.eval_batches):
-        x, y = (t.to(device) for t in val.sample(cfg.batch_size, gen))
+        x, y = (t.to(proc.device) for t in val.sample(cfg.batch_size, gen))
         gates = []
-        with autocast:
-            soft += model(x, y, view="soft")[1].item() / cfg.eval_batches
-            hard += model(x, y, view="hard", gates=gates)[1].item() / cfg.eval_batches
+        with proc.autocast:
+            soft += model(x, y, a=0.0)[1].item() / cfg.eval_batches
+            hard += model(x, y, a=1.0, gates=gates)[1].item() / cfg.eval_batches
         for layer, logit in zip(keeps, gates):
             keeps[layer].append(spkv.hard_keep(logit, model.cfg.tau).cpu())
             us[layer].append(torch.sigmoid(logit.float()).cpu())
@@ -426,6 +438,23 @@ def progress(step, total, t0, start, text):
     print("\r" + line, end="", flush=True) if sys.stdout.isatty() else print(line, flush=True)
 
 
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}  # dense bf16
+
+
+def peak_flops(cfg: TrainConfig, device) -> tuple:
+    """(peak FLOP/s for MFU or None, how it was found): --peak_tflops, else the first PEAK_TFLOPS
+    name inside the CUDA device's name; None (no MFU logged) on CPU or an unknown GPU."""
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops * 1e12, f"--peak_tflops={cfg.peak_tflops}"
+    if device.type != "cuda":
+        return None, "no MFU on CPU"
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12, f"{name}: {tflops:.0f} TFLOP/s bf16 (train.PEAK_TFLOPS)"
+    return None, f"{name} is not in train.PEAK_TFLOPS: no MFU logged (give --peak_tflops)"
+
+
 def flops_per_token(model: GPT, T: int) -> float:
     """Training FLOPs per token (nanoGPT's estimate: 6N plus attention)."""
     n = sum(p.numel() for p in model.parameters())
@@ -457,6 +486,8 @@ def main(argv):
     model.attn_impl = impl
     check_bias_size(cfg, model, impl, dtype_bytes=2 if cuda else 4)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    proc = Proc(rank, world, device, autocast)
+    peak, why_peak = peak_flops(cfg, device)
     folder = datalib.prepare(cfg.data, tok, cfg.data_cache or datalib.DEFAULT_CACHE)
     train, val = datalib.Batches(folder, "train", cfg.seq_len), datalib.Batches(folder, "val", cfg.seq_len)
     opt = make_optimizer(model, cfg, fused=cuda)
@@ -476,14 +507,14 @@ def main(argv):
         freeze, anneal_len = gate_schedule(cfg)
         print(f"device: {device} ({why_device}); dtype: {'bf16 autocast' if cuda else 'fp32'}; "
               f"compile: {cuda and cfg.compile}")
-        print(f"attention: {impl} ({why_attn})")
+        print(f"attention: {impl} ({why_attn}); MFU: {why_peak}")
         print(f"model: {source}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
               f"{'dense baseline' if cfg.dense else f'SP-KV window={cfg.window} tau={cfg.tau}'}")
         if not cfg.dense:
             print(f"schedule: soft gates to step {freeze}, then predictor frozen and gates annealed to hard "
                   f"over {anneal_len} steps (hard from step {freeze + anneal_len})")
         os.makedirs(cfg.out_dir, exist_ok=True)
-        start_eval = evaluate(model, val, cfg, device, autocast)
+        start_eval = evaluate(model, val, cfg, proc)
         print(f"start: val soft {start_eval['val_soft']:.4f} hard {start_eval['val_hard']:.4f}")
         guard = SaveGuard(ckpt_path, model, start_eval, step if cfg.resume else None)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
@@ -494,8 +525,8 @@ def main(argv):
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_mult"]
         t_step = time.time()
-        loss, norm = train_step(fwd, model, opt, train.sample(cfg.grad_accum * world * cfg.batch_size, gen),
-                                cfg, rank, world, view, a, autocast, device)
+        loss, norm = train_step(fwd, model, train.sample(cfg.grad_accum * world * cfg.batch_size, gen), cfg, proc,
+                                view=view, a=a)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             raise cli.BadInput(f"loss {loss} / grad norm {norm} at step {step}; stopped before the update, "
                                f"{guard.holds() if master else 'see rank 0'}. Lower --lr or check the data.")
@@ -503,13 +534,13 @@ def main(argv):
         opt.zero_grad(set_to_none=True)
         rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "view": view, "anneal": a,
                "tokens_per_s": tokens_per_step / (time.time() - t_step)}
-        if cuda:
-            rec["mfu"] = flops_per_token(model, cfg.seq_len) * rec["tokens_per_s"] / world / 989e12  # H100 bf16
+        if peak:
+            rec["mfu"] = flops_per_token(model, cfg.seq_len) * rec["tokens_per_s"] / world / peak
         step += 1
         stopping = any_rank(stop.requested, world, device)
         saving = step % cfg.ckpt_every == 0 or step == cfg.max_steps or stopping
         if master and (step % cfg.eval_every == 0 or step == cfg.max_steps or saving):  # a save is judged by its eval
-            rec.update(evaluate(model, val, cfg, device, autocast))
+            rec.update(evaluate(model, val, cfg, proc))
             print(f"\nstep {step}: train {loss:.4f} val soft {rec['val_soft']:.4f} hard {rec['val_hard']:.4f}"
                   + (f" density {rec['density']:.3f}" if "density" in rec else ""))
             guard.seen(rec)
@@ -528,13 +559,13 @@ def main(argv):
                       f"continue with --resume=True --out_dir={cfg.out_dir}")
             sys.exit(130)
     if master:
-        final = evaluate(model, val, cfg, device, autocast)
+        final = evaluate(model, val, cfg, proc)
         print(f"\ndone: val loss soft {final['val_soft']:.4f}, hard {final['val_hard']:.4f} -> {ckpt_path}")
         report_density(final)
         if not cuda and not cfg.dense and final.get("density", 0.0) > 0.95:
             print("note: this short CPU run kept (almost) every old pair: a few dozen steps do not move gates that "
-                  "start open (u = 0.993). Gates close with longer training: see the README's real-text results "
-                  "(`python realtext.py`, ~40 min on 2 cores) and the gpu preset (`python train.py` on one GPU).")
+                  "start open (u = 0.993). Gates close with longer training: see experiments/README.md, real text "
+                  "(`python experiments/realtext.py`, ~40 min on 2 cores) and the gpu preset (`python train.py` on one GPU).")
         with open(os.path.join(cfg.out_dir, "final.json"), "w") as f:
             json.dump(strict_json({"step": step, **final, "train_config": dataclasses.asdict(cfg)}), f, indent=1,
                       allow_nan=False)
@@ -542,19 +573,23 @@ def main(argv):
         torch.distributed.destroy_process_group()
 
 
-def train_step(fwd, model, opt, batch, cfg, rank, world, view, a, autocast, device) -> tuple:
+def train_step(fwd, model, batch, cfg: TrainConfig, proc: Proc, *, view: str, a: float) -> tuple:
     """Forward/backward over the micro-batches of one global batch; returns (mean loss, grad norm).
     The global batch (grad_accum, world * batch_size, T) is the same on every rank; rank r takes
-    columns r * batch_size ... so N processes see exactly what one process with N x the batch sees."""
+    columns r * batch_size ... so N processes see exactly what one process with N x the batch sees.
+    view, a: gate_view_at's; "anneal" freezes the predictor (frozen=True) and passes a as a tensor,
+    so torch.compile does not recompile as a changes; "soft" passes the plain 0, the soft view."""
+    world = proc.world
     x_all, y_all = (t.view(cfg.grad_accum, world * cfg.batch_size, cfg.seq_len) for t in batch)
-    cols = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
-    anneal = torch.tensor(a)  # a tensor, so torch.compile does not recompile as a changes
-    loss_sum = torch.zeros((), device=device)
+    cols = slice(proc.rank * cfg.batch_size, (proc.rank + 1) * cfg.batch_size)
+    frozen = view == "anneal"
+    anneal = torch.tensor(a) if frozen else 0.0
+    loss_sum = torch.zeros((), device=proc.device)
     for micro in range(cfg.grad_accum):
         if world > 1:  # all-reduce gradients only on the last micro-batch
             fwd.require_backward_grad_sync = micro == cfg.grad_accum - 1
-        with autocast:
-            _, loss = fwd(x_all[micro, cols].to(device), y_all[micro, cols].to(device), view=view, anneal=anneal)
+        with proc.autocast:
+            _, loss = fwd(x_all[micro, cols].to(proc.device), y_all[micro, cols].to(proc.device), a=anneal, frozen=frozen)
         (loss / cfg.grad_accum).backward()
         loss_sum += loss.detach() / cfg.grad_accum
     if world > 1:

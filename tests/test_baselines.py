@@ -105,11 +105,10 @@ def test_harness_matches_the_model_under_hard_gates(seed, T, tau):
         torch.nn.init.normal_(block.attn.predictor.proj.weight, std=2.0)
     idx = torch.randint(0, 257, (2, T))
     with torch.no_grad():
-        for view, policy in (("hard", "spkv"), (None, "full")):
-            if view is None:  # plain attention: every gate kept
+        for policy in ("spkv", "full"):
+            if policy == "full":  # plain attention: every gate kept
                 model.cfg.tau = 0.0
-                view = "hard"
-            expected, _ = model(idx, view=view)
+            expected, _ = model(idx, a=1.0)
             got = bl.forward_with_policy(model, idx, bl.make_policy(policy, model.cfg.window, model.cfg.tau, 0.5))
             assert torch.allclose(got, expected, atol=1e-5), (policy, (got - expected).abs().max())
 

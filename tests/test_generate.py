@@ -8,7 +8,6 @@ from hypothesis import assume, given, strategies as st
 import generate as G
 import spkv
 from checkpoint import load_model, save_checkpoint
-from conftest import needs_cuda
 from model import GPT
 from tiny import tiny_checkpoint, tiny_config
 
@@ -28,7 +27,7 @@ def full_gates(model, seq):
     """Gate logits of every SP-KV layer for one full sequence: list of (Hkv, T)."""
     gates = []
     with torch.no_grad():
-        model(torch.tensor(seq)[None], view="hard", gates=gates)
+        model(torch.tensor(seq)[None], a=1.0, gates=gates)
     return [g[0] for g in gates]
 
 
@@ -90,7 +89,7 @@ def test_tau_zero_equals_dense_cache_equals_uncached(setup):
     model.cfg.dense_layers = tuple(range(model.cfg.n_layer))  # plain attention for the oracle
     for b in model.blocks:
         b.attn.is_spkv = False
-    ref_tokens, ref_logits = G.generate_uncached(model, prompts, n_new, view="soft")
+    ref_tokens, ref_logits = G.generate_uncached(model, prompts, n_new, a=0.0)
     for r in range(len(prompts)):
         assert spkv_tokens[r].tolist() == dense_tokens[r].tolist() == ref_tokens[r]
         if n_new:
@@ -163,32 +162,33 @@ def test_cli_prints_text_and_cache_figures(tmp_path, capsys):
     assert "tokens/s" in out and "compression" in out and "density" in out
 
 
-@given(setups(), st.sampled_from(["sdpa", "split", "paged", "paged_flex"]))
-def test_fast_cached_paths_match_their_reference_twin(setup, impl):
+@given(setups())
+def test_paged_path_matches_its_reference_twin(setup):
     cfg, prompts, chunk, n_new, seed = setup
     model = random_gate_model(seed, **cfg)
-    fast = G.generate(model, prompts, n_new, chunk=chunk, impl=impl)
+    fast = G.generate(model, prompts, n_new, chunk=chunk, impl="paged")
     plain = G.generate(model, prompts, n_new, chunk=chunk, impl="reference")
     assert torch.equal(fast[0], plain[0])
     if n_new:
         assert (fast[1] - plain[1]).abs().max().item() <= 1e-4
 
 
-@given(st.integers(1, 3), st.sampled_from([(1, 1), (2, 1), (2, 2), (3, 1)]), st.integers(1, 6),
-       st.integers(1, 5), st.integers(0, 10**6))
-def test_paged_decode_kernel_equals_gather_path_with_reused_pages(B, heads, window, page, seed):
-    """kernels.paged_decode_attention and paged_flex_decode_attention (whose block mask must list
-    exactly each stream's pages) against their twin (gather the store, concatenate the ring and
-    the new pair, kernels.cached_attention "reference"), on a cache whose pool holds pages freed by
-    other streams and taken again: stale slots must be invisible."""
+def reused_pages_case(B, heads, window, page, seed):
+    """A one-layer SP-KV cache whose pool holds pages freed by other streams and taken again
+    (stale slots must be invisible), a full ring, and one decode step's q, k, v, pos; with the
+    gather-path answer for it (gather the store, concatenate the ring and the new pair,
+    kernels.cached_attention "reference"). Returns (cache, q, k, v, pos, want)."""
     import kernels
     from cache import SPKVCache
 
     Hkv, G_ = heads
     D, g = 4, torch.Generator().manual_seed(seed)
-    cache = SPKVCache(1, B, Hkv, D, window, torch.float32, "cpu", page_size=page)
+    cache = SPKVCache(1, B, Hkv, D, window, 0.5, torch.float32, "cpu", page_size=page)
     store = cache.stores[0]
-    rand = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g)
+
     n_old = torch.randint(0, 12, (B * Hkv,), generator=g)  # first fill, then free some streams, refill
     store.append(torch.arange(B * Hkv).repeat_interleave(n_old), rand(int(n_old.sum()), D),
                  rand(int(n_old.sum()), D), torch.randint(0, 5, (int(n_old.sum()),), generator=g))
@@ -205,19 +205,26 @@ def test_paged_decode_kernel_equals_gather_path_with_reused_pages(B, heads, wind
     cache.ring_keep.copy_(torch.rand(cache.ring_keep.shape, generator=g) < 0.5)
     q, k, v = rand(B, Hkv * G_, 1, D), rand(B, Hkv, 1, D), rand(B, Hkv, 1, D)
     pos = torch.full((B,), t)
-    got = kernels.paged_decode_attention(q, k, v, pos, (store.k, store.v, store.pos, store.owner),
-                                         (cache.ring_k[0], cache.ring_v[0], cache.ring_pos[0], cache.ring_keep[0]), window)
-    flex = kernels.paged_flex_decode_attention(q, k, v, pos, store.pool(), store.page_table(),
-                                               (cache.ring_k[0], cache.ring_v[0], cache.ring_pos[0], cache.ring_keep[0]), window)
-    k_pool, _, pos_pool, owner = store.pool()
-    blocks = kernels.page_block_mask(pos_pool, owner, *store.page_table()).to_dense()[:, 0, 0]  # (S, P): pages listed
-    assert torch.equal(blocks.bool(), owner[None] == torch.arange(B * Hkv)[:, None])  # exactly each stream's own pages
-    rows = torch.arange(B)
-    pieces = cache.keys(0, rows) + [(k, v, pos[:, None, None].expand(B, Hkv, 1), torch.ones(B, Hkv, 1, dtype=torch.bool))]
+    pieces = cache.keys(0, torch.arange(B)) + [(k, v, pos[:, None, None].expand(B, Hkv, 1), torch.ones(B, Hkv, 1, dtype=torch.bool))]
     k_all, v_all, pos_all, keep_all = (torch.cat(x, 2) for x in zip(*pieces))
     want = kernels.cached_attention(q, k_all, v_all, kernels.cache_bias(pos[:, None], pos_all, keep_all, window), "reference")
+    return cache, q, k, v, pos, want
+
+
+REUSED_PAGES = (st.integers(1, 3), st.sampled_from([(1, 1), (2, 1), (2, 2), (3, 1)]), st.integers(1, 6),
+                st.integers(1, 5), st.integers(0, 10**6))
+
+
+@given(*REUSED_PAGES)
+def test_paged_decode_kernel_equals_gather_path_with_reused_pages(B, heads, window, page, seed):
+    """kernels.paged_decode_attention against its twin, the gather path, on a pool of reused pages."""
+    import kernels
+
+    cache, q, k, v, pos, want = reused_pages_case(B, heads, window, page, seed)
+    store = cache.stores[0]
+    got = kernels.paged_decode_attention(q, k, v, pos, (store.k, store.v, store.pos, store.owner),
+                                         (cache.ring_k[0], cache.ring_v[0], cache.ring_pos[0], cache.ring_keep[0]), window)
     assert (got - want).abs().max().item() <= 1e-5
-    assert (flex - want).abs().max().item() <= 1e-5
 
 
 def test_compiled_decode_step_matches_and_never_recompiles():
@@ -232,42 +239,15 @@ def test_compiled_decode_step_matches_and_never_recompiles():
     prompts = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (5, 30, 17)]
     lengths = [len(p) for p in prompts]
     cache = G.new_cache(model, 3, 80, dense=False, page_size=2)
-    first = G.prefill(model, cache, prompts, chunk=5, impl="paged_compiled")
+    first = G.prefill(model, cache, prompts, chunk=5)
     pool_before = [s.k.shape[0] for s in cache.stores]
     with torch._dynamo.config.patch(error_on_recompile=True):
-        tokens, logits = G.decode_n_tokens(model, cache, first, lengths, 40, {}, impl="paged_compiled")
+        tokens, logits = G.decode_n_tokens(model, cache, first, lengths, 40, {}, compiled=True)
     pool_after = [s.k.shape[0] for s in cache.stores]
     want_tokens, want_logits, _ = G.generate(model, prompts, 40, chunk=5, impl="reference", page_size=2)
     assert torch.equal(tokens, want_tokens)
     assert (logits - want_logits).abs().max().item() <= 1e-4
     assert any(a > b for a, b in zip(pool_after, pool_before))  # the pool grew while decoding
-
-
-def test_time_ideal_prices_kv_bytes_at_the_measured_rate():
-    from bench_decode import time_ideal
-
-    assert time_ideal(10.0, 2.0, 0.25) == pytest.approx(2.5)  # 10 / (2 + 8 * 0.25)
-    assert time_ideal(10.0, 2.0, 1.0) == pytest.approx(1.0)  # everything kept: no gain
-    assert time_ideal(10.0, 2.0, 0.0) == pytest.approx(5.0)  # nothing kept: only the KV-free step is left
-
-
-def test_bench_decode_prints_a_row_per_path(tmp_path, capsys):
-    """bench_decode runs end to end on a tiny checkpoint (forced densities and its real gates) for
-    every path asked, and refuses an unknown one."""
-    import bench_decode
-
-    path = tiny_checkpoint(tmp_path / "t.pt")
-    bench_decode.main([f"--ckpt={path}", "--contexts=64", "--batch=2", "--densities=0.25", "--steps=1",
-                       "--repeats=2", "--impl=paged,split,paged_flex", "--device=cpu"])
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("64 ")]
-    assert sorted(r[2] for r in rows) == ["paged", "paged", "paged_flex", "paged_flex", "split", "split"]  # 0.25, real
-    assert all(r[5].endswith("x") and float(r[5][:-1]) > 0 for r in rows)
-    with pytest.raises(ValueError, match="unknown --impl"):
-        bench_decode.main([f"--ckpt={path}", "--impl=fast"])
-    with pytest.raises(ValueError, match="must be >= 1"):
-        bench_decode.main([f"--ckpt={path}", "--contexts=64", "--batch=1", "--densities=0.25", "--page_size=0"])
-    with pytest.raises(ValueError, match="page_size=0"):  # and generate.py gets the cache's own error
-        G.new_cache(load_model(path)[0], 1, 8, dense=False, page_size=0)
 
 
 def test_paged_decode_kernel_on_bf16_pages():
@@ -278,7 +258,7 @@ def test_paged_decode_kernel_on_bf16_pages():
 
     g = torch.Generator().manual_seed(0)
     B, Hkv, G_, D, w, t = 2, 2, 2, 16, 4, 300
-    cache = SPKVCache(1, B, Hkv, D, w, torch.bfloat16, "cpu", page_size=8)
+    cache = SPKVCache(1, B, Hkv, D, w, 0.5, torch.bfloat16, "cpu", page_size=8)
     n = 250  # kept pairs per stream: a long store, where bf16 normalizers would drift
     pos_kept = torch.arange(n).repeat(B * Hkv)
     cache.stores[0].append(torch.arange(B * Hkv).repeat_interleave(n), torch.randn(B * Hkv * n, D, generator=g).bfloat16(),
@@ -298,21 +278,3 @@ def test_paged_decode_kernel_on_bf16_pages():
     want = kernels.cached_attention(q.float(), k_all.float(), v_all.float(),
                                     kernels.cache_bias(pos[:, None], pos_all, keep_all, w), "reference")
     assert (got.float() - want).abs().max().item() <= 1e-2
-
-
-@needs_cuda
-@pytest.mark.parametrize("n_head,dtype,tol", [(4, torch.float32, 1e-3), (6, torch.float32, 1e-3),
-                                              (6, torch.bfloat16, 5e-2)])
-def test_paged_flex_compiled_on_cuda_matches_reference(n_head, dtype, tol):
-    """On CUDA "paged_flex" runs the decode step compiled (the fused FlexAttention kernel reading the
-    pages the block mask lists): same logits as the reference path, pool growing. n_head=6 over 2
-    KV heads is SmolLM2's query group (G = 3, not a power of two) at its head dim D = 64."""
-    model = random_gate_model(0, window=8, tau=0.5, n_kv_head=2, n_head=n_head, n_embd=64 * n_head)
-    model = model.to("cuda", dtype)
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (20, 90, 47)]
-    fast = G.generate(model, prompts, 40, chunk=16, impl="paged_flex", page_size=16)
-    plain = G.generate(model, prompts, 40, chunk=16, impl="reference", page_size=16)
-    if dtype == torch.float32:  # bf16 rounding may flip a near-tie argmax; the logits still agree
-        assert torch.equal(fast[0], plain[0])
-    assert (fast[1].float() - plain[1].float()).abs().max().item() <= tol

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
-    res = subprocess.run([sys.executable, "gpu_check.py", "--dry=True", f"--out={out}"], cwd=ROOT,
+    res = subprocess.run([sys.executable, "experiments/gpu_check.py", "--dry=True", f"--out={out}"], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     with open(out / "report.json") as f:
@@ -37,7 +37,7 @@ def test_every_part_runs_and_reports(report):
 
 def test_a_failing_part_is_reported_and_the_rest_still_run(tmp_path):
     """generate needs the dynamics checkpoint: alone it fails, and the report says so."""
-    res = subprocess.run([sys.executable, "gpu_check.py", "--dry=True", f"--out={tmp_path}", "--parts=generate,train"],
+    res = subprocess.run([sys.executable, "experiments/gpu_check.py", "--dry=True", f"--out={tmp_path}", "--parts=generate,train"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     rep = json.loads((tmp_path / "report.json").read_text())["parts"]
@@ -46,6 +46,6 @@ def test_a_failing_part_is_reported_and_the_rest_still_run(tmp_path):
 
 
 def test_unknown_part_is_one_line(tmp_path):
-    res = subprocess.run([sys.executable, "gpu_check.py", "--parts=tests,bogus", f"--out={tmp_path}"], cwd=ROOT,
+    res = subprocess.run([sys.executable, "experiments/gpu_check.py", "--parts=tests,bogus", f"--out={tmp_path}"], cwd=ROOT,
                          capture_output=True, text=True)
     assert res.returncode == 2 and "unknown part 'bogus'" in res.stderr and "Traceback" not in res.stderr

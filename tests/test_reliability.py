@@ -113,7 +113,7 @@ CASES = [
     ("generate", "--ckpt={b}/tiny.pt --max_new_tokens=300", "longer than the model's context of 256"),
     ("perplexity", "--ckpt={b}/nope.pt", "{b}/nope.pt' does not exist"),
     ("perplexity", "--ckpt={b}/tiny.pt --tokns=64", "unknown flag --tokns; did you mean --tokens"),
-    ("perplexity", "--ckpt={b}/tiny.pt {b}/missing.txt", "{b}/missing.txt is not a file"),
+    ("perplexity", "--ckpt={b}/tiny.pt --files={b}/missing.txt", "{b}/missing.txt is not a file"),
     ("tau", "--ckpt={b}/nope.pt", "{b}/nope.pt' does not exist"),
     ("tau", "--ckpt={b}/tiny.pt --target_density=1.5", "--target_density=1.5 must be in (0, 1]"),
     ("baselines", "--ckpt={b}/nope.pt", "{b}/nope.pt' does not exist"),
@@ -189,7 +189,9 @@ def test_help_lists_every_flag_with_default_and_meaning(script, monkeypatch, cap
         assert meaning, f"{script}.py --{name} has no comment to print"
         assert any(line.strip().startswith(f"--{name}=") and line.rstrip().endswith(meaning)
                    for line in out.splitlines()), name
-    assert "cli.run(main" in open(os.path.join(ROOT, f"{script}.py")).read()
+    path = os.path.join(ROOT, f"{script}.py")
+    path = path if os.path.exists(path) else os.path.join(ROOT, "experiments", f"{script}.py")
+    assert "cli.run(main" in open(path).read()
 
 
 def test_dense_baseline_has_its_own_default_out_dir():

@@ -45,12 +45,12 @@ def test_one_step_lowers_loss_and_trains_predictor():
     cfg = train.TrainConfig(lr=1e-3)
     opt = train.make_optimizer(model, cfg, fused=False)
     x, y = fixed_batch()
-    _, loss0 = model(x, y, view="soft")
+    _, loss0 = model(x, y, a=0.0)
     loss0.backward()
     proj_grads = [m.attn.predictor.proj.weight.grad for m in model.blocks]
     assert all(g is not None and g.abs().sum() > 0 for g in proj_grads)
     opt.step()
-    _, loss1 = model(x, y, view="soft")
+    _, loss1 = model(x, y, a=0.0)
     assert loss1.item() < loss0.item()
 
 
@@ -60,7 +60,7 @@ def test_frozen_phase_leaves_predictor_unchanged():
     opt = train.make_optimizer(model, train.TrainConfig(lr=1e-3), fused=False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for a in (0.0, 0.5, 1.0):
-        _, loss = model(*fixed_batch(), view="anneal", anneal=torch.tensor(a))
+        _, loss = model(*fixed_batch(), a=torch.tensor(a), frozen=True)
         loss.backward()
         assert all(p.grad is None for p in model.predictor_parameters())
         opt.step()
@@ -86,8 +86,8 @@ def test_after_anneal_the_gap_is_closed(tmp_path):
     model, _, _ = load_model(str(tmp_path / "out" / "ckpt.pt"))
     x, y = fixed_batch()
     with torch.no_grad():
-        trained_view = model(x, y, view="anneal", anneal=torch.tensor(1.0))[1]
-        hard = model(x, y, view="hard")[1]
+        trained_view = model(x, y, a=torch.tensor(1.0), frozen=True)[1]
+        hard = model(x, y, a=1.0)[1]
     assert torch.equal(trained_view, hard)  # trained under exactly the attention it decodes with
     final = json.load(open(tmp_path / "out" / "final.json"))
     assert 0 <= final["density"] <= 1 and set(final["density_per_layer"]) == {"0", "1"}
@@ -214,7 +214,7 @@ def test_logs_carry_each_layers_gate_statistics(tmp_path):
     with torch.no_grad():
         for _ in range(cfg.eval_batches):
             gates = []
-            model.eval()(*val.sample(cfg.batch_size, gen), view="hard", gates=gates)
+            model.eval()(*val.sample(cfg.batch_size, gen), a=1.0, gates=gates)
             for layer, logit in zip(us, gates):
                 us[layer].append(torch.sigmoid(logit))
     for layer, parts in us.items():

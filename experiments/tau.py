@@ -1,13 +1,18 @@
-"""Choosing tau after training: the sweep (hard-gate loss and density per tau) and calibration
-(the tau that hits a requested density). tau is a deployment knob: no retraining needed.
+"""Choosing tau after training: the sweep (hard-gate loss and density per tau) and a check of
+calibration (generate.calibrate, the tau that hits a requested density, measured on held-out
+text). tau is a deployment knob: no retraining needed.
 
-    python tau.py --ckpt=out/spkv/ckpt.pt                       # sweep tau = 0.1 ... 0.9
-    python tau.py --ckpt=... --target_density=0.2               # calibrate, then check held-out
+    python experiments/tau.py --ckpt=out/spkv/ckpt.pt                  # sweep tau = 0.1 ... 0.9
+    python experiments/tau.py --ckpt=... --target_density=0.2          # calibrate, then check held-out
 Options: --data=PATH (as train.py; default stdlib source), --seq_len, --batches, --batch_size.
 """
 
 import dataclasses
+import os
+import sys
 from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python experiments/<name>.py
 
 import torch
 
@@ -15,35 +20,8 @@ import cli
 import data as datalib
 import spkv
 from checkpoint import load_model
-
-
-def tau_for_density(u: torch.Tensor, target: float) -> float:
-    """The threshold keeping a `target` fraction of gates: u (N,) pooled over layers, heads and
-    old positions of a calibration set; keep = u >= tau, so tau is the (1 - target) quantile."""
-    if not 0.0 < target <= 1.0:
-        raise cli.BadInput(f"target density {target} must be in (0, 1]")
-    ranked = u.flatten().sort().values
-    return float(ranked[min(int((1.0 - target) * ranked.numel()), ranked.numel() - 1)])
-
-
-@torch.no_grad()
-def old_gate_values(model, batches, n_batches, batch_size, gen) -> torch.Tensor:
-    """u of every pair older than the window (the ones the gate decides), pooled: (N,)."""
-    values = []
-    for _ in range(n_batches):
-        x, _ = batches.sample(batch_size, gen)
-        gates = []
-        model(x, view="soft", gates=gates)
-        T = x.shape[1]
-        old = torch.arange(T) <= T - 1 - model.cfg.window
-        values += [torch.sigmoid(g[..., old]).flatten() for g in gates]
-    return torch.cat(values)
-
-
-def calibrate(model, batches, target, n_batches=4, batch_size=2, seed=0) -> float:
-    """tau for `target` density on calibration batches drawn with `seed`."""
-    gen = torch.Generator().manual_seed(seed)
-    return tau_for_density(old_gate_values(model, batches, n_batches, batch_size, gen), target)
+from convert import default_checkpoint
+from generate import calibrate
 
 
 @torch.no_grad()
@@ -55,7 +33,7 @@ def hard_loss_and_density(model, batches, tau, n_batches, batch_size, seed=1) ->
     for _ in range(n_batches):
         x, y = batches.sample(batch_size, gen)
         gates = []
-        loss += model(x, y, view="hard", gates=gates)[1].item() / n_batches
+        loss += model(x, y, a=1.0, gates=gates)[1].item() / n_batches
         for layer, g in zip(model.cfg.spkv_layers(), gates):
             keeps.setdefault(layer, []).append(spkv.hard_keep(g, tau))
     stats = spkv.density_stats({k: torch.cat(v) for k, v in keeps.items()}, model.cfg.window)
@@ -81,7 +59,6 @@ def main(argv):
     if min(o["seq_len"], o["batches"], o["batch_size"]) < 1:
         raise cli.BadInput("--seq_len, --batches and --batch_size must be >= 1")
     taus = parse_taus(o["taus"])
-    from convert import default_checkpoint
 
     model, tok, _ = load_model(o["ckpt"] or default_checkpoint())
     model.eval()

@@ -6,14 +6,15 @@
 
 Every policy answers one question per layer: which keys may query t see? It returns a boolean
 `visible` (B, Hkv, T, S) mask (or one that broadcasts to it), and forward_with_policy() runs the
-model with those masks instead of its own attention bias. The local window of `window` tokens is
+model with those masks instead of its own attention bias: a MaskedAttention stands where a KV
+cache would in GPT.forward, so the blocks are the model's own. The local window of `window` tokens is
 always visible, as in SP-KV; the budget is on keys older than the window (n_old(t) = t - window + 1
 at query t): a fixed cache of round(d * n_old(T - 1)) old keys, so that at the end of the sequence
 the kept fraction of old pairs is d, the quantity SP-KV's density measures (spkv.density_stats).
 
-    python baselines.py --ckpt=out/synthetic/spkv/ckpt.pt --dense_ckpt=out/synthetic/dense/ckpt.pt \\
+    python experiments/baselines.py --ckpt=out/synthetic/spkv/ckpt.pt --dense_ckpt=out/synthetic/dense/ckpt.pt \\
         --data=out/synthetic/data --seq_len=256
-    python baselines.py --density=0.25            # the embedded SmolLM2 (no gates), stdlib source
+    python experiments/baselines.py --density=0.25            # the embedded SmolLM2 (no gates), stdlib source
 
 Options: --density (default: the SP-KV checkpoint's measured density), --n_sink, --batches,
 --batch_size. Prints val loss of every policy on each checkpoint and its change vs full attention.
@@ -21,7 +22,11 @@ Options: --density (default: the SP-KV checkpoint's measured density), --n_sink,
 
 import dataclasses
 import math
+import os
+import sys
 from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python experiments/<name>.py
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +37,7 @@ import kernels
 import spkv
 import tau as taulib
 from checkpoint import load_model
+from convert import default_checkpoint
 
 POLICIES = ("full", "spkv", "window", "streaming", "h2o")
 
@@ -144,12 +150,27 @@ def make_policy(name: str, window: int, tau: float, density: float, n_sink: int 
     return policy
 
 
+class MaskedAttention:
+    """Answers GPT.forward's cache call (update_and_attend) with masked attention over the whole
+    sequence: visible(layer, q, k, logit) -> mask. Nothing is stored; it is a cache only in shape."""
+
+    def __init__(self, visible):
+        self.visible = visible
+
+    def update_and_attend(self, layer, q, k, v, logit, pos):
+        return masked_attention(q, k, v, self.visible(layer, q, k, logit))
+
+
 @torch.no_grad()
 def forward_with_policy(model, idx, policy) -> torch.Tensor:
     """Logits (B, T, V) of `model` on idx (B, T), every layer attending through policy's mask.
-    The same blocks as GPT.forward (GPT.forward_with); only the attention pattern differs."""
-    pos = torch.arange(idx.shape[1], device=idx.device)
-    return model.forward_with(idx, pos, lambda layer, q, k, v, logit: masked_attention(q, k, v, policy(q, k, logit)))
+    The same blocks as GPT.forward; only the attention pattern differs."""
+    return forward_with_masks(model, idx, lambda layer, q, k, logit: policy(q, k, logit))
+
+
+def forward_with_masks(model, idx, visible) -> torch.Tensor:
+    """Logits (B, T, V) with layer `layer` attending through visible(layer, q, k, logit)'s mask."""
+    return model(idx, cache=MaskedAttention(visible))[0]
 
 
 @torch.no_grad()
@@ -187,8 +208,6 @@ def main(argv):
         raise cli.BadInput(f"--density={o['density']} must be in [0, 1], or -1 for SP-KV's own")
     if min(o["seq_len"], o["batches"], o["batch_size"]) < 1 or o["n_sink"] < 0:
         raise cli.BadInput("--seq_len, --batches and --batch_size must be >= 1, --n_sink >= 0")
-    from convert import default_checkpoint
-
     model, tok, _ = load_model(o["ckpt"] or default_checkpoint())
     model.eval()
     val = datalib.Batches(datalib.prepare(o["data"], tok), "val", o["seq_len"])

@@ -13,20 +13,17 @@ says exactly which positions the future needs: the fact bytes of the queried key
 
 The task is built so that next-token loss rewards keeping the facts and nothing else: facts sit
 at independent random positions and queries repeat keys freely, so neither counting facts or
-queries nor knowing the absolute position predicts anything. An earlier version (8 facts on fixed
-4-byte slots in the first 60%, each key queried once) rewarded counting, and its second layer
-kept 81% of the filler for it (README, Results).
+queries nor knowing the absolute position predicts anything. (Facts on fixed slots, each key
+queried once, would reward counting, and the filler that counting needs would be kept.) One byte
+per fact means one attention hop can answer; a key-then-value pair would need an induction circuit.
 
-(One byte per fact means one attention hop can answer. A two-byte version, key then value,
-needs an induction circuit; our 2-layer CPU models did not learn it in 2000 steps, see README.)
-
-    python synthetic.py                 # data, a dense "pretrained" model, SP-KV and dense adapted from it
-    python synthetic.py --from_scratch=1 --steps=2000 --out=out/synthetic_scratch   # both from scratch
-    python synthetic.py --eval_only=1   # re-evaluate the checkpoints already in --out
-    python synthetic.py --probe_layer=0 # loss by target kind: dense, SP-KV, SP-KV with layer 0 seeing old facts only
+    python experiments/synthetic.py                 # data, a dense "pretrained" model, SP-KV and dense adapted from it
+    python experiments/synthetic.py --from_scratch=1 --steps=2000 --out=out/synthetic_scratch   # both from scratch
+    python experiments/synthetic.py --eval_only=1   # re-evaluate the checkpoints already in --out
+    python experiments/synthetic.py --probe_layer=0 # loss by target kind: dense, SP-KV, SP-KV with layer 0 seeing old facts only
 
 The SP-KV runs start their predictors at --predictor_init_bias=-2 (u = 0.12, below tau): from the
-open init (5) nothing closes on this kind of task, see README.
+open init (5) nothing closes on this kind of task (experiments/README.md, the synthetic task).
 
 Reported, on held-out sequences, under hard gates for SP-KV:
   accuracy   queries whose digit is predicted (argmax, teacher forcing); chance is 0.1
@@ -44,6 +41,8 @@ import random
 import subprocess
 import sys
 from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python experiments/<name>.py
 
 import numpy as np
 import torch
@@ -126,7 +125,7 @@ def evaluate(ckpt, length, n_facts, n_queries, n_seqs=64, seed=12345, policy="sp
     rng = random.Random(seed)
     correct = total = hit = kept_total = needed_total = 0
     keeps = {layer: [] for layer in range(model.cfg.n_layer)}
-    per_layer = {layer: [0, 0, 0, 0] for layer in keeps}  # [facts kept, facts, others kept, others]
+    per_layer = {layer: dict(facts_kept=0, facts=0, others_kept=0, others=0) for layer in keeps}  # old bytes
     old = torch.arange(length) <= length - 1 - model.cfg.window  # (T,) positions out of the window
     for _ in range(n_seqs):
         seq, needed, answers = make_sequence(rng, length, n_facts, n_queries)
@@ -139,10 +138,10 @@ def evaluate(ckpt, length, n_facts, n_queries, n_seqs=64, seed=12345, policy="sp
         for layer, held in zip(keeps, rows):
             keeps[layer].append(held[None])
             counts = per_layer[layer]
-            counts[0] += int((held.any(0) & facts).sum())
-            counts[1] += int(facts.sum())
-            counts[2] += int((held.any(0) & ~facts & old).sum())
-            counts[3] += int((~facts & old).sum())
+            counts["facts_kept"] += int((held.any(0) & facts).sum())
+            counts["facts"] += int(facts.sum())
+            counts["others_kept"] += int((held.any(0) & ~facts & old).sum())
+            counts["others"] += int((~facts & old).sum())
         any_kept = torch.stack(rows).any(0).any(0) & old  # (T,) held by some layer and head
         needed = [p for p in needed if old[p]]  # a fact still in the window needs no keeping
         hit += int(any_kept[needed].sum())
@@ -151,7 +150,8 @@ def evaluate(ckpt, length, n_facts, n_queries, n_seqs=64, seed=12345, policy="sp
     stats = spkv.density_stats({k: torch.cat(v) for k, v in keeps.items()}, model.cfg.window)
     return {"accuracy": correct / total, "density": stats["overall"], "recall": hit / needed_total,
             "precision": hit / kept_total if kept_total else float("nan"),
-            "kept_fact_vs_filler": {layer: (c[0] / c[1], c[2] / c[3]) for layer, c in per_layer.items()}}
+            "kept_fact_vs_filler": {layer: (c["facts_kept"] / c["facts"], c["others_kept"] / c["others"])
+                                    for layer, c in per_layer.items()}}
 
 
 def target_kinds(length: int, n_queries: int) -> dict:
@@ -180,17 +180,16 @@ def loss_by_kind(ckpt, length, n_facts, n_queries, policy="spkv", only_facts_lay
     rule = bl.make_policy(policy, model.cfg.window, model.cfg.tau, 0.0)
     facts_only = bl.window_visible(length, model.cfg.window) | (bl.causal_visible(length) & (x >= 128)[:, None, None, :])
 
-    def attend(layer, q, k, v, logit):
-        visible = facts_only if layer == only_facts_layer else rule(q, k, logit)
-        return bl.masked_attention(q, k, v, visible)
+    def visible(layer, q, k, logit):
+        return facts_only if layer == only_facts_layer else rule(q, k, logit)
 
-    logits = model.forward_with(x, torch.arange(length), attend)
+    logits = bl.forward_with_masks(model, x, visible)
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")  # (N, T-1)
     return {kind: nll[:, mask].mean().item() for kind, mask in target_kinds(length, n_queries).items()}
 
 
 def probe(o):
-    """python synthetic.py --probe_layer=L: loss by target kind for the dense model, SP-KV under
+    """python experiments/synthetic.py --probe_layer=L: loss by target kind for the dense model, SP-KV under
     its own hard gates, and SP-KV with layer L seeing only the old fact bytes."""
     args = (o["seq_len"], o["n_facts"], o["n_queries"])
     spkv_ckpt, dense_ckpt = (os.path.join(o["out"], name, "ckpt.pt") for name in ("spkv", "dense"))
@@ -267,7 +266,7 @@ def train_both(o):
     for out_dir, n, extra in runs:
         subprocess.run([sys.executable, "train.py", *common, *extra, f"--max_steps={n}", f"--eval_every={n}",
                         f"--ckpt_every={n}", f"--out_dir={out_dir}"], check=True,
-                       cwd=os.path.dirname(os.path.abspath(__file__)))
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 
 def evaluate_all(o) -> dict:

@@ -1,8 +1,8 @@
 """Check and measure every GPU path in one command, and write a short report (markdown + JSON).
 
-    python gpu_check.py                          # every part, on one CUDA GPU (about 15 min)
-    python gpu_check.py --parts=tests,train      # some parts (each part is one --parts name)
-    python gpu_check.py --dry=True               # tiny shapes on the CPU, no compile: CI runs it (tests/test_gpu_check.py)
+    python experiments/gpu_check.py                          # every part, on one CUDA GPU (about 15 min)
+    python experiments/gpu_check.py --parts=tests,train      # some parts (each part is one --parts name)
+    python experiments/gpu_check.py --dry=True               # tiny shapes on the CPU, no compile: CI runs it (tests/test_gpu_check.py)
 
 Parts, each run in its own process with its own time limit, so one failure or hang never ends the
 report (its row says FAILED or TIMEOUT and the tail of what it printed):
@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python experiments/<name>.py
 
 import cli
 
@@ -91,7 +93,7 @@ def part_train(dry: bool) -> dict:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not dry)
         x = torch.randint(0, c.vocab_size, (B, T), device=device)
         autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=not dry)
-        a = torch.tensor(0.0)  # "anneal" at a = 0 is the soft view with the predictor detached
+        a = torch.tensor(0.0)  # "anneal" at a = 0 (frozen) is the soft view with the predictor detached
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         t_first = time.perf_counter()
         for i in range(2 + steps):
@@ -99,7 +101,7 @@ def part_train(dry: bool) -> dict:
                 sync()
                 t0 = time.perf_counter()
             with autocast:
-                loss = model(x, x, view=view, anneal=a)[1]
+                loss = model(x, x, a=a if view == "anneal" else 0.0, frozen=view == "anneal")[1]
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -173,7 +175,7 @@ def part_decode(dry: bool, out: str) -> dict:
              "--dtype=bfloat16", "--device=cuda"])
     rows, problems = [], []
     for impl in ("paged", "paged_flex") if dry else ("paged_compiled", "paged_flex", "paged"):  # dry: no compile
-        res = subprocess.run([sys.executable, "bench_decode.py", *args, f"--impl={impl}"], capture_output=True, text=True)
+        res = subprocess.run([sys.executable, "experiments/bench_decode.py", *args, f"--impl={impl}"], capture_output=True, text=True)
         print(res.stdout[-3000:], res.stderr[-2000:])
         rows += [line for line in res.stdout.splitlines() if line.strip()[:1].isdigit() and impl in line.split()]
         if res.returncode != 0:
@@ -190,9 +192,10 @@ def part_generate(dry: bool, out: str) -> dict:
     if not os.path.exists(ckpt):
         raise RuntimeError(f"{ckpt} is missing: run the dynamics part first")
     texts, speeds = {}, {}
-    for impl in ("reference", "paged") if dry else ("reference", "paged", "paged_compiled", "paged_flex"):
+    paths = {"reference": ["--impl=reference"], "paged": ["--impl=paged"], "paged_compiled": ["--compile=True"]}
+    for impl in ("reference", "paged") if dry else ("reference", "paged", "paged_compiled"):
         res = subprocess.run([sys.executable, "generate.py", f"--ckpt={ckpt}", "--prompt=def main(argv):\n    " * 30,
-                              "--max_new_tokens=8" if dry else "--max_new_tokens=256", f"--impl={impl}", "--chat=False",
+                              "--max_new_tokens=8" if dry else "--max_new_tokens=256", *paths[impl], "--chat=False",
                               "--device=cpu" if dry else "--device=cuda"], capture_output=True, text=True)
         print(impl, res.stdout[-1500:], res.stderr[-1500:])
         if res.returncode != 0:
@@ -224,7 +227,7 @@ def drive(name: str, o: dict) -> dict:
     result = os.path.join(o["out"], f"{name}.json")
     if os.path.exists(result):
         os.remove(result)  # a stale result must never stand in for this run's
-    cmd = [sys.executable, "gpu_check.py", f"--part={name}", f"--out={o['out']}", f"--dry={o['dry']}"]
+    cmd = [sys.executable, "experiments/gpu_check.py", f"--part={name}", f"--out={o['out']}", f"--dry={o['dry']}"]
     t0 = time.time()
     with open(log, "w") as f:
         try:

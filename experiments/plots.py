@@ -1,6 +1,6 @@
 """Pictures of what an SP-KV checkpoint keeps, written as PNG files by one command.
 
-    python plots.py --ckpt=out/spkv/ckpt.pt [--data=PATH] [--out=out/plots]
+    python experiments/plots.py --ckpt=out/spkv/ckpt.pt [--data=PATH] [--out=out/plots]
 
   density_heatmap.png  density per layer x KV head (hard gates, held-out text)
   kept_tokens.png      a text, one row per layer: each token shaded by how many of that layer's
@@ -11,7 +11,10 @@ Needs matplotlib (`pip install matplotlib`), used only here.
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python experiments/<name>.py
 
 import torch
 
@@ -20,6 +23,7 @@ import data as datalib
 import spkv
 import tau as taulib
 from checkpoint import load_model
+from convert import default_checkpoint
 
 
 def plt_module():
@@ -37,7 +41,7 @@ def plt_module():
 def keep_masks(model, x):
     """Hard keep flags per SP-KV layer for a batch x: {layer: (B, Hkv, T) bool}."""
     gates = []
-    model(x, view="hard", gates=gates)
+    model(x, a=1.0, gates=gates)
     return {layer: spkv.hard_keep(g, model.cfg.tau) for layer, g in zip(model.cfg.spkv_layers(), gates)}
 
 
@@ -105,8 +109,6 @@ class Flags:
 
 
 def main(argv):
-    from convert import default_checkpoint
-
     o = dataclasses.asdict(Flags())
     o.update(cli.parse(argv, Flags, "plots.py"))
     plt = plt_module()

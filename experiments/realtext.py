@@ -1,7 +1,7 @@
 """Real text, a small Llama-shaped model, two CPU cores: does SP-KV prune at dense quality?
 
-    python realtext.py                      # the whole flow and its table, ~35 min on 2 cores (150 + 150 + 60 + 60 steps of 4 x 1024 tokens)
-    python realtext.py --eval_only=True     # re-measure finished runs (no training)
+    python experiments/realtext.py                      # the whole flow and its table, ~35 min on 2 cores (150 + 150 + 60 + 60 steps of 4 x 1024 tokens)
+    python experiments/realtext.py --eval_only=True     # re-measure finished runs (no training)
 
 Text nobody here wrote: the Python standard library source (train.py's default corpus, split by
 file) and, as a second held-out domain, the licence texts under /usr/share/common-licenses.
@@ -23,6 +23,8 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python experiments/<name>.py
 
 import torch
 
@@ -159,7 +161,7 @@ def measure(spkv_path: str, dense_path: str, batches, n: int, bs: int) -> dict:
     sweep = [(t, *taulib.hard_loss_and_density(spkv_model, batches, t, n, bs)) for t in (0.1, 0.3, 0.5, 0.7, 0.9)]
     spkv_model.cfg.tau = tau
     gen = torch.Generator().manual_seed(1)  # the batches tau.hard_loss_and_density draws
-    soft = sum(spkv_model(*batches.sample(bs, gen), view="soft")[1].item() for _ in range(n)) / n
+    soft = sum(spkv_model(*batches.sample(bs, gen), a=0.0)[1].item() for _ in range(n)) / n
     return {"spkv_hard": hard, "spkv_soft": soft, "density": density, **policies,
             "tau_sweep": [{"tau": t, "loss": loss, "density": d} for t, loss, d in sweep]}
 

@@ -1,10 +1,10 @@
 """Decode speed: the dense KV cache and the SP-KV cache side by side, in one process.
 
-    python bench_decode.py                                   # SmolLM2-135M shape, batch 16, 2k and 8k
-    python bench_decode.py --contexts=2048 --ckpt=out/spkv/ckpt.pt   # adds a row with real gates
-    python bench_decode.py --contexts=2048 --densities=0.1 --profile=1  # where a step's time goes
-    python bench_decode.py --page_size=64                    # bigger pages: fewer, larger page matmuls
-    python bench_decode.py --contexts=2048,8192,32768 --dtype=bfloat16 --impl=paged_compiled,paged_flex  # on a GPU
+    python experiments/bench_decode.py                                   # SmolLM2-135M shape, batch 16, 2k and 8k
+    python experiments/bench_decode.py --contexts=2048 --ckpt=out/spkv/ckpt.pt   # adds a row with real gates
+    python experiments/bench_decode.py --contexts=2048 --densities=0.1 --profile=1  # where a step's time goes
+    python experiments/bench_decode.py --page_size=64                    # bigger pages: fewer, larger page matmuls
+    python experiments/bench_decode.py --contexts=2048,8192,32768 --dtype=bfloat16 --impl=paged_compiled,paged_flex  # on a GPU
 
 For each context length the dense cache is filled to that length and, for each forced density d,
 an SP-KV cache holds a full window plus d of the older pairs per (layer, row, head) at random
@@ -13,10 +13,10 @@ with the checkpoint's own gates and its cache copied to every row (density marke
 decodes --steps tokens for the whole batch after one warm-up step, --repeats times, each time
 the dense cache and then the SP-KV cache back to back (so drift of a noisy machine hits both);
 the speedup printed is the median of the per-repeat ratios, the tok/s the medians. --impl picks
-the SP-KV decode path: "paged" (kernels.paged_decode_attention reads the page pool in place),
-"paged_compiled" (the same step under torch.compile), "paged_flex" (FlexAttention over the page
-table; fused on CUDA only), or the gather paths "split" / "sdpa" (a comma list runs each on a
-fresh cache); the dense cache always uses "sdpa" eager. Printed per case: decode tokens/s of
+the SP-KV decode paths of decode_paths.py (a comma list runs each on a fresh cache): "paged"
+(kernels.paged_decode_attention reads the page pool in place), "paged_compiled" (the same step
+under torch.compile), "paged_flex" (FlexAttention over the page table; fused on CUDA only), or
+the gather path "split"; the dense cache always uses "sdpa" eager. Printed per case: decode tokens/s of
 both and their ratio, KV bytes of both (SP-KV: the pages held), the ideal ratio from bytes moved
 per token, (weights + dense KV) / (weights + kept KV) with kept KV the pairs held (k, v,
 position), and the fraction of it reached; and "ideal(t)", the same ideal with time in place of
@@ -26,15 +26,21 @@ Runs on CUDA when there is one (--device=auto), else on CPU; weights and both ca
 """
 
 import dataclasses
+import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python experiments/<name>.py
 
 import torch
 
 import cli
+import decode_paths as DP
 import generate as G
-from cache import DenseKVCache, SPKVCache
+from cache import DenseKVCache
+from checkpoint import load_model
 from model import GPT, GPTConfig
 
 
@@ -47,11 +53,12 @@ def fill_dense(model, B, ctx, room):
     return cache
 
 
-def fill_spkv(model, B, ctx, density, gen, page_size):
-    """Window full, and round(density * (ctx - w)) random older positions kept per stream."""
+def fill_spkv(model, B, ctx, density, gen, page_size, path):
+    """Window full, and round(density * (ctx - w)) random older positions kept per stream; the
+    cache's decode steps take `path` (decode_paths.PATHS)."""
     c, p = model.cfg, next(model.parameters())
     dtype, dev = p.dtype, p.device
-    cache = SPKVCache(c.n_layer, B, c.n_kv_head, c.head_dim, c.window, dtype, dev, page_size)
+    cache = DP.new_cache(path, model, B, page_size)
     w, S = c.window, B * c.n_kv_head
     n_keep = round(density * max(0, ctx - w))
     pos = torch.arange(ctx - w, ctx, device=dev)
@@ -67,12 +74,12 @@ def fill_spkv(model, B, ctx, density, gen, page_size):
     return cache
 
 
-def fill_real(model, B, ids, page_size):
+def fill_real(model, B, ids, page_size, path):
     """Prefill one real text with the model's own gates, then copy its cache to all B rows."""
     one = G.new_cache(model, 1, len(ids) + 64, dense=False)
     G.prefill(model, one, [ids], chunk=512)
     c, p = model.cfg, next(model.parameters())
-    cache = SPKVCache(c.n_layer, B, c.n_kv_head, c.head_dim, c.window, p.dtype, p.device, page_size)
+    cache = DP.new_cache(path, model, B, page_size)
     for name in ("ring_k", "ring_v", "ring_keep", "ring_pos"):
         getattr(cache, name).copy_(getattr(one, name).expand_as(getattr(cache, name)))
     for src, dst in zip(one.stores, cache.stores):
@@ -84,24 +91,29 @@ def fill_real(model, B, ids, page_size):
     return cache
 
 
+def sync(device):
+    """Wait for queued GPU work, so a timer reads the work done (CPU work is synchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 @torch.no_grad()
-def time_decode(model, cache, B, ctx, steps, impl, profile=False) -> float:
+def time_decode(model, cache, B, ctx, steps, compiled=False, profile=False) -> float:
     """Decode tokens per second over `steps` steps for the whole batch, after one warm-up step, the
     first new token at position ctx. With profile, one more step runs under torch.profiler and its
     busiest ops are printed."""
     dev = next(model.parameters()).device
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     tok = torch.zeros(B, dtype=torch.long, device=dev)
-    G.decode_one_token(model, cache, tok, torch.full((B,), ctx, device=dev), impl)
-    sync()
+    G.decode_one_token(model, cache, tok, torch.full((B,), ctx, device=dev), compiled)
+    sync(dev)
     t0 = time.perf_counter()
     for i in range(steps):
-        G.decode_one_token(model, cache, tok, torch.full((B,), ctx + 1 + i, device=dev), impl)
-    sync()
+        G.decode_one_token(model, cache, tok, torch.full((B,), ctx + 1 + i, device=dev), compiled)
+    sync(dev)
     tps = B * steps / (time.perf_counter() - t0)
     if profile:
         with torch.profiler.profile() as prof:
-            G.decode_one_token(model, cache, tok, torch.full((B,), ctx + 1 + steps, device=dev), impl)
+            G.decode_one_token(model, cache, tok, torch.full((B,), ctx + 1 + steps, device=dev), compiled)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
     return tps
 
@@ -110,7 +122,7 @@ def time_without_kv(model, B, steps, repeats, span) -> float:
     """Decode tok/s with a dense cache of one pair per stream: the weights and the fixed per-step
     work, almost no KV traffic (median of `repeats` timings)."""
     cache = fill_dense(model, B, 1, repeats * span)
-    return statistics.median(time_decode(model, cache, B, 1 + r * span, steps, "sdpa") for r in range(repeats))
+    return statistics.median(time_decode(model, cache, B, 1 + r * span, steps) for r in range(repeats))
 
 
 def time_ideal(t_dense, t_base, kv_fraction) -> float:
@@ -128,7 +140,7 @@ class Flags:
     steps: int = 8  # timed decode steps per case
     ckpt: str = ""  # a checkpoint whose real gates add a row; "" = the SmolLM2-135M shape, random weights
     threads: int = 0  # torch CPU threads; 0 = torch's default
-    impl: str = "paged"  # comma list of SP-KV decode paths (generate.IMPLS)
+    impl: str = "paged"  # comma list of SP-KV decode paths (decode_paths.PATHS)
     profile: int = 0  # 1: profile one timing and print where its time goes
     page_size: int = 16  # KV pairs per page
     device: str = "auto"  # auto, cpu or cuda
@@ -137,62 +149,61 @@ class Flags:
 
 
 def main(argv):
-    opts = dataclasses.asdict(Flags())
-    opts.update(cli.parse(argv, Flags, "bench_decode.py"))
-    for key, typ in (("contexts", int), ("densities", float)):  # refused here, before any work; parsed where used
-        cli.number_list(key, opts[key], typ)
-    if int(opts["threads"]):
-        torch.set_num_threads(int(opts["threads"]))
-    B, steps, page, repeats = int(opts["batch"]), int(opts["steps"]), int(opts["page_size"]), int(opts["repeats"])
-    if opts["ckpt"]:
-        from checkpoint import load_model
-        model, tok, _ = load_model(opts["ckpt"])
-    else:  # the SmolLM2-135M shape with random weights: speed does not depend on the values
-        model, tok = GPT(GPTConfig()), None
+    o = {**dataclasses.asdict(Flags()), **cli.parse(argv, Flags, "bench_decode.py")}
+    contexts, densities = cli.number_list("contexts", o["contexts"], int), cli.number_list("densities", o["densities"], float)
+    B, steps, page, repeats = o["batch"], o["steps"], o["page_size"], o["repeats"]
     if min(B, steps, page, repeats) < 1:
         raise cli.BadInput(f"--batch, --steps, --page_size and --repeats must be >= 1; got {B}, {steps}, {page}, "
-                 f"{repeats}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if opts["device"] == "auto" else opts["device"]
-    if opts["dtype"] not in ("float32", "bfloat16") or device not in ("cpu", "cuda"):
+                           f"{repeats}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if o["device"] == "auto" else o["device"]
+    if o["dtype"] not in ("float32", "bfloat16") or device not in ("cpu", "cuda"):
         raise cli.BadInput(f"--device takes auto, cpu or cuda and --dtype float32 or bfloat16; got "
-                 f"{opts['device']!r}, {opts['dtype']!r}")
-    model = model.to(device, getattr(torch, opts["dtype"])).eval()
+                           f"{o['device']!r}, {o['dtype']!r}")
+    impls = o["impl"].split(",")
+    bad = [i for i in impls if i not in DP.PATHS]
+    if bad:
+        raise cli.BadInput(f"unknown --impl {bad}; use a comma list of {DP.PATHS}")
+    if o["threads"]:
+        torch.set_num_threads(o["threads"])
+    if o["ckpt"]:
+        model, tok, _ = load_model(o["ckpt"])
+    else:  # the SmolLM2-135M shape with random weights: speed does not depend on the values
+        model, tok = GPT(GPTConfig()), None
+    model = model.to(device, getattr(torch, o["dtype"])).eval()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     gen = torch.Generator().manual_seed(0)
-    impls = opts["impl"].split(",")
-    bad = [i for i in impls if i not in G.IMPLS]
-    if bad:
-        raise cli.BadInput(f"unknown --impl {bad}; use a comma list of {G.IMPLS}")
     where = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"device: {where}; {opts['dtype']}; model {weights / 1e6:.0f} MB of weights; batch {B}; "
+    print(f"device: {where}; {o['dtype']}; model {weights / 1e6:.0f} MB of weights; batch {B}; "
           f"window {model.cfg.window}; {steps} timed decode steps, {repeats} times per case, each time dense "
           f"then SP-KV, median ratio; dense cache: 'sdpa' eager; SP-KV: "
-          + "; ".join(f"{i!r} = {G.describe_path(i, False, device == 'cuda')}" for i in impls) + f"; {page} pairs per page")
-    profile = bool(int(opts["profile"]))
+          + "; ".join(f"{i!r} = {DP.describe(i, device == 'cuda')}" for i in impls) + f"; {page} pairs per page")
+    profile = bool(o["profile"])
     span = steps + 1 + profile  # positions one timing decodes
     base_tps = time_without_kv(model, B, steps, repeats, span)
     print(f"a step without KV traffic (dense cache of 1 pair): {base_tps:.1f} tok/s")
     print(f"{'context':>8} {'density':>8} {'path':>15} {'dense tok/s':>12} {'spkv tok/s':>11} {'speedup':>8} "
           f"{'ideal':>6} {'of ideal':>9} {'ideal(t)':>9} {'of it':>6} {'dense KV MB':>12} {'spkv KV MB':>11} {'compress':>9}")
-    for ctx in map(int, opts["contexts"].split(",")):
+    for ctx in contexts:
         dense = fill_dense(model, B, ctx, repeats * span)
         dense_bytes = dense.nbytes()["in_use"] * ctx // dense.k.shape[3]  # the ctx pairs it holds
-        cases = [(f"{d:.2f}", lambda d=d: fill_spkv(model, B, ctx, d, gen, page)) for d in map(float, opts["densities"].split(","))]
+        cases = [(f"{d:.2f}", lambda path, d=d: fill_spkv(model, B, ctx, d, gen, page, path))
+                 for d in densities]
         if tok is not None:
             ids = (tok.encode(open(G.__file__).read()) * 64)[:ctx]
-            cases.append(("real", lambda: fill_real(model, B, ids, page)))
+            cases.append(("real", lambda path: fill_real(model, B, ids, page, path)))
         old = model.cfg.n_layer * B * model.cfg.n_kv_head * max(1, ctx - model.cfg.window)  # pairs past the window
         for name, make in cases:
             for impl in impls:  # a fresh cache per path: each timing starts from the same state
-                cache = make()
+                cache = make(impl)
                 nb = cache.nbytes()
                 kv, kept = nb["in_use"], nb["ring"] + nb["store_kept"]  # pages held; pairs held
                 label = f"{sum(int(st.length.sum()) for st in cache.stores) / old:.3f}" + ("r" if name == "real" else "")
                 runs = []  # (dense tok/s, SP-KV tok/s), timed back to back: machine drift hits both
                 for r in range(repeats):
                     at = ctx + r * span  # each repeat decodes the next positions
-                    runs.append((time_decode(model, dense, B, at, steps, "sdpa"),
-                                 time_decode(model, cache, B, at, steps, impl, profile=profile and r == 0)))
+                    runs.append((time_decode(model, dense, B, at, steps),
+                                 time_decode(model, cache, B, at, steps, DP.is_compiled(impl, device == "cuda"),
+                                             profile=profile and r == 0)))
                 dense_tps, spkv_tps = (statistics.median(x) for x in zip(*runs))
                 speedup = statistics.median(s / d for d, s in runs)
                 ideal = (weights + dense_bytes) / (weights + kept)  # a partly filled page moves no more bytes

@@ -566,9 +566,11 @@ def main(argv):
             print("note: this short CPU run kept (almost) every old pair: a few dozen steps do not move gates that "
                   "start open (u = 0.993). Gates close with longer training: see experiments/README.md, real text "
                   "(`python experiments/realtext.py`, ~40 min on 2 cores) and the gpu preset (`python train.py` on one GPU).")
-        with open(os.path.join(cfg.out_dir, "final.json"), "w") as f:
+        final_path = os.path.join(cfg.out_dir, "final.json")
+        with open(final_path + ".tmp", "w") as f:
             json.dump(strict_json({"step": step, **final, "train_config": dataclasses.asdict(cfg)}), f, indent=1,
                       allow_nan=False)
+        os.replace(final_path + ".tmp", final_path)  # atomic: a kill mid-write leaves no torn final.json
     if world > 1:
         torch.distributed.destroy_process_group()
 

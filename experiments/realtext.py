@@ -24,7 +24,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python experiments/<name>.py
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the repo root: python experiments/<name>.py
 
 import torch
 
@@ -145,8 +146,8 @@ def train(name: str, flags: dict, out: str, threads: int, eval_only: bool):
         return
     if eval_only:
         raise cli.BadInput(f"--eval_only=True, but {folder} holds no finished run; drop --eval_only to train it")
-    cmd = [sys.executable, "train.py", *argv(flags), f"--out_dir={folder}"]
-    print(f"$ OMP_NUM_THREADS={threads} " + " ".join(cmd[1:]), flush=True)
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *argv(flags), f"--out_dir={folder}"]
+    print(f"$ OMP_NUM_THREADS={threads} python train.py " + " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 

@@ -137,17 +137,18 @@ def test_ctrl_c_saves_and_resume_reproduces_losses_exactly(tmp_path):
     assert [got[s] for s in range(stopped_at, 12)] == [want[s] for s in range(stopped_at, 12)]
 
 
-def test_ddp_two_processes_match_one_process(tmp_path):
+def test_ddp_two_processes_match_one_process_through_the_freeze(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
-    one = flags(tmp_path, ckpt, out_dir=tmp_path / "one", batch_size=4, max_steps=3, eval_every=100)
-    two = flags(tmp_path, ckpt, out_dir=tmp_path / "two", batch_size=2, max_steps=3, eval_every=100)
+    one = flags(tmp_path, ckpt, out_dir=tmp_path / "one", batch_size=4, max_steps=6, eval_every=100)
+    two = flags(tmp_path, ckpt, out_dir=tmp_path / "two", batch_size=2, max_steps=6, eval_every=100)
     train.main(one)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "train.py", *two], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     a, b = read_log(tmp_path / "one"), read_log(tmp_path / "two")
-    assert len(a) == len(b) == 3
+    assert len(a) == len(b) == 6
+    assert [r["view"] for r in b][-1] == "anneal"  # through the freeze: frozen predictors get no gradient under DDP
     for ra, rb in zip(a, b):
         assert abs(ra["loss"] - rb["loss"]) <= 1e-5, (ra["loss"], rb["loss"])
 

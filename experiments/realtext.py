@@ -157,20 +157,25 @@ def train(name: str, flags: dict, out: str, threads: int, eval_only: bool):
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 
+BUDGETS = (0.1, 0.25, 0.5, 0.75)  # densities of the H2O / StreamingLLM budget sweep
+
+
 @torch.no_grad()
 def measure(spkv_path: str, dense_path: str, batches, n: int, bs: int) -> dict:
     """Hard-gate loss and density of the SP-KV model; the dense model under full attention and the
-    post-hoc policies at SP-KV's density; the tau sweep."""
+    post-hoc policies at SP-KV's density; SP-KV's tau sweep and the policies' budget sweep."""
     spkv_model, dense_model = load_model(spkv_path)[0].eval(), load_model(dense_path)[0].eval()
     tau = spkv_model.cfg.tau
     hard, density = taulib.hard_loss_and_density(spkv_model, batches, tau, n, bs)
     policies = baselines.policy_losses(dense_model, batches, ["full", "h2o", "streaming", "window"], density, n, bs)
     sweep = [(t, *taulib.hard_loss_and_density(spkv_model, batches, t, n, bs)) for t in (0.1, 0.3, 0.5, 0.7, 0.9)]
+    budgets = [{"density": d, **baselines.policy_losses(dense_model, batches, ["h2o", "streaming"], d, n, bs)}
+               for d in BUDGETS]
     spkv_model.cfg.tau = tau
     gen = torch.Generator().manual_seed(1)  # the batches tau.hard_loss_and_density draws
     soft = sum(spkv_model(*batches.sample(bs, gen), a=0.0)[1].item() for _ in range(n)) / n
     return {"spkv_hard": hard, "spkv_soft": soft, "density": density, **policies,
-            "tau_sweep": [{"tau": t, "loss": loss, "density": d} for t, loss, d in sweep]}
+            "tau_sweep": [{"tau": t, "loss": loss, "density": d} for t, loss, d in sweep], "budget_sweep": budgets}
 
 
 def table(results: dict):
@@ -184,8 +189,9 @@ def table(results: dict):
 
 
 def plot(results: dict, path: str):
-    """Hard-gate loss against density: SP-KV's tau sweep, the baselines at SP-KV's density, the
-    window-only floor and the dense line, one panel per (flow, text)."""
+    """Hard-gate loss against density: SP-KV's tau sweep, H2O and StreamingLLM on the dense model
+    over budgets and at SP-KV's density, the window-only floor and the dense line, one panel per
+    (flow, text)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -194,8 +200,10 @@ def plot(results: dict, path: str):
     for ax, ((flow, text), r) in zip(axes[0], results.items()):
         sweep = sorted(r["tau_sweep"], key=lambda s: s["density"])
         ax.plot([s["density"] for s in sweep], [s["loss"] for s in sweep], "o-", label="SP-KV, tau sweep")
-        ax.plot([r["density"]], [r["h2o"]], "s", label="H2O (dense model)")
-        ax.plot([r["density"]], [r["streaming"]], "^", label="StreamingLLM (dense model)")
+        for name, mark, color in (("h2o", "s", "C1"), ("streaming", "^", "C2")):
+            points = sorted([(b["density"], b[name]) for b in r["budget_sweep"]] + [(r["density"], r[name])])
+            label = {"h2o": "H2O", "streaming": "StreamingLLM"}[name] + " (dense model)"
+            ax.plot(*zip(*points), mark + "-", color=color, label=label)
         ax.plot([0], [r["window"]], "x", label="window only")
         ax.axhline(r["full"], color="k", lw=0.8, ls="--", label="dense, full attention")
         ax.set(title=f"{flow}, {text}", xlabel="density (old pairs kept)", ylabel="val loss (hard)")

@@ -21,6 +21,8 @@ def test_flow_writes_every_figure_and_keeps_finished_runs(tmp_path, capsys):
     assert set(res) == {"scratch/stdlib", "scratch/prose", "adapt/stdlib", "adapt/prose"}
     for r in res.values():
         assert 0 <= r["density"] <= 1 and len(r["tau_sweep"]) == 5
+        assert [b["density"] for b in r["budget_sweep"]] == list(realtext.BUDGETS)
+        assert all(b["h2o"] > 0 and b["streaming"] > 0 for b in r["budget_sweep"])
         assert all(r[k] > 0 for k in ("spkv_hard", "spkv_soft", "full", "h2o", "streaming", "window"))
     assert (tmp_path / "rt" / "loss_vs_density.png").stat().st_size > 1000
     adapt = json.loads((tmp_path / "rt" / "adapt_spkv" / "final.json").read_text())["train_config"]

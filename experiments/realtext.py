@@ -72,7 +72,7 @@ def ablation_rows(o: dict) -> tuple:
     """(key -> (what the row changes, its train.py flags on top of scratch_flags, the dense run it is
     compared with), dense run -> its flags on top of scratch_flags). Only context changes the dense
     run."""
-    shape, a = SHAPES[o["tiny"]], o["scratch_steps"]
+    shape = SHAPES[o["tiny"]]
     half_ctx = {"seq_len": shape["seq_len"] // 2, "batch_size": shape["batch_size"] * 2}  # same tokens a step
     x20 = {"predictor_lr_mult": 20}
     return {
@@ -153,6 +153,8 @@ def train(name: str, flags: dict, out: str, threads: int, eval_only: bool):
     if eval_only:
         raise cli.BadInput(f"--eval_only=True, but {folder} holds no finished run; drop --eval_only to train it")
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *argv(flags), f"--out_dir={folder}"]
+    if os.path.exists(os.path.join(folder, "ckpt.pt")):  # an interrupted run: continue it, never start over
+        cmd.append("--resume=True")
     print(f"$ OMP_NUM_THREADS={threads} python train.py " + " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 

@@ -48,6 +48,12 @@ def test_ablation_rows_are_tabulated_against_their_own_dense_runs(tmp_path, caps
         assert rows[key]["density_by_eval"][-1] == [2, run["density"]]  # the last eval is the final one
     half = json.loads((out / "ablate_ctx_half" / "final.json").read_text())["train_config"]
     assert (half["seq_len"], half["batch_size"]) == (32, 4)  # half the context, the same tokens a step
+    (out / "ablate_paper" / "final.json").unlink()  # as if killed after its last checkpoint
+    capsys.readouterr()
+    realtext.main([f"--out={out}", "--tiny=True", "--scratch_steps=2", "--ablate=True", "--rows=paper",
+                   f"--ckpt={ckpt}", f"--data={tiny_text_dir(tmp_path / 'text')}"])
+    assert "--resume=True" in capsys.readouterr().out  # continued from its checkpoint, not refused or retrained
+    assert json.loads((out / "ablate_paper" / "final.json").read_text())["val_hard"] == rows["paper"]["spkv_hard"]
 
 
 def test_a_finished_run_with_other_flags_is_refused_not_reused(tmp_path):

@@ -113,16 +113,21 @@ def runs(o: dict) -> dict:
             "adapt_spkv": {**adapt, "predictor_lr_mult": o["adapt_predictor_lr_mult"]}}
 
 
-def ablation_runs(o: dict) -> dict:
-    """name -> train.py flags of the chosen ablation rows (--rows) and the dense runs they need."""
-    rows, dense = ablation_rows(o)
+def chosen_rows(o: dict, rows: dict) -> list:
+    """The ablation rows --rows names (all when empty); an unknown one is refused."""
     keys = [k for k in o["rows"].split(",") if k] or list(rows)
     unknown = [k for k in keys if k not in rows]
     if unknown:
         raise cli.BadInput(f"--rows: unknown row {unknown[0]!r}; rows are {','.join(rows)}")
+    return keys
+
+
+def ablation_runs(o: dict) -> dict:
+    """name -> train.py flags of the chosen ablation rows (--rows) and the dense runs they need."""
+    rows, dense = ablation_rows(o)
     scratch = scratch_flags(o)
     plan = {}
-    for key in keys:
+    for key in chosen_rows(o, rows):
         _, over, dense_name = rows[key]
         plan[dense_name] = {**scratch, **dense.get(dense_name, {}), "dense": True}
         plan["ablate_" + key] = {**scratch, **over}
@@ -234,7 +239,7 @@ def ablation_table(o: dict) -> list:
     table = []
     print(f"\n{'ablation row':<28} {'density':>8} {'per layer':<24} {'SP-KV hard':>10} {'dense':>8} {'vs dense':>9}"
           "  density at each eval")
-    for key in [k for k in o["rows"].split(",") if k] or list(rows):
+    for key in chosen_rows(o, rows):
         what, _, dense_name = rows[key]
         r, d = final_eval(o["out"], "ablate_" + key), final_eval(o["out"], dense_name)
         layers = [r["density_per_layer"][k] for k in sorted(r["density_per_layer"], key=int)]
@@ -266,8 +271,13 @@ def main(argv):
     plan = ablation_runs(o) if o["ablate"] else runs(o)
     for name, flags in plan.items():
         train(name, flags, o["out"], o["threads"], o["eval_only"])
-    if o["ablate"]:
-        write_json(os.path.join(o["out"], "ablation.json"), ablation_table(o))
+    if o["ablate"]:  # rows measured now replace their old entries; rows not chosen this time are kept
+        path = os.path.join(o["out"], "ablation.json")
+        new = ablation_table(o)
+        old = json.load(open(path)) if os.path.exists(path) else []
+        fresh = {r["row"] for r in new}
+        order = list(ablation_rows(o)[0])
+        write_json(path, sorted([r for r in old if r["row"] not in fresh] + new, key=lambda r: order.index(r["row"])))
         print(f"\nwrote {o['out']}/ablation.json")
         return
     tok = load_model(os.path.join(o["out"], "scratch_dense", "ckpt.pt"))[1]

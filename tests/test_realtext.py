@@ -54,6 +54,7 @@ def test_ablation_rows_are_tabulated_against_their_own_dense_runs(tmp_path, caps
                    f"--ckpt={ckpt}", f"--data={tiny_text_dir(tmp_path / 'text')}"])
     assert "--resume=True" in capsys.readouterr().out  # continued from its checkpoint, not refused or retrained
     assert json.loads((out / "ablate_paper" / "final.json").read_text())["val_hard"] == rows["paper"]["spkv_hard"]
+    assert {r["row"] for r in json.loads((out / "ablation.json").read_text())} == {"paper", "ctx_half"}  # kept
 
 
 def test_a_finished_run_with_other_flags_is_refused_not_reused(tmp_path):

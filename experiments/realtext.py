@@ -277,7 +277,7 @@ def main(argv):
         old = json.load(open(path)) if os.path.exists(path) else []
         fresh = {r["row"] for r in new}
         order = list(ablation_rows(o)[0])
-        write_json(path, sorted([r for r in old if r["row"] not in fresh] + new, key=lambda r: order.index(r["row"])))
+        write_json(path, sorted([r for r in old if r["row"] not in fresh] + new, key=lambda r: order.index(r["row"]) if r["row"] in order else len(order)))
         print(f"\nwrote {o['out']}/ablation.json")
         return
     tok = load_model(os.path.join(o["out"], "scratch_dense", "ckpt.pt"))[1]

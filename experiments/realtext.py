@@ -140,8 +140,7 @@ def finished(folder: str, flags: dict) -> bool:
     final = os.path.join(folder, "final.json")
     if not os.path.exists(final):
         return False
-    with open(final) as f:
-        saved = json.load(f)["train_config"]
+    saved = read_json(final)["train_config"]
     differ = [f"--{k}={saved.get(k)} (wanted {v})" for k, v in flags.items() if saved.get(k) != v]
     if differ:
         raise cli.BadInput(f"{folder} holds a finished run with other flags: {', '.join(differ)}; "
@@ -220,9 +219,13 @@ def plot(results: dict, path: str):
     os.replace(path + ".tmp.png", path)  # atomic: an interrupted save leaves the old picture
 
 
-def final_eval(out: str, name: str) -> dict:
-    with open(os.path.join(out, name, "final.json")) as f:
+def read_json(path: str):
+    with open(path) as f:
         return json.load(f)
+
+
+def final_eval(out: str, name: str) -> dict:
+    return read_json(os.path.join(out, name, "final.json"))
 
 
 def density_by_eval(out: str, name: str) -> list:
@@ -274,7 +277,7 @@ def main(argv):
     if o["ablate"]:  # rows measured now replace their old entries; rows not chosen this time are kept
         path = os.path.join(o["out"], "ablation.json")
         new = ablation_table(o)
-        old = json.load(open(path)) if os.path.exists(path) else []
+        old = read_json(path) if os.path.exists(path) else []
         fresh = {r["row"] for r in new}
         order = list(ablation_rows(o)[0])
         write_json(path, sorted([r for r in old if r["row"] not in fresh] + new, key=lambda r: order.index(r["row"]) if r["row"] in order else len(order)))

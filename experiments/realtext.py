@@ -2,7 +2,7 @@
 
     python experiments/realtext.py                    # both flows and their table, ~30 min on 2 idle cores
     python experiments/realtext.py --eval_only=True   # re-measure finished runs (no training)
-    python experiments/realtext.py --ablate=True      # the ablation: 7 SP-KV rows and 2 dense runs, ~75 min
+    python experiments/realtext.py --ablate=True      # the ablation: 11 SP-KV rows and 4 dense runs, ~3 h
     python experiments/realtext.py --ablate=True --rows=lr20,wd10   # some rows only
 
 Text nobody here wrote: the Python standard library source (train.py's default corpus, split by
@@ -54,7 +54,7 @@ class Flags:
     scratch_predictor_lr_mult: float = 20.0  # (a)'s predictor LR multiplier (paper: 5; why 20: the ablation)
     adapt_predictor_lr_mult: float = 100.0  # (b)'s: x100 of (b)'s 5e-4 is 5e-2 (the paper's x5 keeps every gate open)
     ablate: bool = False  # instead of the flows: the ablation rows (scratch runs, ~8 min each at 150 steps) and their table
-    rows: str = ""  # with --ablate: comma list of rows to run (paper,lr20,lr50,wd10,bias2,window2x,ctx_half); "" = all
+    rows: str = ""  # with --ablate: comma list of rows (see ablation_rows), e.g. lr20,wd10; "" = all
     threads: int = 2  # torch threads
     tiny: bool = False  # tests: a 2-layer d=32 model at 64 tokens, to check the plumbing in seconds
     data: str = ""  # training text, as train.py's --data; "" = the Python standard library source
@@ -67,7 +67,11 @@ SHAPES = {False: dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=2, seq_len=1024
 # The ablation, in two blocks of from-scratch SP-KV runs. The first changes one knob of the paper's
 # recipe (predictor LR x5, predictor weight decay 0.1, output bias 5): what makes gates close at
 # all. The second changes one knob of the flows' recipe (predictor LR x20; window 64, context
-# 1024): what sets how far they close. Steps are read off each run's evals (density at each).
+# 1024): what sets how far they close. Then two controls: a model trained with every gate shut
+# (bias -30: u = 1e-13, so old keys are masked in training too; a sliding-window model trained the
+# same way), which says how much of SP-KV's lead over dense a local window alone gives; and the x20
+# recipe at two more seeds, each against a dense run of its own seed (the spread). Steps are read
+# off each run's evals (density at each).
 def ablation_rows(o: dict) -> tuple:
     """(key -> (what the row changes, its train.py flags on top of scratch_flags, the dense run it is
     compared with), dense run -> its flags on top of scratch_flags). Only context changes the dense
@@ -83,7 +87,11 @@ def ablation_rows(o: dict) -> tuple:
         "bias2": ("init bias 2 (u = 0.88)", {"predictor_init_bias": 2}, "scratch_dense"),
         "window2x": (f"x20, window {2 * shape['window']}", {**x20, "window": 2 * shape["window"]}, "scratch_dense"),
         "ctx_half": (f"x20, context {half_ctx['seq_len']}, batch x2", {**x20, **half_ctx}, "dense_ctx_half"),
-    }, {"dense_ctx_half": half_ctx}
+        "window_quarter": (f"x20, window {shape['window'] // 4}", {**x20, "window": shape["window"] // 4}, "scratch_dense"),
+        "shut": ("init bias -30: gates shut", {"predictor_init_bias": -30}, "scratch_dense"),
+        "seed2": ("x20, seed 1338", {**x20, "seed": 1338}, "dense_seed2"),
+        "seed3": ("x20, seed 1339", {**x20, "seed": 1339}, "dense_seed3"),
+    }, {"dense_ctx_half": half_ctx, "dense_seed2": {"seed": 1338}, "dense_seed3": {"seed": 1339}}
 
 
 def argv(flags: dict) -> list:

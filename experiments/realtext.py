@@ -21,6 +21,9 @@ model's loss under full attention, H2O, StreamingLLM and the window alone at SP-
 (baselines.py), SP-KV's tau sweep (tau.py), and one PNG of loss against density.
 Seeds are fixed (train.py --seed, fixed eval batches); train.py runs with --threads torch threads
 (OMP_NUM_THREADS). Finished runs are kept; a run folder made with other flags is refused.
+The ablation table also measures each row at a calibrated tau: the tau that keeps --target_density
+(0.25) of old pairs on training text, then hard loss and density on held-out text against the
+row's dense run, with H2O and StreamingLLM on that dense model at the same density.
 """
 
 import dataclasses
@@ -40,6 +43,7 @@ import cli
 import data as datalib
 import tau as taulib
 from checkpoint import load_model
+from generate import calibrate
 
 PROSE = "/usr/share/common-licenses"
 
@@ -55,6 +59,7 @@ class Flags:
     adapt_predictor_lr_mult: float = 100.0  # (b)'s: x100 of (b)'s 5e-4 is 5e-2 (the paper's x5 keeps every gate open)
     ablate: bool = False  # instead of the flows: the ablation rows (scratch runs, ~8 min each at 150 steps) and their table
     rows: str = ""  # with --ablate: comma list of rows (see ablation_rows), e.g. lr20,wd10; "" = all
+    target_density: float = 0.25  # with --ablate: each row is also measured at the tau that keeps this on training text
     threads: int = 2  # torch threads
     tiny: bool = False  # tests: a 2-layer d=32 model at 64 tokens, to check the plumbing in seconds
     data: str = ""  # training text, as train.py's --data; "" = the Python standard library source
@@ -192,14 +197,18 @@ def measure(spkv_path: str, dense_path: str, batches, n: int, bs: int) -> dict:
             "tau_sweep": [{"tau": t, "loss": loss, "density": d} for t, loss, d in sweep], "budget_sweep": budgets}
 
 
+def pct(loss: float, dense: float) -> str:
+    """loss relative to the dense loss, as the tables print it."""
+    return f"{100 * (loss / dense - 1):+.2f}%"
+
+
 def table(results: dict):
     print(f"\n{'flow':<8} {'text':<7} {'density':>8} {'SP-KV hard':>11} {'dense':>8} {'SP-KV vs dense':>15} "
           f"{'H2O':>8} {'Stream':>8} {'window':>8}")
     for (flow, text), r in results.items():
-        def pct(x):
-            return f"{100 * (x / r['full'] - 1):+.2f}%"
         print(f"{flow:<8} {text:<7} {r['density']:>8.3f} {r['spkv_hard']:>11.4f} {r['full']:>8.4f} "
-              f"{pct(r['spkv_hard']):>15} {pct(r['h2o']):>8} {pct(r['streaming']):>8} {pct(r['window']):>8}")
+              + " ".join(f"{pct(r[k], r['full']):>{w}}" for k, w in
+                         (("spkv_hard", 15), ("h2o", 8), ("streaming", 8), ("window", 8))))
 
 
 def plot(results: dict, path: str):
@@ -243,9 +252,30 @@ def density_by_eval(out: str, name: str) -> list:
     return [(r["step"] + 1, r["density"]) for r in records if "density" in r]
 
 
+@torch.no_grad()
+def calibrated(o: dict, run: str, dense_run: str) -> dict:
+    """The run's SP-KV model at the tau that keeps --target_density of old pairs on training text
+    (generate.calibrate), measured on held-out stdlib text (the flows' --eval_batches batches, at
+    the run's own context and batch size): hard loss and density, against its dense run under full
+    attention, and H2O and StreamingLLM on that dense model at the same density and window."""
+    spkv_model, tok = load_model(os.path.join(o["out"], run, "ckpt.pt"))[:2]
+    dense_model = load_model(os.path.join(o["out"], dense_run, "ckpt.pt"))[0]
+    spkv_model.eval(), dense_model.eval()
+    dense_model.cfg.window = spkv_model.cfg.window  # the policies keep the same recent window as SP-KV
+    saved = final_eval(o["out"], run)["train_config"]
+    T, bs, n = saved["seq_len"], saved["batch_size"], o["eval_batches"]
+    folder = datalib.prepare(o["data"], tok)
+    train, val = datalib.Batches(folder, "train", T), datalib.Batches(folder, "val", T)
+    tau = calibrate(spkv_model, train, o["target_density"], n, bs)  # on training text, checked held out
+    hard, density = taulib.hard_loss_and_density(spkv_model, val, tau, n, bs)
+    policies = baselines.policy_losses(dense_model, val, ["full", "h2o", "streaming"], density, n, bs)
+    return {"tau": tau, "spkv_hard": hard, "density": density, **policies}
+
+
 def ablation_table(o: dict) -> list:
     """One row per knob: train.py's final eval (2 fixed held-out batches, hard gates) of the row's
-    run against its dense run, the density per layer, and the density at each eval (steps)."""
+    run against its dense run, the density per layer, and the density at each eval (steps); then
+    the row at a calibrated tau (calibrated())."""
     rows, _ = ablation_rows(o)
     table = []
     print(f"\n{'ablation row':<28} {'density':>8} {'per layer':<24} {'SP-KV hard':>10} {'dense':>8} {'vs dense':>9}"
@@ -257,10 +287,17 @@ def ablation_table(o: dict) -> list:
         by_eval = density_by_eval(o["out"], "ablate_" + key)
         table.append({"row": key, "what": what, "density": r["density"], "per_layer": layers,
                       "spkv_hard": r["val_hard"], "dense": d["val_hard"], "vs_dense": r["val_hard"] / d["val_hard"] - 1,
-                      "density_by_eval": by_eval})
+                      "density_by_eval": by_eval, "calibrated": calibrated(o, "ablate_" + key, dense_name)})
         print(f"{what:<28} {r['density']:>8.3f} {' '.join(f'{x:.2f}' for x in layers):<24} "
               f"{r['val_hard']:>10.4f} {d['val_hard']:>8.4f} {100 * table[-1]['vs_dense']:>+8.2f}%  "
-              + " ".join(f"{step}:{x:.2f}" for step, x in by_eval))
+              + " ".join(f"{step}:{x:.2f}" for step, x in by_eval), flush=True)
+    print(f"\nheld-out stdlib, tau calibrated on training text for density {o['target_density']}:\n"
+          f"{'ablation row':<28} {'tau':>7} {'density':>8} {'SP-KV hard':>10} {'dense':>8} {'vs dense':>9} "
+          f"{'H2O':>8} {'Stream':>8}")
+    for row in table:
+        c = row["calibrated"]
+        print(f"{row['what']:<28} {c['tau']:>7.4f} {c['density']:>8.3f} {c['spkv_hard']:>10.4f} {c['full']:>8.4f} "
+              f"{pct(c['spkv_hard'], c['full']):>9} {pct(c['h2o'], c['full']):>8} {pct(c['streaming'], c['full']):>8}")
     return table
 
 
@@ -275,6 +312,8 @@ def main(argv):
     o.update(cli.parse(argv, Flags, "realtext.py"))
     if min(o["scratch_steps"], o["adapt_steps"], o["eval_batches"], o["threads"]) < 1:
         raise cli.BadInput("--scratch_steps, --adapt_steps, --eval_batches and --threads must be >= 1")
+    if not 0 < o["target_density"] <= 1:
+        raise cli.BadInput(f"--target_density={o['target_density']} must be in (0, 1] (the fraction of old pairs kept)")
     for k in ("scratch_predictor_lr_mult", "adapt_predictor_lr_mult"):
         if not 0 < o[k] < 1e4:
             raise cli.BadInput(f"--{k}={o[k]} must be a number in (0, 1e4) (the paper's is 5)")

@@ -46,6 +46,9 @@ def test_ablation_rows_are_tabulated_against_their_own_dense_runs(tmp_path, caps
         assert rows[key]["spkv_hard"] == run["val_hard"] and rows[key]["dense"] == base["val_hard"]
         assert len(rows[key]["per_layer"]) == 2 and rows[key]["density"] == run["density"]
         assert rows[key]["density_by_eval"][-1] == [2, run["density"]]  # the last eval is the final one
+        cal = rows[key]["calibrated"]  # the row at the tau calibrated for --target_density, held out
+        assert 0 <= cal["tau"] <= 1 and 0 <= cal["density"] <= 1
+        assert all(cal[k] > 0 for k in ("spkv_hard", "full", "h2o", "streaming"))
     half = json.loads((out / "ablate_ctx_half" / "final.json").read_text())["train_config"]
     assert (half["seq_len"], half["batch_size"]) == (32, 4)  # half the context, the same tokens a step
     (out / "ablate_paper" / "final.json").unlink()  # as if killed after its last checkpoint

@@ -310,6 +310,8 @@ def write_json(path: str, obj):
 def main(argv):
     o = dataclasses.asdict(Flags())
     o.update(cli.parse(argv, Flags, "realtext.py"))
+    if not o["out"].strip():
+        raise cli.BadInput("--out is empty; give the folder the runs go in (default out/realtext)")
     if min(o["scratch_steps"], o["adapt_steps"], o["eval_batches"], o["threads"]) < 1:
         raise cli.BadInput("--scratch_steps, --adapt_steps, --eval_batches and --threads must be >= 1")
     if not 0 < o["target_density"] <= 1:

@@ -70,5 +70,7 @@ def test_a_finished_run_with_other_flags_is_refused_not_reused(tmp_path):
     with pytest.raises(BadInput, match="predictor_lr_mult=5.0 \\(wanted 20\\)"):
         realtext.finished(str(folder), {"predictor_lr_mult": 20, "max_steps": 150})
     assert final.read_bytes() == before
+    with pytest.raises(BadInput, match="--out is empty"):  # runs would land in the working directory
+        realtext.main(["--out=", "--tiny=True"])
     with pytest.raises(BadInput, match="unknown row 'lr7'"):
         realtext.ablation_runs({"tiny": True, "scratch_steps": 2, "rows": "paper,lr7", "data": "", "ckpt": ""})

@@ -60,6 +60,26 @@ def test_ablation_rows_are_tabulated_against_their_own_dense_runs(tmp_path, caps
     assert {r["row"] for r in json.loads((out / "ablation.json").read_text())} == {"paper", "ctx_half"}  # kept
 
 
+def test_smollm2_flow_adapts_the_given_checkpoint_against_dense_and_calibrates_tau(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "bytes.pt")
+    out = tmp_path / "rt"
+    realtext.main([f"--out={out}", "--tiny=True", "--smollm2=True", "--smollm2_steps=2", "--eval_batches=1",
+                   "--target_density=0.5", f"--ckpt={ckpt}", f"--data={tiny_text_dir(tmp_path / 'text')}"])
+    res = json.loads((out / "smollm2.json").read_text())
+    spkv = json.loads((out / "smollm2_spkv" / "final.json").read_text())
+    dense = json.loads((out / "smollm2_dense" / "final.json").read_text())
+    assert spkv["train_config"]["ckpt"] == dense["train_config"]["ckpt"] == ckpt  # both start from it
+    assert spkv["train_config"]["predictor_weight_decay"] == 10 and dense["train_config"]["dense"]
+    assert res["trained"]["tau"] == spkv["train_config"]["tau"]
+    assert 0 <= res["calibrated"]["tau"] <= 1 and res["density_per_layer"] == spkv["density_per_layer"]
+    for r in (res["trained"], res["calibrated"]):
+        assert 0 <= r["density"] <= 1
+        assert all(r[k] > 0 for k in ("spkv_hard", "full", "window", "h2o", "streaming"))
+    assert res["trained"]["full"] == res["calibrated"]["full"]  # one dense reference for both rows
+    with pytest.raises(BadInput, match="two different experiments"):
+        realtext.main([f"--out={out}", "--smollm2=True", "--ablate=True"])
+
+
 def test_a_finished_run_with_other_flags_is_refused_not_reused(tmp_path):
     folder = tmp_path / "scratch_spkv"
     folder.mkdir()

@@ -2,7 +2,7 @@
 
     python experiments/realtext.py                    # both flows and their table, ~30 min on 2 idle cores
     python experiments/realtext.py --eval_only=True   # re-measure finished runs (no training)
-    python experiments/realtext.py --ablate=True      # the ablation: 11 SP-KV rows and 4 dense runs, ~3 h
+    python experiments/realtext.py --ablate=True      # the ablation: 11 SP-KV rows, 4 dense runs (see --ablate)
     python experiments/realtext.py --ablate=True --rows=lr20,wd10   # some rows only
     python experiments/realtext.py --smollm2=True     # SmolLM2-135M adapted vs dense, calibrated tau
 
@@ -58,7 +58,7 @@ class Flags:
     eval_only: bool = False  # skip training; measure the runs already in --out
     scratch_predictor_lr_mult: float = 20.0  # (a)'s predictor LR multiplier (paper: 5; why 20: the ablation)
     adapt_predictor_lr_mult: float = 100.0  # (b)'s: x100 of (b)'s 5e-4 is 5e-2 (the paper's x5 keeps every gate open)
-    ablate: bool = False  # instead of the flows: the ablation rows (scratch runs, ~8 min each at 150 steps) and their table
+    ablate: bool = False  # instead of the flows: the ablation rows and their table (20-40 min a row at 1 thread, 2-3 runs on 2 cores)
     rows: str = ""  # with --ablate: comma list of rows (see ablation_rows), e.g. lr20,wd10; "" = all
     target_density: float = 0.25  # --ablate / --smollm2: also measured at the tau that keeps this on training text
     smollm2: bool = False  # instead of the flows: SmolLM2-135M (--ckpt) adapted to SP-KV vs trained on densely

@@ -65,17 +65,22 @@ def test_smollm2_flow_adapts_the_given_checkpoint_against_dense_and_calibrates_t
     out = tmp_path / "rt"
     realtext.main([f"--out={out}", "--tiny=True", "--smollm2=True", "--smollm2_steps=2", "--eval_batches=1",
                    "--target_density=0.5", f"--ckpt={ckpt}", f"--data={tiny_text_dir(tmp_path / 'text')}"])
-    res = json.loads((out / "smollm2.json").read_text())
-    spkv = json.loads((out / "smollm2_spkv" / "final.json").read_text())
+    results = json.loads((out / "smollm2.json").read_text())
     dense = json.loads((out / "smollm2_dense" / "final.json").read_text())
-    assert spkv["train_config"]["ckpt"] == dense["train_config"]["ckpt"] == ckpt  # both start from it
-    assert spkv["train_config"]["predictor_weight_decay"] == 10 and dense["train_config"]["dense"]
-    assert res["trained"]["tau"] == spkv["train_config"]["tau"]
-    assert 0 <= res["calibrated"]["tau"] <= 1 and res["density_per_layer"] == spkv["density_per_layer"]
-    for r in (res["trained"], res["calibrated"]):
-        assert 0 <= r["density"] <= 1
-        assert all(r[k] > 0 for k in ("spkv_hard", "full", "window", "h2o", "streaming"))
-    assert res["trained"]["full"] == res["calibrated"]["full"]  # one dense reference for both rows
+    assert set(results) == {"open", "neutral"} and dense["train_config"]["dense"]
+    for name, res in results.items():
+        spkv = json.loads((out / f"smollm2_spkv_{name}" / "final.json").read_text())
+        assert spkv["train_config"]["ckpt"] == dense["train_config"]["ckpt"] == ckpt  # all start from it
+        assert res["trained"]["tau"] == spkv["train_config"]["tau"]
+        assert 0 <= res["calibrated"]["tau"] <= 1 and res["density_per_layer"] == spkv["density_per_layer"]
+        for r in (res["trained"], res["calibrated"]):
+            assert 0 <= r["density"] <= 1
+            assert all(r[k] > 0 for k in ("spkv_hard", "full", "window", "h2o", "streaming"))
+        assert res["trained"]["full"] == res["calibrated"]["full"]  # one dense reference for every row
+    open_cfg = json.loads((out / "smollm2_spkv_open" / "final.json").read_text())["train_config"]
+    neutral_cfg = json.loads((out / "smollm2_spkv_neutral" / "final.json").read_text())["train_config"]
+    assert (open_cfg["predictor_init_bias"], open_cfg["predictor_weight_decay"]) == (5.0, 10)
+    assert (neutral_cfg["predictor_init_bias"], neutral_cfg["predictor_weight_decay"]) == (0, 0.1)
     with pytest.raises(BadInput, match="two different experiments"):
         realtext.main([f"--out={out}", "--smollm2=True", "--ablate=True"])
 

@@ -38,10 +38,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repo root: python experiments/<name>.py
 
 import torch
+import torch.nn.functional as F
 
 import baselines
 import cli
 import data as datalib
+import spkv
 import tau as taulib
 from checkpoint import load_model
 from generate import calibrate
@@ -277,6 +279,31 @@ def density_by_eval(out: str, name: str) -> list:
     return [(r["step"] + 1, r["density"]) for r in records if "density" in r]
 
 
+N_SINK = 4  # the sink diagnostic keeps this many first tokens, as StreamingLLM does
+
+
+@torch.no_grad()
+def sink_diagnostic(model, val, tau: float, n: int, bs: int) -> tuple:
+    """A diagnostic, not the method: (the fraction of (sequence, layer, KV head) whose first token
+    the gates keep at tau, the hard loss when the first N_SINK tokens are also kept in every head).
+    Pretrained models park attention on the first tokens (attention sinks); a gate that drops them
+    costs far more than their share of pairs. The same batches as tau.hard_loss_and_density."""
+    gen = torch.Generator().manual_seed(1)
+    first_kept, loss = [], 0.0
+
+    def visible(layer, q, k, logit):  # logit (B, Hkv, T): SP-KV's hard view plus the first tokens
+        first_kept.append(spkv.hard_keep(logit[..., 0], tau).float().flatten())
+        vis = baselines.spkv_visible(logit, model.cfg.window, tau).clone()  # (B, Hkv, T, T)
+        vis[..., :N_SINK] = True
+        return vis & baselines.causal_visible(logit.shape[-1], logit.device)
+
+    for _ in range(n):
+        x, y = val.sample(bs, gen)
+        logits = baselines.forward_with_masks(model, x, visible)
+        loss += F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item() / n
+    return torch.cat(first_kept).mean().item(), loss
+
+
 @torch.no_grad()
 def measured_at(o: dict, run: str, dense_run: str, target_density=None) -> dict:
     """The run's SP-KV model on held-out stdlib text (--eval_batches batches at the run's own context
@@ -296,18 +323,21 @@ def measured_at(o: dict, run: str, dense_run: str, target_density=None) -> dict:
     if target_density is not None:
         tau = calibrate(spkv_model, train, target_density, n, bs)  # on training text, checked held out
     hard, density = taulib.hard_loss_and_density(spkv_model, val, tau, n, bs)
+    first_kept, with_sinks = sink_diagnostic(spkv_model, val, tau, n, bs)
     policies = baselines.policy_losses(dense_model, val, ["full", "window", "h2o", "streaming"], density, n, bs)
-    return {"tau": tau, "spkv_hard": hard, "density": density, **policies}
+    return {"tau": tau, "spkv_hard": hard, "density": density, "first_kept": first_kept,
+            "spkv_with_sinks": with_sinks, **policies}
 
 
 def print_against_dense(title: str, rows: list):
     """rows: [(label, measured_at's dict)], each relative to its dense run under full attention."""
     print(f"\n{title}\n{'':<28} {'tau':>7} {'density':>8} {'SP-KV hard':>10} {'dense':>8} {'vs dense':>9} "
-          f"{'H2O':>8} {'Stream':>8} {'window':>8}")
+          f"{'H2O':>8} {'Stream':>8} {'window':>8}   first token kept, SP-KV + {N_SINK} sinks")
     for label, c in rows:
         print(f"{label:<28} {c['tau']:>7.4f} {c['density']:>8.3f} {c['spkv_hard']:>10.4f} {c['full']:>8.4f} "
               + " ".join(f"{pct(c[k], c['full']):>{w}}" for k, w in
-                         (("spkv_hard", 9), ("h2o", 8), ("streaming", 8), ("window", 8))))
+                         (("spkv_hard", 9), ("h2o", 8), ("streaming", 8), ("window", 8)))
+              + f"   {c['first_kept']:.2f}, {pct(c['spkv_with_sinks'], c['full'])}")
 
 
 def ablation_table(o: dict) -> list:

@@ -75,7 +75,8 @@ def test_smollm2_flow_adapts_the_given_checkpoint_against_dense_and_calibrates_t
         assert 0 <= res["calibrated"]["tau"] <= 1 and res["density_per_layer"] == spkv["density_per_layer"]
         for r in (res["trained"], res["calibrated"]):
             assert 0 <= r["density"] <= 1
-            assert all(r[k] > 0 for k in ("spkv_hard", "full", "window", "h2o", "streaming"))
+            assert all(r[k] > 0 for k in ("spkv_hard", "full", "window", "h2o", "streaming", "spkv_with_sinks"))
+            assert 0 <= r["first_kept"] <= 1
         assert res["trained"]["full"] == res["calibrated"]["full"]  # one dense reference for every row
     open_cfg = json.loads((out / "smollm2_spkv_open" / "final.json").read_text())["train_config"]
     neutral_cfg = json.loads((out / "smollm2_spkv_neutral" / "final.json").read_text())["train_config"]
@@ -99,3 +100,21 @@ def test_a_finished_run_with_other_flags_is_refused_not_reused(tmp_path):
         realtext.main(["--out=", "--tiny=True"])
     with pytest.raises(BadInput, match="unknown row 'lr7'"):
         realtext.ablation_runs({"tiny": True, "scratch_steps": 2, "rows": "paper,lr7", "data": "", "ckpt": ""})
+
+
+def test_sink_diagnostic_matches_the_hard_view_when_every_pair_is_kept(tmp_path):
+    """At tau = 0 every gate keeps its pair, so the first token is kept everywhere and forcing the
+    sinks in changes nothing: the loss equals tau.hard_loss_and_density's on the same batches. At
+    tau = 1 no gate keeps its pair, so the sinks are the only old keys and the loss moves."""
+    import data as datalib
+    import tau as taulib
+    from checkpoint import load_model
+    model, tok = load_model(tiny_checkpoint(tmp_path / "bytes.pt"))[:2]
+    val = datalib.Batches(datalib.prepare(tiny_text_dir(tmp_path / "text"), tok), "val", 48)
+    model.cfg.window = 4
+    first_kept, with_sinks = realtext.sink_diagnostic(model.eval(), val, 0.0, 2, 2)
+    assert first_kept == 1.0
+    assert with_sinks == pytest.approx(taulib.hard_loss_and_density(model, val, 0.0, 2, 2)[0], rel=1e-5)
+    first_kept, with_sinks = realtext.sink_diagnostic(model, val, 1.0, 2, 2)
+    assert first_kept == 0.0
+    assert with_sinks != pytest.approx(taulib.hard_loss_and_density(model, val, 1.0, 2, 2)[0], rel=1e-5)

@@ -563,10 +563,12 @@ def main(argv):
         print(f"\ndone: val loss soft {final['val_soft']:.4f}, hard {final['val_hard']:.4f} -> {ckpt_path}")
         report_density(final)
         if not cuda and not cfg.dense and final.get("density", 0.0) > 0.95:
-            print("note: this short CPU run kept (almost) every old pair: at the paper's predictor LR (x5) a few dozen "
-                  "steps do not move gates that start open (u = 0.993). The CPU run that prunes is "
-                  "`python experiments/realtext.py` (~30 min on 2 cores; measured: density 0.375 from scratch and "
-                  "0.50 adapted from dense, at or below dense loss, with the predictor LR raised; experiments/README.md). "
+            print(f"note: this short CPU run kept (almost) every old pair. At x{cfg.predictor_lr_mult:g} the predictor "
+                  "LR and a few dozen steps do not close gates that start open (u = 0.993), and measured on CPU, "
+                  "SmolLM2 pushes them back open even at x100 (`python experiments/realtext.py --smollm2=True`). "
+                  "The CPU run that prunes is `python experiments/realtext.py` (a small model on stdlib source: "
+                  "density 0.375 from scratch and 0.50 adapted from dense, at or below dense loss; "
+                  "experiments/README.md says what that does and does not show). "
                   "On one GPU the gpu preset trains for thousands of steps.")
         final_path = os.path.join(cfg.out_dir, "final.json")
         with open(final_path + ".tmp", "w") as f:

@@ -164,9 +164,17 @@ def build_model(cfg: TrainConfig, device):
                        n_kv_head=cfg.n_kv_head, n_hidden=4 * cfg.n_embd, block_size=max(cfg.seq_len, 1024),
                        **spkv_knobs, dense_layers=tuple(range(cfg.n_layer)) if cfg.dense else ())
         return GPT(mc).to(device), Tokenizer(ckpt["tokenizer"]), "scratch"
-    model, tok, _ = load_model(path, dense=cfg.dense, dense_layers=(), **spkv_knobs)  # every layer adapted
+    model, tok, ckpt = load_model(path, dense=cfg.dense, dense_layers=(), **spkv_knobs)  # every layer adapted
     if tok is None:
         raise cli.BadInput(f"checkpoint {path} has no tokenizer; convert it with its tokenizer.json")
+    stored = ckpt["config"].get("predictor_init_bias")
+    if not cfg.dense and stored != cfg.predictor_init_bias:  # its predictors were made for another init
+        for layer in model.cfg.spkv_layers():
+            predictor = model.blocks[layer].attn.predictor
+            predictor.init_bias = cfg.predictor_init_bias
+            predictor.reset_open()
+        print(f"predictors: fresh at init bias {cfg.predictor_init_bias:g} (--predictor_init_bias; the checkpoint's "
+              f"were made at {stored})")
     return model.to(device), tok, path
 
 

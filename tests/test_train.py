@@ -101,6 +101,28 @@ def test_dense_baseline_has_no_predictor(tmp_path):
     assert read_log(tmp_path / "out")[-1]["val_soft"] == read_log(tmp_path / "out")[-1]["val_hard"]
 
 
+def test_predictor_init_bias_applies_to_a_checkpoints_stored_predictors(tmp_path, capsys):
+    """A converted or trained checkpoint stores its predictors. Asking for another init bias starts
+    them fresh at that bias (and says so); the checkpoint's own bias loads them as stored."""
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")  # predictors made at the default bias, 5
+    stored = {k: v for k, v in read_checkpoint(ckpt)["model"].items() if ".predictor." in k}
+    with torch.no_grad():  # make the stored predictors differ from a fresh open init
+        for k in stored:
+            stored[k] += 0.25
+    raw = read_checkpoint(ckpt)
+    raw["model"].update(stored)
+    torch.save(raw, ckpt)
+    cfg, _ = train.parse_flags([f"--ckpt={ckpt}", "--device=cpu", "--predictor_init_bias=0"])
+    model = train.build_model(cfg, "cpu")[0]
+    assert "fresh at init bias 0" in capsys.readouterr().out
+    biases = [model.blocks[i].attn.predictor.proj.bias for i in model.cfg.spkv_layers()]
+    assert biases and all(torch.equal(b, torch.zeros_like(b)) for b in biases)
+    cfg, _ = train.parse_flags([f"--ckpt={ckpt}", "--device=cpu"])
+    state = train.build_model(cfg, "cpu")[0].state_dict()
+    assert "fresh" not in capsys.readouterr().out
+    assert all(torch.equal(state[k], v) for k, v in stored.items())
+
+
 def test_checkpoint_survives_kill_9_during_write(tmp_path):
     path = tmp_path / "ckpt.pt"
     writer = (f"import sys, torch; sys.path.insert(0, {ROOT!r}); from checkpoint import atomic_save\n"

@@ -168,7 +168,8 @@ def build_model(cfg: TrainConfig, device):
     if tok is None:
         raise cli.BadInput(f"checkpoint {path} has no tokenizer; convert it with its tokenizer.json")
     stored = ckpt["config"].get("predictor_init_bias")
-    if not cfg.dense and stored != cfg.predictor_init_bias:  # its predictors were made for another init
+    holds_predictors = any(".predictor." in k for k in ckpt["model"])  # a converted or an SP-KV checkpoint
+    if not cfg.dense and holds_predictors and stored != cfg.predictor_init_bias:  # made for another init
         for layer in model.cfg.spkv_layers():
             predictor = model.blocks[layer].attn.predictor
             predictor.init_bias = cfg.predictor_init_bias
@@ -571,9 +572,9 @@ def main(argv):
         print(f"\ndone: val loss soft {final['val_soft']:.4f}, hard {final['val_hard']:.4f} -> {ckpt_path}")
         report_density(final)
         if not cuda and not cfg.dense and final.get("density", 0.0) > 0.95:
-            print(f"note: this short CPU run kept (almost) every old pair. At x{cfg.predictor_lr_mult:g} the predictor "
-                  "LR and a few dozen steps do not close gates that start open (u = 0.993), and measured on CPU, "
-                  "SmolLM2 pushes them back open even at x100 (`python experiments/realtext.py --smollm2=True`). "
+            print(f"note: this short CPU run kept (almost) every old pair (predictor LR x{cfg.predictor_lr_mult:g}, "
+                  f"{cfg.max_steps} steps): so few steps do not close gates that start open, and on SmolLM2 the loss "
+                  "holds them open even at x100 (measured: `python experiments/realtext.py --smollm2=True`). "
                   "The CPU run that prunes is `python experiments/realtext.py` (a small model on stdlib source: "
                   "density 0.375 from scratch and 0.50 adapted from dense, at or below dense loss; "
                   "experiments/README.md says what that does and does not show). "

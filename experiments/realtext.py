@@ -28,6 +28,7 @@ row's dense run, with H2O and StreamingLLM on that dense model at the same densi
 """
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -304,6 +305,17 @@ def sink_diagnostic(model, val, tau: float, n: int, bs: int) -> tuple:
     return torch.cat(first_kept).mean().item(), loss
 
 
+@functools.lru_cache(maxsize=None)
+@torch.no_grad()
+def dense_reference(out: str, dense_run: str, window: int, T: int, bs: int, n: int, data: str) -> dict:
+    """The dense run's held-out loss under full attention and under the window alone. They do not
+    depend on the SP-KV run, so rows that share a dense run (and SmolLM2's two taus) measure them once."""
+    dense_model, tok = load_model(os.path.join(out, dense_run, "ckpt.pt"))[:2]
+    dense_model.eval().cfg.window = window
+    val = datalib.Batches(datalib.prepare(data, tok), "val", T)
+    return baselines.policy_losses(dense_model, val, ["full", "window"], 0.0, n, bs)
+
+
 @torch.no_grad()
 def measured_at(o: dict, run: str, dense_run: str, target_density=None) -> dict:
     """The run's SP-KV model on held-out stdlib text (--eval_batches batches at the run's own context
@@ -324,9 +336,10 @@ def measured_at(o: dict, run: str, dense_run: str, target_density=None) -> dict:
         tau = calibrate(spkv_model, train, target_density, n, bs)  # on training text, checked held out
     hard, density = taulib.hard_loss_and_density(spkv_model, val, tau, n, bs)
     first_kept, with_sinks = sink_diagnostic(spkv_model, val, tau, n, bs)
-    policies = baselines.policy_losses(dense_model, val, ["full", "window", "h2o", "streaming"], density, n, bs)
+    policies = baselines.policy_losses(dense_model, val, ["h2o", "streaming"], density, n, bs)
+    reference = dense_reference(o["out"], dense_run, spkv_model.cfg.window, T, bs, n, o["data"])
     return {"tau": tau, "spkv_hard": hard, "density": density, "first_kept": first_kept,
-            "spkv_with_sinks": with_sinks, **policies}
+            "spkv_with_sinks": with_sinks, **reference, **policies}
 
 
 def print_against_dense(title: str, rows: list):
@@ -384,6 +397,7 @@ def main(argv):
         if not 0 < o[k] < 1e4:
             raise cli.BadInput(f"--{k}={o[k]} must be a number in (0, 1e4) (the paper's is 5)")
     torch.set_num_threads(o["threads"])
+    dense_reference.cache_clear()  # a run folder may have changed since an earlier call in this process
     if o["ablate"] and o["smollm2"]:
         raise cli.BadInput("--ablate and --smollm2 are two different experiments; give one of them")
     plan = ablation_runs(o) if o["ablate"] else smollm2_runs(o) if o["smollm2"] else runs(o)

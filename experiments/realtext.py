@@ -62,7 +62,7 @@ class Flags:
     scratch_predictor_lr_mult: float = 20.0  # (a)'s predictor LR multiplier (paper: 5; why 20: the ablation)
     adapt_predictor_lr_mult: float = 100.0  # (b)'s: x100 of (b)'s 5e-4 is 5e-2 (the paper's x5 keeps every gate open)
     ablate: bool = False  # instead of the flows: the ablation rows and their table (20-40 min a row at 1 thread, 2-3 runs on 2 cores)
-    rows: str = ""  # with --ablate: comma list of rows (see ablation_rows), e.g. lr20,wd10; "" = all
+    rows: str = ""  # with --ablate: comma list of rows (see ablation_rows), e.g. lr20,wd10; with --smollm2: of recipes (SMOLLM2_RECIPES); "" = all
     target_density: float = 0.25  # --ablate / --smollm2: also measured at the tau that keeps this on training text
     smollm2: bool = False  # instead of the flows: SmolLM2-135M (--ckpt) adapted to SP-KV vs trained on densely
     smollm2_steps: int = 60  # --smollm2: steps of the adaptation and of the dense run
@@ -138,9 +138,14 @@ def runs(o: dict) -> dict:
 # predictor at x100 the base LR: "x100" is the paper's recipe otherwise (weight decay 0.1); "wd10"
 # adds predictor weight decay 10, which pulls the output bias toward u = 0.5 within ~30 steps (and
 # shrinks the predictor's weights as fast). Each is measured at its trained tau and at the tau
-# calibrated for --target_density.
+# calibrated for --target_density. Two more start away from open gates, where the sigmoid is not
+# saturated: at u = 0.993 the gate's slope u(1 - u) is 0.007, at bias 0 it is 0.25 and at bias -2
+# 0.10, so the same loss gradient moves the predictor's logit 35x and 15x as far. "neutral" starts
+# at u = 0.5, "closed" at u = 0.12 (old keys down-weighted by log u = -2.1 until the model opens them).
 SMOLLM2_RECIPES = {"x100": {"predictor_lr_mult": 100},
-                   "wd10": {"predictor_lr_mult": 100, "predictor_weight_decay": 10}}
+                   "wd10": {"predictor_lr_mult": 100, "predictor_weight_decay": 10},
+                   "neutral": {"predictor_lr_mult": 100, "predictor_init_bias": 0.0},
+                   "closed": {"predictor_lr_mult": 100, "predictor_init_bias": -2.0}}
 
 
 def smollm2_runs(o: dict) -> dict:
@@ -151,11 +156,11 @@ def smollm2_runs(o: dict) -> dict:
             "warmup_steps": max(1, steps // 10), "max_steps": steps, "eval_every": 20, "eval_batches": 2,
             "ckpt_every": 20}
     return {"smollm2_dense": {**base, "dense": True},
-            **{f"smollm2_spkv_{name}": {**base, **over} for name, over in SMOLLM2_RECIPES.items()}}
+            **{f"smollm2_spkv_{name}": {**base, **SMOLLM2_RECIPES[name]} for name in chosen_rows(o, SMOLLM2_RECIPES)}}
 
 
 def chosen_rows(o: dict, rows: dict) -> list:
-    """The ablation rows --rows names (all when empty); an unknown one is refused."""
+    """The ablation rows (or SmolLM2 recipes) --rows names (all when empty); an unknown one is refused."""
     keys = [k for k in o["rows"].split(",") if k] or list(rows)
     unknown = [k for k in keys if k not in rows]
     if unknown:
@@ -404,15 +409,19 @@ def main(argv):
     for name, flags in plan.items():
         train(name, flags, o["out"], o["threads"], o["eval_only"])
     if o["smollm2"]:
+        chosen = chosen_rows(o, SMOLLM2_RECIPES)
         result = {name: {"trained": measured_at(o, f"smollm2_spkv_{name}", "smollm2_dense"),
                          "calibrated": measured_at(o, f"smollm2_spkv_{name}", "smollm2_dense", o["target_density"]),
                          "density_per_layer": final_eval(o["out"], f"smollm2_spkv_{name}")["density_per_layer"]}
-                  for name in SMOLLM2_RECIPES}
+                  for name in chosen}
         print_against_dense("SmolLM2-135M adapted, held-out stdlib:",
-                            [(f"{name}, {label}", result[name][key]) for name in SMOLLM2_RECIPES
+                            [(f"{name}, {label}", result[name][key]) for name in chosen
                              for key, label in (("trained", "tau as trained"),
                                                 ("calibrated", f"tau for density {o['target_density']}"))])
-        write_json(os.path.join(o["out"], "smollm2.json"), result)
+        path = os.path.join(o["out"], "smollm2.json")  # recipes measured now replace their old entries only
+        old = read_json(path) if os.path.exists(path) else {}
+        write_json(path, {name: result.get(name, old.get(name)) for name in SMOLLM2_RECIPES
+                          if name in result or name in old})
         print(f"\nwrote {o['out']}/smollm2.json")
         return
     if o["ablate"]:  # rows measured now replace their old entries; rows not chosen this time are kept

@@ -63,11 +63,16 @@ def test_ablation_rows_are_tabulated_against_their_own_dense_runs(tmp_path, caps
 def test_smollm2_flow_adapts_the_given_checkpoint_against_dense_and_calibrates_tau(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "bytes.pt")
     out = tmp_path / "rt"
-    realtext.main([f"--out={out}", "--tiny=True", "--smollm2=True", "--smollm2_steps=2", "--eval_batches=1",
-                   "--target_density=0.5", f"--ckpt={ckpt}", f"--data={tiny_text_dir(tmp_path / 'text')}"])
+    flags = [f"--out={out}", "--tiny=True", "--smollm2=True", "--smollm2_steps=2", "--eval_batches=1",
+             "--target_density=0.5", f"--ckpt={ckpt}", f"--data={tiny_text_dir(tmp_path / 'text')}"]
+    realtext.main(flags + ["--rows=x100,wd10"])
+    first = json.loads((out / "smollm2.json").read_text())
+    assert set(first) == {"x100", "wd10"} and not (out / "smollm2_spkv_neutral").exists()
+    realtext.main(flags + ["--rows=neutral"])  # one more recipe: the others' entries are kept as they were
     results = json.loads((out / "smollm2.json").read_text())
+    assert set(results) == {"x100", "wd10", "neutral"} and results["x100"] == first["x100"]
     dense = json.loads((out / "smollm2_dense" / "final.json").read_text())
-    assert set(results) == {"x100", "wd10"} and dense["train_config"]["dense"]
+    assert dense["train_config"]["dense"]
     for name, res in results.items():
         spkv = json.loads((out / f"smollm2_spkv_{name}" / "final.json").read_text())
         assert spkv["train_config"]["ckpt"] == dense["train_config"]["ckpt"] == ckpt  # all start from it
@@ -78,9 +83,11 @@ def test_smollm2_flow_adapts_the_given_checkpoint_against_dense_and_calibrates_t
             assert all(r[k] > 0 for k in ("spkv_hard", "full", "window", "h2o", "streaming", "spkv_with_sinks"))
             assert 0 <= r["first_kept"] <= 1
         assert res["trained"]["full"] == res["calibrated"]["full"]  # one dense reference for every row
-    for name, decay in (("x100", 0.1), ("wd10", 10)):
+    for name, decay, bias in (("x100", 0.1, 5), ("wd10", 10, 5), ("neutral", 0.1, 0)):
         saved = json.loads((out / f"smollm2_spkv_{name}" / "final.json").read_text())["train_config"]
-        assert (saved["predictor_lr_mult"], saved["predictor_weight_decay"]) == (100, decay)
+        assert (saved["predictor_lr_mult"], saved["predictor_weight_decay"], saved["predictor_init_bias"]) == (100, decay, bias)
+    with pytest.raises(BadInput, match="unknown row 'x5'"):
+        realtext.main(flags + ["--rows=x5"])
     with pytest.raises(BadInput, match="two different experiments"):
         realtext.main([f"--out={out}", "--smollm2=True", "--ablate=True"])
 

@@ -184,14 +184,14 @@ def tau_for_density(u: torch.Tensor, target: float) -> float:
 @torch.no_grad()
 def old_gate_values(model, batches, n_batches, batch_size, gen) -> torch.Tensor:
     """u of every pair older than the window (the ones the gate decides), pooled: (N,)."""
-    values = []
+    values, device = [], next(model.parameters()).device
     for _ in range(n_batches):
-        x, _ = batches.sample(batch_size, gen)
+        x, _ = batches.sample(batch_size, gen)  # (B, T), on the CPU
         gates = []
-        model(x, gates=gates)
+        model(x.to(device), gates=gates)
         T = x.shape[1]
-        old = torch.arange(T) <= T - 1 - model.cfg.window  # (T,)
-        values += [torch.sigmoid(g[..., old]).flatten() for g in gates]
+        old = torch.arange(T, device=device) <= T - 1 - model.cfg.window  # (T,)
+        values += [torch.sigmoid(g[..., old].float()).flatten().cpu() for g in gates]
     return torch.cat(values)
 
 

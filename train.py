@@ -29,6 +29,7 @@ import kernels
 import spkv
 from checkpoint import check_shapes, load_model, read_checkpoint, save_checkpoint
 from convert import default_checkpoint
+from generate import calibrate
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -58,6 +59,7 @@ class TrainConfig:
     anneal_steps: int = 500  # soft -> hard over this many steps (capped at half the frozen phase)
     window: int = 128  # the most recent keys every query sees; older ones are gated (must be < seq_len)
     tau: float = 0.5  # hard-gate threshold: an old key is kept when its gate u >= tau
+    target_density: float = 0.0  # in (0, 1]: at the freeze, tau is reset to keep this fraction of old pairs; 0 = --tau throughout
     predictor_init_bias: float = 5.0  # output bias of fresh predictors: 5 = open (METHOD.md), < 0 leans closed
     eval_every: int = 20  # steps between evaluations on the val split
     eval_batches: int = 4  # batches per evaluation
@@ -108,7 +110,7 @@ def validate(cfg: TrainConfig):
         problems.append(f"--peak_tflops={cfg.peak_tflops} must be a finite number >= 0 (0 = look the GPU up)")
     if not math.isfinite(cfg.predictor_init_bias):
         problems.append(f"--predictor_init_bias={cfg.predictor_init_bias} must be a finite number")
-    problems += [f"--{k}={getattr(cfg, k)} must be in [0, 1]" for k in ("min_lr_frac", "freeze_frac", "tau")
+    problems += [f"--{k}={getattr(cfg, k)} must be in [0, 1]" for k in ("min_lr_frac", "freeze_frac", "tau", "target_density")
                  if not 0 <= getattr(cfg, k) <= 1]
     if cfg.warmup_steps >= cfg.max_steps:
         problems.append(f"--warmup_steps={cfg.warmup_steps} must be below --max_steps={cfg.max_steps}")
@@ -267,6 +269,7 @@ def evaluate(model: GPT, val: datalib.Batches, cfg: TrainConfig, proc: Proc) -> 
     model.train()
     out = {"val_soft": soft, "val_hard": hard}
     if keeps:
+        out["tau"] = model.cfg.tau  # the threshold of val_hard and density (--target_density moves it)
         out["gates"] = gate_stats(model, {k: torch.cat(v) for k, v in us.items()})
         stats = spkv.density_stats({k: torch.cat(v) for k, v in keeps.items()}, model.cfg.window)
         out.update(density=stats["overall"], density_per_layer=stats["per_layer"],
@@ -374,7 +377,8 @@ def save_state(path, model, tok, source, opt, step, gen, cfg):
                     data_rng=gen.get_state(), train_config=dataclasses.asdict(cfg))
 
 
-def restore_state(path, model, opt, gen) -> int:
+def restore_state(path, model, opt, gen) -> tuple:
+    """Load a saved run into model, opt and gen; (its step, the tau its model held)."""
     ckpt = read_checkpoint(path)
     check_shapes(model, ckpt["model"], path)
     missing, unexpected = model.state_dict().keys() - ckpt["model"].keys(), ckpt["model"].keys() - model.state_dict().keys()
@@ -384,7 +388,7 @@ def restore_state(path, model, opt, gen) -> int:
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     gen.set_state(ckpt["data_rng"])
-    return ckpt["step"]
+    return ckpt["step"], ckpt["config"]["tau"]
 
 
 class StopFlag:
@@ -501,7 +505,10 @@ def main(argv):
     train, val = datalib.Batches(folder, "train", cfg.seq_len), datalib.Batches(folder, "val", cfg.seq_len)
     opt = make_optimizer(model, cfg, fused=cuda)
     gen = torch.Generator().manual_seed(cfg.seed)  # the data position: saved and restored
-    step = restore_state(ckpt_path, model, opt, gen) if cfg.resume else 0
+    step, saved_tau = restore_state(ckpt_path, model, opt, gen) if cfg.resume else (0, cfg.tau)
+    freeze, anneal_len = gate_schedule(cfg)
+    if cfg.target_density and not cfg.dense and step > freeze:  # resumed after the cut: keep the tau it set
+        model.cfg.tau = saved_tau
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if master and cfg.resume:
         dropped = truncate_log(log_path, step)
@@ -513,7 +520,6 @@ def main(argv):
         fwd = torch.nn.parallel.DistributedDataParallel(  # frozen predictors get no gradient: "unused"
             fwd, device_ids=[device.index] if cuda else None, find_unused_parameters=not cfg.dense)
     if master:
-        freeze, anneal_len = gate_schedule(cfg)
         print(f"device: {device} ({why_device}); dtype: {'bf16 autocast' if cuda else 'fp32'}; "
               f"compile: {cuda and cfg.compile}")
         print(f"attention: {impl} ({why_attn}); MFU: {why_peak}")
@@ -521,7 +527,9 @@ def main(argv):
               f"{'dense baseline' if cfg.dense else f'SP-KV window={cfg.window} tau={cfg.tau}'}")
         if not cfg.dense:
             print(f"schedule: soft gates to step {freeze}, then predictor frozen and gates annealed to hard "
-                  f"over {anneal_len} steps (hard from step {freeze + anneal_len})")
+                  f"over {anneal_len} steps (hard from step {freeze + anneal_len})"
+                  + (f"; at step {freeze} tau is reset to keep {cfg.target_density:g} of old pairs (--target_density)"
+                     if cfg.target_density else ""))
         os.makedirs(cfg.out_dir, exist_ok=True)
         start_eval = evaluate(model, val, cfg, proc)
         print(f"start: val soft {start_eval['val_soft']:.4f} hard {start_eval['val_hard']:.4f}")
@@ -530,6 +538,11 @@ def main(argv):
     t0, start, stop = time.time(), step, StopFlag()
     while step < cfg.max_steps:
         view, a = gate_view_at(step, cfg)
+        if cfg.target_density and not cfg.dense and step == freeze:
+            tau_for_target(model, train, cfg, proc)
+            if master:
+                print(f"\nstep {step}: predictor frozen; tau {model.cfg.tau:.4f} keeps {cfg.target_density:g} of "
+                      f"old pairs on training text (--target_density)")
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_mult"]
@@ -586,6 +599,18 @@ def main(argv):
         os.replace(final_path + ".tmp", final_path)  # atomic: a kill mid-write leaves no torn final.json
     if world > 1:
         torch.distributed.destroy_process_group()
+
+
+def tau_for_target(model: GPT, train: datalib.Batches, cfg: TrainConfig, proc: Proc):
+    """--target_density, at the freeze: set model.cfg.tau to the threshold that keeps that fraction
+    of old pairs on training batches (generate.calibrate draws them with its own seed, so the data
+    order is untouched; every DDP rank computes the same tau). From here the predictor is frozen, so
+    the anneal and the hard steps train the model under the cut that decoding at this tau makes.
+    Not in the paper's recipe, which keeps tau = 0.5 and lets training set the density."""
+    model.eval()
+    with proc.autocast:  # the precision training's gates are computed in
+        model.cfg.tau = calibrate(model, train, cfg.target_density, cfg.eval_batches, cfg.batch_size)
+    model.train()
 
 
 def train_step(fwd, model, batch, cfg: TrainConfig, proc: Proc, *, view: str, a: float) -> tuple:

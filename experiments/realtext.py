@@ -142,10 +142,17 @@ def runs(o: dict) -> dict:
 # saturated: at u = 0.993 the gate's slope u(1 - u) is 0.007, at bias 0 it is 0.25 and at bias -2
 # 0.10, so the same loss gradient moves the predictor's logit 35x and 15x as far. "neutral" starts
 # at u = 0.5, "closed" at u = 0.12 (old keys down-weighted by log u = -2.1 until the model opens them).
+# The last two train the model under the cut it is measured at: "neutral" with train.py's
+# --target_density (at the freeze, tau is reset to keep that fraction of old pairs, so the anneal
+# and the hard steps see it), with the paper's frozen phase (the last 25% of the decay: 15 steps)
+# and with half the decay frozen (30 steps, at a higher learning rate).
+NEUTRAL = {"predictor_lr_mult": 100, "predictor_init_bias": 0.0}
 SMOLLM2_RECIPES = {"x100": {"predictor_lr_mult": 100},
                    "wd10": {"predictor_lr_mult": 100, "predictor_weight_decay": 10},
-                   "neutral": {"predictor_lr_mult": 100, "predictor_init_bias": 0.0},
-                   "closed": {"predictor_lr_mult": 100, "predictor_init_bias": -2.0}}
+                   "neutral": NEUTRAL,
+                   "closed": {"predictor_lr_mult": 100, "predictor_init_bias": -2.0},
+                   "neutral_cut": {**NEUTRAL, "target_density": 0.25},
+                   "neutral_cut_long": {**NEUTRAL, "target_density": 0.25, "freeze_frac": 0.5}}
 
 
 def smollm2_runs(o: dict) -> dict:

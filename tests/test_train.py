@@ -123,6 +123,31 @@ def test_predictor_init_bias_applies_to_a_checkpoints_stored_predictors(tmp_path
     assert all(torch.equal(state[k], v) for k, v in stored.items())
 
 
+def test_target_density_sets_tau_at_the_freeze_and_a_resume_keeps_it(tmp_path, monkeypatch):
+    """--target_density: tau stays --tau until the predictor freezes, is then reset so that gates keep
+    about that fraction of old pairs, and is saved with the model; a run resumed after the cut goes
+    on at the cut's tau and reproduces the straight run's losses exactly."""
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    common = dict(target_density=0.5, max_steps=8, ckpt_every=100, eval_every=1)
+    train.main(flags(tmp_path, ckpt, out_dir=tmp_path / "straight", **common))
+    freeze, _ = train.gate_schedule(train.parse_flags(flags(tmp_path, ckpt, **common))[0])
+    log, final = read_log(tmp_path / "straight"), json.load(open(tmp_path / "straight" / "final.json"))
+    cut = final["tau"]
+    assert cut != 0.5 and read_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))["config"]["tau"] == cut
+    assert [r["tau"] for r in log] == [0.5] * freeze + [cut] * (8 - freeze)  # the eval after step s is logged at s
+    assert abs(final["density"] - 0.5) < 0.25  # the trunk trained on after the cut, so not exactly 0.5
+    calls = iter(range(100))
+    monkeypatch.setattr(train, "any_rank", lambda flag, world, device: next(calls) == freeze)  # "Ctrl-C" after freeze + 1 steps
+    out = tmp_path / "interrupted"
+    with pytest.raises(SystemExit):
+        train.main(flags(tmp_path, ckpt, out_dir=out, **common))
+    assert read_checkpoint(str(out / "ckpt.pt"))["step"] == freeze + 1
+    monkeypatch.undo()
+    train.main([f"--out_dir={out}", "--resume=True"])
+    assert [r["loss"] for r in read_log(out)] == [r["loss"] for r in log]
+    assert json.load(open(out / "final.json"))["tau"] == cut
+
+
 def test_checkpoint_survives_kill_9_during_write(tmp_path):
     path = tmp_path / "ckpt.pt"
     writer = (f"import sys, torch; sys.path.insert(0, {ROOT!r}); from checkpoint import atomic_save\n"

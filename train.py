@@ -112,6 +112,8 @@ def validate(cfg: TrainConfig):
         problems.append(f"--predictor_init_bias={cfg.predictor_init_bias} must be a finite number")
     problems += [f"--{k}={getattr(cfg, k)} must be in [0, 1]" for k in ("min_lr_frac", "freeze_frac", "tau", "target_density")
                  if not 0 <= getattr(cfg, k) <= 1]
+    if cfg.dense and cfg.target_density:
+        problems.append(f"--target_density={cfg.target_density} sets SP-KV's tau; a --dense=True run has no gates, drop it")
     if cfg.warmup_steps >= cfg.max_steps:
         problems.append(f"--warmup_steps={cfg.warmup_steps} must be below --max_steps={cfg.max_steps}")
     if not 1 <= cfg.window < cfg.seq_len:
@@ -604,12 +606,12 @@ def main(argv):
 def tau_for_target(model: GPT, train: datalib.Batches, cfg: TrainConfig, proc: Proc):
     """--target_density, at the freeze: set model.cfg.tau to the threshold that keeps that fraction
     of old pairs on training batches (generate.calibrate draws them with its own seed, so the data
-    order is untouched; every DDP rank computes the same tau). From here the predictor is frozen, so
+    order is untouched; every DDP rank computes the same tau on the global batch size). From here the predictor is frozen, so
     the anneal and the hard steps train the model under the cut that decoding at this tau makes.
     Not in the paper's recipe, which keeps tau = 0.5 and lets training set the density."""
     model.eval()
     with proc.autocast:  # the precision training's gates are computed in
-        model.cfg.tau = calibrate(model, train, cfg.target_density, cfg.eval_batches, cfg.batch_size)
+        model.cfg.tau = calibrate(model, train, cfg.target_density, cfg.eval_batches, cfg.batch_size * proc.world)
     model.train()
 
 

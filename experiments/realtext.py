@@ -133,9 +133,9 @@ def runs(o: dict) -> dict:
 
 
 # A pretrained model that uses its old keys: SmolLM2-135M loses +162% to the window alone (64) and
-# +3.9% to StreamingLLM at a quarter of them, on stdlib at 1024 tokens. Two SP-KV adaptations from
-# open gates (bias 5), next to the same model trained on densely for the same steps, both with the
-# predictor at x100 the base LR: "x100" is the paper's recipe otherwise (weight decay 0.1); "wd10"
+# +3.9% to StreamingLLM at a quarter of them, on stdlib at 1024 tokens. SP-KV adaptations next to
+# the same model trained on densely for the same steps, all with the predictor at x100 the base LR.
+# Two start from open gates (bias 5): "x100" is the paper's recipe otherwise (weight decay 0.1); "wd10"
 # adds predictor weight decay 10, which pulls the output bias toward u = 0.5 within ~30 steps (and
 # shrinks the predictor's weights as fast). Each is measured at its trained tau and at the tau
 # calibrated for --target_density. Two more start away from open gates, where the sigmoid is not

@@ -184,10 +184,13 @@ def test_ctrl_c_saves_and_resume_reproduces_losses_exactly(tmp_path):
     assert [got[s] for s in range(stopped_at, 12)] == [want[s] for s in range(stopped_at, 12)]
 
 
-def test_ddp_two_processes_match_one_process_through_the_freeze(tmp_path):
+@pytest.mark.parametrize("target_density", [0.0, 0.5])  # 0.5: every rank cuts at the same tau at the freeze
+def test_ddp_two_processes_match_one_process_through_the_freeze(tmp_path, target_density):
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
-    one = flags(tmp_path, ckpt, out_dir=tmp_path / "one", batch_size=4, max_steps=6, eval_every=100)
-    two = flags(tmp_path, ckpt, out_dir=tmp_path / "two", batch_size=2, max_steps=6, eval_every=100)
+    one = flags(tmp_path, ckpt, out_dir=tmp_path / "one", batch_size=4, max_steps=6, eval_every=100,
+                target_density=target_density)
+    two = flags(tmp_path, ckpt, out_dir=tmp_path / "two", batch_size=2, max_steps=6, eval_every=100,
+                target_density=target_density)
     train.main(one)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -198,6 +201,8 @@ def test_ddp_two_processes_match_one_process_through_the_freeze(tmp_path):
     assert [r["view"] for r in b][-1] == "anneal"  # through the freeze: frozen predictors get no gradient under DDP
     for ra, rb in zip(a, b):
         assert abs(ra["loss"] - rb["loss"]) <= 1e-5, (ra["loss"], rb["loss"])
+    taus = [json.load(open(tmp_path / run / "final.json"))["tau"] for run in ("one", "two")]
+    assert abs(taus[0] - taus[1]) <= 1e-5 and (taus[0] != 0.5) == bool(target_density)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -208,6 +213,7 @@ def test_ddp_two_processes_match_one_process_through_the_freeze(tmp_path):
     (["--preset=tpu"], "unknown preset 'tpu'"),
     (["--tau=1.5"], "--tau=1.5 must be in \\[0, 1\\]"),
     (["--lr=nan"], "--lr=nan must be a finite number"),
+    (["--dense=True", "--target_density=0.25"], "a --dense=True run has no gates"),
 ])
 def test_bad_flags_are_refused_with_the_valid_keys(argv, message):
     with pytest.raises(BadInput, match=message):

@@ -605,10 +605,11 @@ def main(argv):
 
 def tau_for_target(model: GPT, train: datalib.Batches, cfg: TrainConfig, proc: Proc):
     """--target_density, at the freeze: set model.cfg.tau to the threshold that keeps that fraction
-    of old pairs on training batches (generate.calibrate draws them with its own seed, so the data
-    order is untouched; every DDP rank computes the same tau on the global batch size). From here the predictor is frozen, so
-    the anneal and the hard steps train the model under the cut that decoding at this tau makes.
-    Not in the paper's recipe, which keeps tau = 0.5 and lets training set the density."""
+    of old pairs on training batches. generate.calibrate draws them with its own seed, so the data
+    order is untouched, and at the global batch size, so every DDP rank computes the same tau.
+    From here the predictor is frozen: the anneal and the hard steps train the model under the
+    cut that decoding at this tau makes. Not in the paper's recipe, which keeps tau = 0.5 and lets
+    training set the density."""
     model.eval()
     with proc.autocast:  # the precision training's gates are computed in
         model.cfg.tau = calibrate(model, train, cfg.target_density, cfg.eval_batches, cfg.batch_size * proc.world)

@@ -591,7 +591,7 @@ def main(argv):
                   f"{cfg.max_steps} steps): so few steps do not close gates that start open, and on SmolLM2 the loss "
                   "holds them open even at x100 (measured: `python experiments/realtext.py --smollm2=True`). "
                   "The CPU run that prunes is `python experiments/realtext.py` (a small model on stdlib source: "
-                  "density 0.375 from scratch and 0.50 adapted from dense, at or below dense loss; "
+                  "density 0.66 from scratch and 0.50 adapted from dense, within 0.7% of the dense loss; "
                   "experiments/README.md says what that does and does not show). "
                   "On one GPU the gpu preset trains for thousands of steps.")
         final_path = os.path.join(cfg.out_dir, "final.json")

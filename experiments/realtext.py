@@ -1,6 +1,6 @@
 """Real text, a small Llama-shaped model, two CPU cores: does SP-KV prune at dense quality?
 
-    python experiments/realtext.py                    # both flows and their table, ~30 min on 2 idle cores
+    python experiments/realtext.py                    # both flows and their table, ~50 min on 2 cores
     python experiments/realtext.py --eval_only=True   # re-measure finished runs (no training)
     python experiments/realtext.py --ablate=True      # the ablation: 11 SP-KV rows, 4 dense runs (see --ablate)
     python experiments/realtext.py --ablate=True --rows=lr20,wd10   # some rows only

@@ -509,7 +509,7 @@ def main(argv):
     gen = torch.Generator().manual_seed(cfg.seed)  # the data position: saved and restored
     step, saved_tau = restore_state(ckpt_path, model, opt, gen) if cfg.resume else (0, cfg.tau)
     freeze, anneal_len = gate_schedule(cfg)
-    if cfg.target_density and not cfg.dense and step > freeze:  # resumed after the cut: keep the tau it set
+    if cfg.target_density and step > freeze:  # resumed after the cut: keep the tau it set (validate: not dense)
         model.cfg.tau = saved_tau
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if master and cfg.resume:
@@ -540,7 +540,7 @@ def main(argv):
     t0, start, stop = time.time(), step, StopFlag()
     while step < cfg.max_steps:
         view, a = gate_view_at(step, cfg)
-        if cfg.target_density and not cfg.dense and step == freeze:
+        if cfg.target_density and step == freeze:
             tau_for_target(model, train, cfg, proc)
             if master:
                 print(f"\nstep {step}: predictor frozen; tau {model.cfg.tau:.4f} keeps {cfg.target_density:g} of "

@@ -1,0 +1,275 @@
+"""Pretrain the small dense model SP-KV is adapted from: byte-level, on stdlib source, taught to copy.
+
+    python experiments/pretrain.py                   # resumable: run it again to go on where it stopped
+    python experiments/pretrain.py --steps=3000      # train further; the run is the same as a straight one
+
+A model that needs its old keys, on 2 CPU cores. The vocabulary is bytes (257 ids), so a step
+costs the transformer and not a 49k-way softmax. The shape is Llama's (RoPE, GQA, SwiGLU,
+RMSNorm): 4 layers, d=256, 4 query heads over 2 KV heads, context 1024. Plain attention: the
+window is an SP-KV knob, chosen when the bar is measured and when SP-KV is adapted.
+
+The data mix, the route this script takes to long-range attention: the training stream is the
+stdlib source (split by file, as train.py's default corpus) with a recurring span planted after
+every --plant_every bytes: --span_min..--span_max bytes of the text that ended --dist_min..
+--dist_max bytes earlier, inserted again. Copying them pays only if the model looks that far back,
+so it learns to copy early, and copy heads then serve the real text's own long-range repeats
+(a name defined at the top of a file and used below). The validation split is plain held-out
+stdlib source, untouched: the bar is measured on plain text only.
+
+The learning rate is constant after warmup (--min_lr_frac=1), so a run split into stages is the
+straight run. Every --stage_steps steps the driver snapshots the model (snapshots/step_N.pt, model
+only) and measures "the bar" on it (bar_N.json): on held-out stdlib and licence prose, the loss
+under full attention, the window alone, StreamingLLM (4 sinks + recency) and H2O at densities 0.1
+and 0.25 of the old keys, at windows 32, 64 and 128. A model needs its old keys when StreamingLLM at
+0.25 costs >= +1.5% and the window alone >= +5%.
+
+Folders under --out: bytes.pt (the byte tokenizer), data/ (plain memmaps), data_mix/ (the planted
+stream and the plain val split), run/ (train.py's out_dir), snapshots/, bar_N.json. A --out made
+with other recipe flags is refused. Seeds are fixed (--seed); train.py and the measurements run
+with --threads torch threads.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the repo root: python experiments/<name>.py
+
+import numpy as np
+import torch
+
+import baselines
+import cli
+import data as datalib
+from checkpoint import atomic_save, load_model, save_checkpoint
+from model import GPT, GPTConfig
+from tokenizer import Tokenizer, byte_spec
+
+PROSE = "/usr/share/common-licenses"
+BAR_WINDOWS = (32, 64, 128)
+BAR_DENSITIES = (0.1, 0.25)
+
+
+@dataclass
+class Flags:
+    out: str = "out/pretrain"  # everything this run makes
+    steps: int = 2000  # optimizer steps in all (rerun with more to go on)
+    stage_steps: int = 250  # a snapshot and the bar every this many steps
+    threads: int = 2  # torch threads for training and measuring
+    seed: int = 1337  # model init, data order, and where spans are planted
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4
+    n_kv_head: int = 2
+    seq_len: int = 1024  # context
+    batch_size: int = 8  # sequences per step
+    lr: float = 2e-3  # constant after warmup
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    plant_every: int = 512  # bytes of text between planted spans; 0 = plain stdlib (the "train longer" route)
+    span_min: int = 32  # planted span length, bytes
+    span_max: int = 128
+    dist_min: int = 64  # how far back the planted span's original ends, bytes
+    dist_max: int = 960
+    bar_batches: int = 4  # held-out batches of bar_batch_size sequences for the bar
+    bar_batch_size: int = 4
+    tiny: bool = False  # tests: a 2-layer d=32 model at 64 bytes on --data, to check the plumbing in seconds
+    data: str = ""  # "" = the stdlib source; tests pass a small folder
+
+
+TINY = dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, seq_len=64, batch_size=2, span_min=4, span_max=8,
+            dist_min=8, dist_max=48, plant_every=32, bar_batches=1, bar_batch_size=2)  # --tiny's overrides
+
+RECIPE = ("seed", "n_layer", "n_embd", "n_head", "n_kv_head", "seq_len", "batch_size", "lr", "warmup_steps",
+          "weight_decay", "plant_every", "span_min", "span_max", "dist_min", "dist_max", "tiny", "data")
+
+
+def validate(o: dict):
+    problems = [f"--{k}={o[k]} must be >= 1" for k in ("steps", "stage_steps", "threads", "span_min", "dist_min",
+                                                          "bar_batches", "bar_batch_size") if o[k] < 1]
+    if o["plant_every"] < 0:
+        problems.append(f"--plant_every={o['plant_every']} must be >= 0 (0: no planted spans)")
+    if not o["span_min"] <= o["span_max"] <= o["dist_min"] <= o["dist_max"]:
+        problems.append(f"need --span_min <= --span_max <= --dist_min <= --dist_max (got {o['span_min']}, "
+                        f"{o['span_max']}, {o['dist_min']}, {o['dist_max']}): a span is copied from text that has ended")
+    if o["plant_every"] and o["dist_max"] >= o["seq_len"]:
+        problems.append(f"--dist_max={o['dist_max']} must be below --seq_len={o['seq_len']}, or no window holds both copies")
+    if o["steps"] <= o["warmup_steps"]:
+        problems.append(f"--steps={o['steps']} must be above --warmup_steps={o['warmup_steps']}")
+    if problems:
+        raise cli.BadInput("; ".join(problems))
+
+
+def check_recipe(o: dict):
+    """The first call writes --out/recipe.json; a later one with other recipe flags is refused."""
+    path = os.path.join(o["out"], "recipe.json")
+    recipe = {k: o[k] for k in RECIPE}
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        differ = [f"--{k}={saved.get(k)} (now {v})" for k, v in recipe.items() if saved.get(k) != v]
+        if differ:
+            raise cli.BadInput(f"{o['out']} holds a pretraining run with other flags: {', '.join(differ)}; "
+                               "give a new --out to train these")
+        return
+    os.makedirs(o["out"], exist_ok=True)
+    write_json(path, recipe)
+
+
+def write_json(path: str, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def byte_tokenizer_checkpoint(path: str):
+    """A tiny checkpoint whose only use is its byte tokenizer (train.py --init=scratch reads it)."""
+    if not os.path.exists(path):
+        torch.manual_seed(0)
+        save_checkpoint(path, GPT(GPTConfig(vocab_size=257, n_layer=1, n_head=2, n_kv_head=1, n_embd=32,
+                                            n_hidden=64, block_size=64)), byte_spec(), source="pretrain.py")
+
+
+def plant_spans(tokens: np.ndarray, rng: np.random.Generator, o: dict) -> tuple:
+    """(stream, planted bytes): tokens (N,) with a copy of earlier text inserted after every
+    plant_every tokens. At each cut c the copy is tokens[c - d : c - d + L], with L uniform in
+    [span_min, span_max] and d in [dist_min, dist_max], so the original ended d - L >= 0 tokens
+    before the cut. Returns the new stream (N + planted,) in tokens' dtype."""
+    every = o["plant_every"]
+    cuts = np.arange(max(every, o["dist_max"]), len(tokens), every)  # (P,) insertion points
+    lengths = rng.integers(o["span_min"], o["span_max"] + 1, len(cuts))  # (P,)
+    dists = rng.integers(o["dist_min"], o["dist_max"] + 1, len(cuts))  # (P,)
+    pieces, start = [], 0
+    for c, L, d in zip(cuts.tolist(), lengths.tolist(), dists.tolist()):
+        pieces += [tokens[start:c], tokens[c - d:c - d + L]]
+        start = c
+    pieces.append(tokens[start:])
+    return np.concatenate(pieces), int(lengths.sum())
+
+
+def prepare_mix(o: dict, tok: Tokenizer) -> str:
+    """data_mix/: the planted training stream and the plain val split, as a prepared data folder
+    (train.py --data reads it). Deterministic in --seed; meta.json is written last."""
+    plain = datalib.prepare(o["data"], tok, os.path.join(o["out"], "data"))
+    folder = os.path.join(o["out"], "data_mix")
+    if os.path.exists(os.path.join(folder, "meta.json")):
+        return folder
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(plain, "meta.json")) as f:
+        meta = json.load(f)
+    train = np.fromfile(os.path.join(plain, "train.bin"), dtype=meta["dtype"])
+    mixed, planted = plant_spans(train, np.random.default_rng(o["seed"]), o) if o["plant_every"] else (train, 0)
+    with open(os.path.join(folder, "train.bin.tmp"), "wb") as f:
+        f.write(mixed.data)
+    os.replace(os.path.join(folder, "train.bin.tmp"), os.path.join(folder, "train.bin"))
+    shutil.copyfile(os.path.join(plain, "val.bin"), os.path.join(folder, "val.bin.tmp"))
+    os.replace(os.path.join(folder, "val.bin.tmp"), os.path.join(folder, "val.bin"))
+    write_json(os.path.join(folder, "meta.json"), {**meta, "train_tokens": len(mixed), "planted_tokens": planted,
+                                                   "source": f"{meta['source']} with planted spans"})
+    print(f"data: {len(train):,} train bytes + {planted:,} planted ({100 * planted / len(mixed):.1f}% of the stream); "
+          f"val: plain ({meta['val_tokens']:,} bytes) -> {folder}")
+    return folder
+
+
+def train_flags(o: dict, data: str, tok_ckpt: str, max_steps: int) -> list:
+    shape = {k: o[k] for k in ("n_layer", "n_embd", "n_head", "n_kv_head", "seq_len", "batch_size")}
+    flags = dict(**shape, init="scratch", dense=True, ckpt=tok_ckpt, data=data, seed=o["seed"], lr=o["lr"],
+                 min_lr_frac=1.0, warmup_steps=o["warmup_steps"], weight_decay=o["weight_decay"], max_steps=max_steps,
+                 window=min(64, shape["seq_len"] // 2), eval_every=o["stage_steps"], eval_batches=4,
+                 ckpt_every=min(50, o["stage_steps"]), device="cpu", preset="cpu", out_dir=os.path.join(o["out"], "run"))
+    return [f"--{k}={v}" for k, v in flags.items()]
+
+
+def train_to(o: dict, step: int, data: str, tok_ckpt: str):
+    """train.py until its checkpoint holds `step` (a fresh run, or a resume of run/)."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *train_flags(o, data, tok_ckpt, step)]
+    if os.path.exists(os.path.join(o["out"], "run", "ckpt.pt")):
+        cmd.append("--resume=True")
+    print(f"$ OMP_NUM_THREADS={o['threads']} python train.py " + " ".join(cmd[2:]), flush=True)
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(o["threads"])})
+    if res.returncode != 0:
+        raise cli.BadInput(f"train.py stopped with exit status {res.returncode} before step {step} (its last line is "
+                           f"above); run this command again to resume from {os.path.join(o['out'], 'run')}")
+
+
+def snapshot(o: dict, step: int) -> str:
+    """snapshots/step_N.pt: the model of run/ckpt.pt (which must hold `step`), without optimizer."""
+    path = os.path.join(o["out"], "snapshots", f"step_{step:06d}.pt")
+    ckpt = torch.load(os.path.join(o["out"], "run", "ckpt.pt"), map_location="cpu", weights_only=False)
+    if ckpt["step"] != step:
+        raise cli.BadInput(f"{o['out']}/run/ckpt.pt holds step {ckpt['step']}, not {step}; was it trained further "
+                           f"by hand? Give a new --out")
+    keep = {k: ckpt[k] for k in ("format", "config", "model", "tokenizer", "source", "step", "train_config")}
+    atomic_save({**keep, "source": f"experiments/pretrain.py, step {step}"}, path)
+    return path
+
+
+@torch.no_grad()
+def measure_bar(path: str, folders: dict, o: dict) -> dict:
+    """{domain: {"full": loss, "w<window>": {policy@density: % over full}}} on fixed val batches."""
+    out = {}
+    n, bs = o["bar_batches"], o["bar_batch_size"]
+    for domain, folder in folders.items():
+        val = datalib.Batches(folder, "val", o["seq_len"])
+        rows = {}
+        for window in (BAR_WINDOWS if not o["tiny"] else (8,)):
+            model = load_model(path, dense=True, window=window)[0].eval()
+            row = {}
+            for density in BAR_DENSITIES:
+                names = ["full", "window", "streaming", "h2o"] if density == BAR_DENSITIES[0] else ["full", "streaming", "h2o"]
+                losses = baselines.policy_losses(model, val, names, density, n, bs)
+                full = losses.pop("full")
+                rows["full"] = full
+                row.update({(k if k == "window" else f"{k}@{density:g}"): 100 * (v / full - 1) for k, v in losses.items()})
+            rows[f"w{window}"] = row
+        out[domain] = rows
+    return out
+
+
+def print_bar(step: int, tokens: int, bar: dict):
+    for domain, rows in bar.items():
+        cells = "  ".join(f"w{w[1:]}: window {r['window']:+.2f}% SL@.25 {r['streaming@0.25']:+.2f}% "
+                          f"SL@.1 {r['streaming@0.1']:+.2f}% H2O@.25 {r['h2o@0.25']:+.2f}%"
+                          for w, r in rows.items() if w != "full")
+        print(f"bar step {step} ({tokens / 1e6:.1f}M bytes) {domain}: full {rows['full']:.4f}  {cells}", flush=True)
+
+
+def main(argv):
+    o = dataclasses.asdict(Flags())
+    o.update(cli.parse(argv, Flags, "pretrain.py"))
+    if o["tiny"]:
+        o.update(TINY)
+    validate(o)
+    check_recipe(o)
+    torch.set_num_threads(o["threads"])
+    tok_ckpt = os.path.join(o["out"], "bytes.pt")
+    byte_tokenizer_checkpoint(tok_ckpt)
+    tok = Tokenizer(byte_spec())
+    data = prepare_mix(o, tok)
+    folders = {"stdlib": data}
+    if not o["tiny"]:
+        folders["prose"] = datalib.prepare(PROSE, tok, os.path.join(o["out"], "data"))
+    tokens_per_step = o["batch_size"] * o["seq_len"]
+    for step in range(o["stage_steps"], o["steps"] + 1, o["stage_steps"]):
+        bar_path = os.path.join(o["out"], f"bar_{step:06d}.json")
+        if os.path.exists(bar_path):
+            continue
+        t0 = time.time()
+        train_to(o, step, data, tok_ckpt)
+        snap = snapshot(o, step)
+        bar = measure_bar(snap, folders, o)
+        write_json(bar_path, {"step": step, "tokens": step * tokens_per_step, "snapshot": snap, "bar": bar,
+                              "stage_s": round(time.time() - t0, 1), "threads": o["threads"],
+                              "date": time.strftime("%Y-%m-%d")})
+        print_bar(step, step * tokens_per_step, bar)
+    print(f"done: {o['steps']} steps; snapshots in {os.path.join(o['out'], 'snapshots')}, the bar in bar_*.json")
+
+
+if __name__ == "__main__":
+    cli.run(main, "pretrain.py")

@@ -75,7 +75,7 @@ class Flags:
     plant_every: int = 512  # bytes of text between planted spans; 0 = plain stdlib (the "train longer" route)
     span_min: int = 32  # planted span length, bytes
     span_max: int = 128
-    dist_min: int = 64  # how far back the planted span's original ends, bytes
+    dist_min: int = 128  # how far back the planted span's original ends, bytes
     dist_max: int = 960
     bar_batches: int = 4  # held-out batches of bar_batch_size sequences for the bar
     bar_batch_size: int = 4

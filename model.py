@@ -165,9 +165,10 @@ class Attention(nn.Module):
 
     def gate_logits(self, x):
         """The predictor reads the same normalized x as q/k/v. It runs in fp32 even under bf16
-        autocast, so that training sees the keep decisions (u >= tau) that fp32 decoding makes."""
+        autocast or in a bf16 model (spkv.UtilityPredictor.forward upcasts its weights too), so
+        that training sees the keep decisions (u >= tau) that decoding makes."""
         with torch.autocast(x.device.type, enabled=False):
-            return self.predictor(x.float()).transpose(1, 2)  # (B, Hkv, T)
+            return self.predictor(x).transpose(1, 2)  # (B, Hkv, T)
 
     def forward(self, x, p: Pass):
         q, k, v, logit = self.qkv(x, p.rope)

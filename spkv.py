@@ -56,7 +56,11 @@ class UtilityPredictor(nn.Module):
         nn.init.constant_(self.proj.bias, self.init_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.silu(self.fc(x)))  # (B, T, Hkv)
+        """Always in fp32, whatever the dtype of x and of the weights: both are upcast, so a bf16
+        model (or bf16 autocast) makes the keep decisions u >= tau of fp32 arithmetic on its weights."""
+        x = x.float()
+        h = F.silu(F.linear(x, self.fc.weight.float(), self.fc.bias.float()))  # (B, T, hidden)
+        return F.linear(h, self.proj.weight.float(), self.proj.bias.float())  # (B, T, Hkv)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -257,3 +257,38 @@ def test_gate_logits_are_fp32_under_bf16_autocast():
         got = attn.gate_logits(x)
     assert got.dtype == torch.float32
     assert torch.equal(got, attn.predictor(x).transpose(1, 2))
+
+
+def test_bf16_model_gates_are_its_weights_in_fp32():
+    """A model cast to bf16 (how a GPU decodes) runs its predictor in fp32 on the bf16 weights: the
+    logits are fp32 and equal those of an fp32 predictor holding the same (upcast) weights."""
+    from model import GPT
+    from tiny import tiny_config
+
+    torch.manual_seed(0)
+    attn = GPT(tiny_config()).blocks[0].attn
+    torch.nn.init.normal_(attn.predictor.proj.weight)
+    x = torch.randn(2, 16, 32).bfloat16()
+    want = attn.to(torch.bfloat16).to(torch.float32).gate_logits(x.float())  # the bf16 weights, upcast
+    got = attn.to(torch.bfloat16).gate_logits(x)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, want)
+
+
+def test_training_forward_and_backward_under_cpu_bf16_autocast():
+    """The training forward under bf16 autocast (the GPU recipe, here on CPU): the loss is finite and
+    within bf16 rounding of fp32, the gates stay fp32, and the predictor gets a gradient."""
+    from model import GPT
+    from tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config(window=4))
+    x = torch.randint(0, 257, (2, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gates = []
+        _, loss = model(x, x, a=0.0, gates=gates)
+    want = model(x, x, a=0.0)[1]
+    loss.backward()
+    assert all(g.dtype == torch.float32 for g in gates)
+    assert abs(loss.item() - want.item()) <= 2e-2 * want.item()
+    assert all(b.attn.predictor.proj.weight.grad.abs().sum() > 0 for b in model.blocks)  # (fc: 0 at open init)

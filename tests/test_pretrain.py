@@ -1,0 +1,66 @@
+"""experiments/pretrain.py: the planted spans are copies of earlier text at the stated distances, a
+run split into stages is the straight run, each stage leaves a snapshot and its bar, and a --out made
+with another recipe is refused."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import pretrain
+from cli import BadInput
+from tiny import tiny_text_dir
+
+
+@given(st.integers(200, 3000), st.integers(0, 10**6), st.integers(1, 16), st.integers(0, 16), st.integers(0, 80))
+def test_planted_spans_copy_earlier_text(n, seed, span_min, span_extra, dist_extra):
+    o = dict(plant_every=50, span_min=span_min, span_max=span_min + span_extra, dist_min=span_min + span_extra,
+             dist_max=span_min + span_extra + dist_extra)
+    tokens = np.random.default_rng(seed).integers(0, 257, n).astype(np.uint16)
+    rng = np.random.default_rng(seed + 1)
+    out, planted = pretrain.plant_spans(tokens, rng, o)
+    assert out.dtype == tokens.dtype and len(out) == n + planted
+    # walk the stream: text between cuts is the original in order; each insert is an earlier span
+    cuts = np.arange(max(50, o["dist_max"]), n, 50)
+    replay = np.random.default_rng(seed + 1)
+    lengths = replay.integers(o["span_min"], o["span_max"] + 1, len(cuts))
+    dists = replay.integers(o["dist_min"], o["dist_max"] + 1, len(cuts))
+    i, start, text = 0, 0, []
+    for c, L, d in zip(cuts, lengths, dists):
+        text.append(out[i:i + c - start])
+        i += c - start
+        assert np.array_equal(out[i:i + L], tokens[c - d:c - d + L]) and c - d + L <= c
+        i, start = i + L, c
+    text.append(out[i:])
+    assert np.array_equal(np.concatenate(text), tokens)
+
+
+def run(tmp_path, out, *flags):
+    pretrain.main([f"--out={tmp_path / out}", "--tiny=True", f"--data={tiny_text_dir(tmp_path / 'text')}",
+                   "--warmup_steps=2", "--threads=1", *flags])
+
+
+def test_split_run_is_the_straight_run_and_each_stage_is_measured(tmp_path):
+    run(tmp_path, "split", "--steps=6", "--stage_steps=3")
+    run(tmp_path, "split", "--steps=9", "--stage_steps=3")  # go on later: one more stage
+    run(tmp_path, "straight", "--steps=9", "--stage_steps=9")
+    a = torch.load(tmp_path / "split" / "snapshots" / "step_000009.pt", weights_only=False)
+    b = torch.load(tmp_path / "straight" / "snapshots" / "step_000009.pt", weights_only=False)
+    assert "optimizer" not in a and a["step"] == 9
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    bars = sorted((tmp_path / "split").glob("bar_*.json"))
+    assert [json.loads(p.read_text())["step"] for p in bars] == [3, 6, 9]
+    bar = json.loads(bars[-1].read_text())["bar"]["stdlib"]
+    assert bar["full"] > 0 and set(bar["w8"]) == {"window", "streaming@0.1", "h2o@0.1", "streaming@0.25", "h2o@0.25"}
+    meta = json.loads((tmp_path / "split" / "data_mix" / "meta.json").read_text())
+    assert meta["planted_tokens"] > 0 and meta["train_tokens"] > meta["planted_tokens"]
+
+
+def test_other_recipe_in_the_same_out_is_refused(tmp_path):
+    run(tmp_path, "r", "--steps=3", "--stage_steps=3")
+    with pytest.raises(BadInput, match="other flags: --lr"):
+        run(tmp_path, "r", "--steps=6", "--stage_steps=3", "--lr=0.01")
+    with pytest.raises(BadInput, match="span_min <= --span_max"):
+        pretrain.main(["--out=unused", "--span_min=200"])

@@ -43,6 +43,7 @@ sys.path.insert(0, ROOT)  # the repo root: python experiments/<name>.py
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import baselines
 import cli
@@ -54,6 +55,8 @@ from tokenizer import Tokenizer, byte_spec
 PROSE = "/usr/share/common-licenses"
 BAR_WINDOWS = (32, 64, 128)
 BAR_DENSITIES = (0.1, 0.25)
+COPY_SPAN = 128  # bytes of held-out text that recur in the copy probe
+COPY_GAPS = (32, 256, 768)  # bytes of other text between the two occurrences
 
 
 @dataclass
@@ -79,6 +82,7 @@ class Flags:
     dist_max: int = 960
     bar_batches: int = 4  # held-out batches of bar_batch_size sequences for the bar
     bar_batch_size: int = 4
+    init_from: str = ""  # a snapshot to go on from with a fresh optimizer (a later stage of a curriculum); "" = scratch
     tiny: bool = False  # tests: a 2-layer d=32 model at 64 bytes on --data, to check the plumbing in seconds
     data: str = ""  # "" = the stdlib source; tests pass a small folder
 
@@ -87,7 +91,7 @@ TINY = dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, seq_len=64, batch_size=
             dist_min=8, dist_max=48, plant_every=32, bar_batches=1, bar_batch_size=2)  # --tiny's overrides
 
 RECIPE = ("seed", "n_layer", "n_embd", "n_head", "n_kv_head", "seq_len", "batch_size", "lr", "warmup_steps",
-          "weight_decay", "plant_every", "span_min", "span_max", "dist_min", "dist_max", "tiny", "data")
+          "weight_decay", "plant_every", "span_min", "span_max", "dist_min", "dist_max", "init_from", "tiny", "data")
 
 
 def validate(o: dict):
@@ -179,7 +183,8 @@ def prepare_mix(o: dict, tok: Tokenizer) -> str:
 
 def train_flags(o: dict, data: str, tok_ckpt: str, max_steps: int) -> list:
     shape = {k: o[k] for k in ("n_layer", "n_embd", "n_head", "n_kv_head", "seq_len", "batch_size")}
-    flags = dict(**shape, init="scratch", dense=True, ckpt=tok_ckpt, data=data, seed=o["seed"], lr=o["lr"],
+    start = dict(init="pretrained", ckpt=o["init_from"]) if o["init_from"] else dict(init="scratch", ckpt=tok_ckpt)
+    flags = dict(**shape, **start, dense=True, data=data, seed=o["seed"], lr=o["lr"],
                  min_lr_frac=1.0, warmup_steps=o["warmup_steps"], weight_decay=o["weight_decay"], max_steps=max_steps,
                  window=min(64, shape["seq_len"] // 2), eval_every=o["stage_steps"], eval_batches=4,
                  ckpt_every=min(50, o["stage_steps"]), device="cpu", preset="cpu", out_dir=os.path.join(o["out"], "run"))
@@ -228,15 +233,37 @@ def measure_bar(path: str, folders: dict, o: dict) -> dict:
                 rows["full"] = full
                 row.update({(k if k == "window" else f"{k}@{density:g}"): 100 * (v / full - 1) for k, v in losses.items()})
             rows[f"w{window}"] = row
+        tokens = np.asarray(val.tokens)
+        rows["copy"] = {str(g): copy_probe(model, tokens, g, 2 if o["tiny"] else 8) for g in COPY_GAPS
+                        if 2 * COPY_SPAN + g <= o["seq_len"] and len(tokens) > 2 * COPY_SPAN + g}
         out[domain] = rows
     return out
+
+
+@torch.no_grad()
+def copy_probe(model, tokens: np.ndarray, gap: int, n: int = 8) -> dict:
+    """In-context copying, full attention: n sequences [span, gap bytes of other text, the span
+    again], all held out; the loss on the span's second occurrence against its first. A model
+    that copies predicts the repeat far better; one that does not, about as well."""
+    rng = np.random.default_rng(0)
+    L, rows = COPY_SPAN, []
+    for _ in range(n):
+        a, b = rng.integers(0, len(tokens) - 2 * L - gap, 2)
+        rows.append(np.concatenate([tokens[a:a + L], tokens[b:b + gap], tokens[a:a + L]]))
+    x = torch.from_numpy(np.stack(rows).astype(np.int64))  # (n, 2L + gap)
+    logits = model(x[:, :-1])[0]
+    loss = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")  # (n, 2L + gap - 1)
+    skip = 8  # the span's first bytes cannot be copied before the model knows which span recurs
+    first, repeat = loss[:, skip:L - 1].mean().item(), loss[:, L + gap + skip - 1:2 * L + gap - 1].mean().item()
+    return {"first": first, "repeat": repeat}
 
 
 def print_bar(step: int, tokens: int, bar: dict):
     for domain, rows in bar.items():
         cells = "  ".join(f"w{w[1:]}: window {r['window']:+.2f}% SL@.25 {r['streaming@0.25']:+.2f}% "
                           f"SL@.1 {r['streaming@0.1']:+.2f}% H2O@.25 {r['h2o@0.25']:+.2f}%"
-                          for w, r in rows.items() if w != "full")
+                          for w, r in rows.items() if w.startswith("w"))
+        cells += "  copy " + " ".join(f"gap {g}: {c['first']:.2f}->{c['repeat']:.2f}" for g, c in rows["copy"].items())
         print(f"bar step {step} ({tokens / 1e6:.1f}M bytes) {domain}: full {rows['full']:.4f}  {cells}", flush=True)
 
 

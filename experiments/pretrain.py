@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 import baselines
 import cli
+import harness
 import data as datalib
 from checkpoint import atomic_save, load_model, save_checkpoint
 from model import GPT, GPTConfig
@@ -82,6 +83,8 @@ class Flags:
     dist_max: int = 960
     bar_batches: int = 4  # held-out batches of bar_batch_size sequences for the bar
     bar_batch_size: int = 4
+    ship: int = 0  # > 0: copy snapshot step_N.pt to --ship_to with its provenance (command, recipe, bar), train nothing
+    ship_to: str = "models/stdlib_bytes.pt"  # where --ship writes (refused if it exists: move the old one away first)
     init_from: str = ""  # a snapshot to go on from with a fresh optimizer (a later stage of a curriculum); "" = scratch
     tiny: bool = False  # tests: a 2-layer d=32 model at 64 bytes on --data, to check the plumbing in seconds
     data: str = ""  # "" = the stdlib source; tests pass a small folder
@@ -267,12 +270,41 @@ def print_bar(step: int, tokens: int, bar: dict):
         print(f"bar step {step} ({tokens / 1e6:.1f}M bytes) {domain}: full {rows['full']:.4f}  {cells}", flush=True)
 
 
+def provenance(out: str, step: int) -> dict:
+    """What made --out's snapshot at `step`: its recipe and bar, and the same for the run its
+    --init_from snapshot came from (a curriculum's earlier stages), earliest first."""
+    recipe = harness.read_json(os.path.join(out, "recipe.json"))
+    stage = {"out": out, "step": step, "recipe": recipe, "bar": harness.read_json(os.path.join(out, f"bar_{step:06d}.json"))}
+    if not recipe.get("init_from"):
+        return {"stages": [stage]}
+    parent = os.path.dirname(os.path.dirname(recipe["init_from"]))  # <out>/snapshots/step_N.pt
+    parent_step = int(os.path.basename(recipe["init_from"])[len("step_"):-len(".pt")])
+    return {"stages": provenance(parent, parent_step)["stages"] + [stage]}
+
+
+def ship(o: dict):
+    """--ship=N: the model of snapshots/step_N.pt at --ship_to, and what made it beside it (.json)."""
+    snap = os.path.join(o["out"], "snapshots", f"step_{o['ship']:06d}.pt")
+    if not os.path.isfile(snap):
+        raise cli.BadInput(f"--ship={o['ship']}: {snap} does not exist; ship a step this run has snapshotted")
+    if os.path.exists(o["ship_to"]):
+        raise cli.BadInput(f"--ship_to={o['ship_to']} exists; move it away first (it is someone's model), or give another path")
+    ckpt = torch.load(snap, map_location="cpu", weights_only=False)
+    os.makedirs(os.path.dirname(os.path.abspath(o["ship_to"])), exist_ok=True)
+    atomic_save({k: ckpt[k] for k in ("format", "config", "model", "tokenizer", "source", "step")}, o["ship_to"])
+    harness.write_json(o["ship_to"][:-len(".pt")] + ".json", {"shipped": time.strftime("%Y-%m-%d"), "from": snap,
+                       **provenance(o["out"], o["ship"])})
+    print(f"shipped {snap} -> {o['ship_to']} ({os.path.getsize(o['ship_to']) / 1e6:.1f} MB) with its provenance (.json)")
+
+
 def main(argv):
     o = dataclasses.asdict(Flags())
     o.update(cli.parse(argv, Flags, "pretrain.py"))
     if o["tiny"]:
         o.update(TINY)
     validate(o)
+    if o["ship"]:
+        return ship(o)
     check_recipe(o)
     torch.set_num_threads(o["threads"])
     tok_ckpt = os.path.join(o["out"], "bytes.pt")
@@ -293,7 +325,7 @@ def main(argv):
         bar = measure_bar(snap, folders, o)
         write_json(bar_path, {"step": step, "tokens": step * tokens_per_step, "snapshot": snap, "bar": bar,
                               "stage_s": round(time.time() - t0, 1), "threads": o["threads"],
-                              "date": time.strftime("%Y-%m-%d")})
+                              "date": time.strftime("%Y-%m-%d"), "commit": harness.commit_stamp()})
         print_bar(step, step * tokens_per_step, bar)
     print(f"done: {o['steps']} steps; snapshots in {os.path.join(o['out'], 'snapshots')}, the bar in bar_*.json")
 

@@ -64,3 +64,20 @@ def test_other_recipe_in_the_same_out_is_refused(tmp_path):
         run(tmp_path, "r", "--steps=6", "--stage_steps=3", "--lr=0.01")
     with pytest.raises(BadInput, match="span_min <= --span_max"):
         pretrain.main(["--out=unused", "--span_min=200"])
+
+
+def test_ship_copies_a_snapshot_with_its_provenance_and_never_replaces(tmp_path):
+    run(tmp_path, "a", "--steps=3", "--stage_steps=3")
+    run(tmp_path, "b", "--steps=3", "--stage_steps=3", f"--init_from={tmp_path / 'a' / 'snapshots' / 'step_000003.pt'}")
+    dest = tmp_path / "models" / "m.pt"
+    run(tmp_path, "b", "--ship=3", f"--ship_to={dest}")
+    prov = json.loads(dest.with_suffix(".json").read_text())
+    assert [s["step"] for s in prov["stages"]] == [3, 3] and prov["stages"][1]["recipe"]["init_from"]
+    assert prov["stages"][0]["bar"]["bar"]["stdlib"]["full"] > 0
+    shipped = torch.load(dest, weights_only=False)
+    snap = torch.load(tmp_path / "b" / "snapshots" / "step_000003.pt", weights_only=False)
+    assert all(torch.equal(shipped["model"][k], snap["model"][k]) for k in snap["model"])
+    before = dest.read_bytes()
+    with pytest.raises(BadInput, match="exists; move it away"):
+        run(tmp_path, "b", "--ship=3", f"--ship_to={dest}")
+    assert dest.read_bytes() == before

@@ -25,7 +25,8 @@ import cli
 import data as datalib
 from cache import DenseKVCache, SPKVCache
 from checkpoint import load_model
-from convert import default_checkpoint
+from spkv import calibrate
+from weights import default_checkpoint
 
 IMPLS = ("paged", "reference")  # SP-KV decode paths, see cache.SPKVCache
 
@@ -166,39 +167,6 @@ def check_request(model, prompts, max_new_tokens, impl="paged", dense=False, com
     if longest > model.cfg.block_size:
         raise cli.BadInput(f"prompt + max_new_tokens = {longest} tokens is longer than the model's context "
                          f"of {model.cfg.block_size}; shorten the prompt or lower max_new_tokens")
-
-
-# ---------------------------------------------------------------------------------------------
-# Choosing tau for a deployment: the threshold that keeps a target fraction of old pairs
-
-
-def tau_for_density(u: torch.Tensor, target: float) -> float:
-    """The threshold keeping a `target` fraction of gates: u (N,) pooled over layers, heads and
-    old positions of a calibration set; keep = u >= tau, so tau is the (1 - target) quantile."""
-    if not 0.0 < target <= 1.0:
-        raise cli.BadInput(f"target density {target} must be in (0, 1]")
-    ranked = u.flatten().sort().values
-    return float(ranked[min(int((1.0 - target) * ranked.numel()), ranked.numel() - 1)])
-
-
-@torch.no_grad()
-def old_gate_values(model, batches, n_batches, batch_size, gen) -> torch.Tensor:
-    """u of every pair older than the window (the ones the gate decides), pooled: (N,)."""
-    values, device = [], next(model.parameters()).device
-    for _ in range(n_batches):
-        x, _ = batches.sample(batch_size, gen)  # (B, T), on the CPU
-        gates = []
-        model(x.to(device), gates=gates)
-        T = x.shape[1]
-        old = torch.arange(T, device=device) <= T - 1 - model.cfg.window  # (T,)
-        values += [torch.sigmoid(g[..., old].float()).flatten().cpu() for g in gates]
-    return torch.cat(values)
-
-
-def calibrate(model, batches, target, n_batches=4, batch_size=2, seed=0) -> float:
-    """tau for `target` density on calibration batches drawn with `seed`."""
-    gen = torch.Generator().manual_seed(seed)
-    return tau_for_density(old_gate_values(model, batches, n_batches, batch_size, gen), target)
 
 
 # ---------------------------------------------------------------------------------------------

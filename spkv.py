@@ -1,5 +1,6 @@
 """SP-KV, the method in one file: the utility predictor, the three gate views, the bias they put on
-attention, a dense reference attention that defines correctness, and density statistics.
+attention, a dense reference attention that defines correctness, density statistics, and the
+calibration of tau to a target density.
 
 Self-Pruned Key-Value attention (arXiv 2605.14037) scores every key/value pair the moment it is
 written, per KV head, with u = sigmoid(mlp(x)). Keys inside a local window of `window` tokens are
@@ -183,3 +184,37 @@ def density_stats(keeps, window: int, lengths=None) -> dict:
         kept_all, old_all = kept_all + kept.sum().item(), old_all + old.sum().item()
     overall = kept_all / old_all if old_all else float("nan")
     return {"overall": overall, "per_layer": per_layer, "per_head": per_head, "kept": kept_all, "old": old_all}
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration: the tau that keeps a target fraction of old pairs (a deployment knob; train.py's
+# --target_density and generate.py's use it)
+
+
+def tau_for_density(u: torch.Tensor, target: float) -> float:
+    """The threshold keeping a `target` fraction of gates: u (N,) pooled over layers, heads and
+    old positions of a calibration set; keep = u >= tau, so tau is the (1 - target) quantile."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target density {target} must be in (0, 1]")
+    ranked = u.flatten().sort().values
+    return float(ranked[min(int((1.0 - target) * ranked.numel()), ranked.numel() - 1)])
+
+
+@torch.no_grad()
+def old_gate_values(model, batches, n_batches, batch_size, gen) -> torch.Tensor:
+    """u of every pair older than the window (the ones the gate decides), pooled: (N,)."""
+    values, device = [], next(model.parameters()).device
+    for _ in range(n_batches):
+        x, _ = batches.sample(batch_size, gen)  # (B, T), on the CPU
+        gates = []
+        model(x.to(device), gates=gates)
+        T = x.shape[1]
+        old = torch.arange(T, device=device) <= T - 1 - model.cfg.window  # (T,)
+        values += [torch.sigmoid(g[..., old].float()).flatten().cpu() for g in gates]
+    return torch.cat(values)
+
+
+def calibrate(model, batches, target, n_batches=4, batch_size=2, seed=0) -> float:
+    """tau for `target` density on calibration batches drawn with `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    return tau_for_density(old_gate_values(model, batches, n_batches, batch_size, gen), target)

@@ -28,9 +28,8 @@ import data as datalib
 import kernels
 import spkv
 from checkpoint import check_shapes, load_model, read_checkpoint, save_checkpoint
-from convert import default_checkpoint
-from generate import calibrate
-from model import GPT, GPTConfig
+from weights import default_checkpoint
+from model import GPT, GPTConfig, peak_flops
 from tokenizer import Tokenizer
 
 
@@ -67,7 +66,7 @@ class TrainConfig:
     ckpt_every: int = 20  # steps between checkpoints (each one evaluated first)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     compile: bool = True  # torch.compile the model on CUDA (ignored on CPU)
-    peak_tflops: float = 0.0  # the GPU's dense bf16 peak for MFU; 0 = look the device up in PEAK_TFLOPS
+    peak_tflops: float = 0.0  # the GPU's dense bf16 peak for MFU; 0 = look the device up in model.PEAK_TFLOPS
     attn: str = "auto"  # attention path, see kernels.ATTN_IMPLS
     seed: int = 1337  # model init and data order
     n_layer: int = 4  # --init=scratch model shape; the tokenizer comes from --ckpt
@@ -181,30 +180,6 @@ def build_model(cfg: TrainConfig, device):
         print(f"predictors: fresh at init bias {cfg.predictor_init_bias:g} (--predictor_init_bias; the checkpoint's "
               f"were made at {stored})")
     return model.to(device), tok, path
-
-
-BIAS_LIMIT_BYTES = 2e9  # the largest (B, Hkv, T, T) bias the "sdpa" path may build per layer
-
-
-def check_bias_size(cfg: TrainConfig, model: GPT, impl: str, dtype_bytes: int):
-    """The "sdpa" path materializes SP-KV's bias, B * Hkv * T * T values per layer: refuse a shape
-    where that alone would take gigabytes (0.8 GB per layer at the gpu preset) instead of failing
-    out of memory later; FlexAttention builds no bias."""
-    if impl != "sdpa" or cfg.dense:
-        return
-    size = cfg.batch_size * model.cfg.n_kv_head * cfg.seq_len ** 2 * dtype_bytes
-    if size > BIAS_LIMIT_BYTES:
-        raise cli.BadInput(f"--attn=sdpa would build a {size / 1e9:.1f} GB attention bias per layer at --batch_size="
-                           f"{cfg.batch_size} --seq_len={cfg.seq_len}; use --attn=flex_compiled (CUDA), or a smaller "
-                           f"batch or sequence")
-
-
-def compile_blocks(model: GPT):
-    """torch.compile each block in place (regional compilation). The blocks share one code path, so
-    the compiled graph is reused across layers and compiling costs about one block's time instead
-    of the whole model's (a whole-model compile of the 30-layer SmolLM2 took 144 s on an H100)."""
-    for block in model.blocks:
-        block.compile()
 
 
 def make_optimizer(model: GPT, cfg: TrainConfig, fused: bool):
@@ -453,30 +428,6 @@ def progress(step, total, t0, start, text):
     print("\r" + line, end="", flush=True) if sys.stdout.isatty() else print(line, flush=True)
 
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}  # dense bf16
-
-
-def peak_flops(cfg: TrainConfig, device) -> tuple:
-    """(peak FLOP/s for MFU or None, how it was found): --peak_tflops, else the first PEAK_TFLOPS
-    name inside the CUDA device's name; None (no MFU logged) on CPU or an unknown GPU."""
-    if cfg.peak_tflops > 0:
-        return cfg.peak_tflops * 1e12, f"--peak_tflops={cfg.peak_tflops}"
-    if device.type != "cuda":
-        return None, "no MFU on CPU"
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12, f"{name}: {tflops:.0f} TFLOP/s bf16 (train.PEAK_TFLOPS)"
-    return None, f"{name} is not in train.PEAK_TFLOPS: no MFU logged (give --peak_tflops)"
-
-
-def flops_per_token(model: GPT, T: int) -> float:
-    """Training FLOPs per token (nanoGPT's estimate: 6N plus attention)."""
-    n = sum(p.numel() for p in model.parameters())
-    c = model.cfg
-    return 6 * n + 12 * c.n_layer * c.n_embd * T
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -499,10 +450,11 @@ def main(argv):
     cuda = device.type == "cuda"
     impl, why_attn = kernels.choose_attention(device, cfg.attn)
     model.attn_impl = impl
-    check_bias_size(cfg, model, impl, dtype_bytes=2 if cuda else 4)
+    if impl == "sdpa" and not cfg.dense:
+        kernels.check_bias_size(cfg.batch_size, model.cfg.n_kv_head, cfg.seq_len, dtype_bytes=2 if cuda else 4)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     proc = Proc(rank, world, device, autocast)
-    peak, why_peak = peak_flops(cfg, device)
+    peak, why_peak = peak_flops(device, cfg.peak_tflops)
     folder = datalib.prepare(cfg.data, tok, cfg.data_cache or datalib.DEFAULT_CACHE)
     train, val = datalib.Batches(folder, "train", cfg.seq_len), datalib.Batches(folder, "val", cfg.seq_len)
     opt = make_optimizer(model, cfg, fused=cuda)
@@ -517,7 +469,7 @@ def main(argv):
         print(f"resumed from step {step} of {ckpt_path}" + (f"; dropped {dropped} log records past it" if dropped else ""))
     fwd = model
     if cuda and cfg.compile:
-        compile_blocks(model)
+        model.compile_blocks()
     if world > 1:
         fwd = torch.nn.parallel.DistributedDataParallel(  # frozen predictors get no gradient: "unused"
             fwd, device_ids=[device.index] if cuda else None, find_unused_parameters=not cfg.dense)
@@ -559,7 +511,7 @@ def main(argv):
         rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "view": view, "anneal": a,
                "tokens_per_s": tokens_per_step / (time.time() - t_step)}
         if peak:
-            rec["mfu"] = flops_per_token(model, cfg.seq_len) * rec["tokens_per_s"] / world / peak
+            rec["mfu"] = model.flops_per_token(cfg.seq_len) * rec["tokens_per_s"] / world / peak
         step += 1
         stopping = any_rank(stop.requested, world, device)
         saving = step % cfg.ckpt_every == 0 or step == cfg.max_steps or stopping
@@ -605,14 +557,14 @@ def main(argv):
 
 def tau_for_target(model: GPT, train: datalib.Batches, cfg: TrainConfig, proc: Proc):
     """--target_density, at the freeze: set model.cfg.tau to the threshold that keeps that fraction
-    of old pairs on training batches. generate.calibrate draws them with its own seed, so the data
+    of old pairs on training batches. spkv.calibrate draws them with its own seed, so the data
     order is untouched, and at the global batch size, so every DDP rank computes the same tau.
     From here the predictor is frozen: the anneal and the hard steps train the model under the
     cut that decoding at this tau makes. Not in the paper's recipe, which keeps tau = 0.5 and lets
     training set the density."""
     model.eval()
     with proc.autocast:  # the precision training's gates are computed in
-        model.cfg.tau = calibrate(model, train, cfg.target_density, cfg.eval_batches, cfg.batch_size * proc.world)
+        model.cfg.tau = spkv.calibrate(model, train, cfg.target_density, cfg.eval_batches, cfg.batch_size * proc.world)
     model.train()
 
 

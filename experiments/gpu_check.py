@@ -76,7 +76,6 @@ def part_train(dry: bool) -> dict:
     from torch._dynamo.utils import counters
 
     from model import GPT
-    from train import compile_blocks, flops_per_token
 
     device = "cpu" if dry else "cuda"
     cfg, B, T = train_shape(dry)
@@ -89,7 +88,7 @@ def part_train(dry: bool) -> dict:
         c = dataclasses.replace(cfg, dense_layers=tuple(range(cfg.n_layer)) if dense else ())
         model = GPT(c, attn_impl="sdpa" if dry else "flex_compiled").to(device)
         if not dry:
-            compile_blocks(model)
+            model.compile_blocks()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not dry)
         x = torch.randint(0, c.vocab_size, (B, T), device=device)
         autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=not dry)
@@ -110,7 +109,7 @@ def part_train(dry: bool) -> dict:
                 first = time.perf_counter() - t_first
         sync()
         dt = (time.perf_counter() - t0) / steps
-        mfu = flops_per_token(model, T) * B * T / dt / 989e12  # H100 SXM dense bf16 peak
+        mfu = model.flops_per_token(T) * B * T / dt / 989e12  # H100 SXM dense bf16 peak
         out[name] = {"step_ms": 1000 * dt, "tokens_per_s": B * T / dt, "mfu_h100": mfu, "first_step_s": first,
                      "graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
                      "max_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0}

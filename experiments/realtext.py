@@ -47,7 +47,7 @@ import data as datalib
 import spkv
 import tau as taulib
 from checkpoint import load_model
-from generate import calibrate
+from spkv import calibrate
 
 PROSE = "/usr/share/common-licenses"
 
@@ -332,7 +332,7 @@ def dense_reference(out: str, dense_run: str, window: int, T: int, bs: int, n: i
 def measured_at(o: dict, run: str, dense_run: str, target_density=None) -> dict:
     """The run's SP-KV model on held-out stdlib text (--eval_batches batches at the run's own context
     and batch size), at its trained tau, or with target_density at the tau that keeps that fraction
-    of old pairs on training text (generate.calibrate): hard loss and density, against its dense
+    of old pairs on training text (spkv.calibrate): hard loss and density, against its dense
     run under full attention, the window alone, and H2O and StreamingLLM on that dense model at the
     same density and window."""
     spkv_model, tok = load_model(os.path.join(o["out"], run, "ckpt.pt"))[:2]

@@ -1,5 +1,5 @@
 """Choosing tau after training: the sweep (hard-gate loss and density per tau) and a check of
-calibration (generate.calibrate, the tau that hits a requested density, measured on held-out
+calibration (spkv.calibrate, the tau that hits a requested density, measured on held-out
 text). tau is a deployment knob: no retraining needed.
 
     python experiments/tau.py --ckpt=out/spkv/ckpt.pt                  # sweep tau = 0.1 ... 0.9
@@ -20,8 +20,8 @@ import cli
 import data as datalib
 import spkv
 from checkpoint import load_model
-from convert import default_checkpoint
-from generate import calibrate
+from weights import default_checkpoint
+from spkv import calibrate
 
 
 @torch.no_grad()

@@ -270,7 +270,7 @@ def main(argv):
     model.eval()
     if o["target_density"] > 0:  # pick tau on calibration text (stdlib source, train split)
         folder = datalib.prepare("", tok)
-        model.cfg.tau = calibrate(model, datalib.Batches(folder, "train", 512), o["target_density"])
+        model.retune(tau=calibrate(model, datalib.Batches(folder, "train", 512), o["target_density"]))
         print(f"tau calibrated to {model.cfg.tau:.4f} for target density {o['target_density']}")
     torch.manual_seed(o["seed"])
     ids = chat_prompt(tok, o["prompt"]) if o["chat"] else tok.encode(o["prompt"])

@@ -7,6 +7,7 @@ layers dense is the baseline every SP-KV number is compared against).
 Shapes: B batch, T length, H query heads, Hkv KV heads, D head dim, d = n_embd model width.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -127,7 +128,7 @@ class Pass:
     pos: torch.Tensor  # (T,) or (B, T) absolute positions of the tokens
     rope: tuple  # (cos, sin) at pos for RoPE; None for GPT-2 (learned positions)
     impl: str  # the kernels.py path that attends without a cache (GPT.attn_impl)
-    a: object = 0.0  # gate anneal weight in [0, 1], float or 0-dim tensor: 0 soft, 1 hard (spkv.log_gate)
+    a: torch.Tensor  # 0-dim gate anneal weight in [0, 1]: 0 soft, 1 hard (spkv.annealed_log_gate)
     frozen: bool = False  # detach the gate logits: the predictor gets no gradient (train.py's anneal phase)
     cache: object = None  # decoding: attention is cache.update_and_attend(...), see cache.py
     gates: list = None  # a list: each SP-KV layer appends its gate logits (B, Hkv, T), in layer order
@@ -179,7 +180,7 @@ class Attention(nn.Module):
         if p.cache is not None:  # the cache writes what the keep rule keeps, and attends with its own kernel
             y = p.cache.update_and_attend(self.layer, q, k, v, logit, p.pos)
         else:
-            lg = None if logit is None else spkv.log_gate(logit, self.cfg.tau, p.a)  # (B, Hkv, T)
+            lg = None if logit is None else spkv.annealed_log_gate(logit, self.cfg.tau, p.a)  # (B, Hkv, T)
             y = kernels.attention(q, k, v, lg, self.cfg.window, p.impl)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
@@ -231,9 +232,24 @@ class GPT(nn.Module):
         if cfg.arch == "llama":
             self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # (D/2,)
         self.apply(self._init_weights)
-        for m in self.modules():  # the generic init above must not close the gates
+        self.reset_predictors()  # the generic init above must not close the gates
+
+    def reset_predictors(self):
+        """Every utility predictor fresh and open at cfg.predictor_init_bias (METHOD.md section 1)."""
+        for m in self.modules():
             if isinstance(m, spkv.UtilityPredictor):
+                m.init_bias = self.cfg.predictor_init_bias
                 m.reset_open()
+
+    def retune(self, **knobs) -> "GPT":
+        """Change SP-KV's deployment knobs (tau, window) of a built model: one new validated config,
+        shared by every layer. The one place a config changes after construction; shapes never do."""
+        if not set(knobs) <= {"tau", "window"}:
+            raise ValueError(f"only tau and window can be retuned, not {sorted(set(knobs) - {'tau', 'window'})}")
+        self.cfg = dataclasses.replace(self.cfg, **knobs)  # __post_init__ validates the new values
+        for block in self.blocks:
+            block.attn.cfg = self.cfg
+        return self
 
     @staticmethod
     def _init_weights(m):
@@ -277,8 +293,8 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, *, a=0.0, frozen=False, gates=None, cache=None, pos=None, last_only=False):
         """idx (B, T) token ids -> logits (B, T, V) and the mean next-token loss if targets given.
 
-        a: gate anneal weight, 0 soft (training), 1 hard (inference), in between while annealing
-           (METHOD.md section 4); frozen: detach the gate logits (the predictor learns nothing).
+        a: gate anneal weight, a float: 0 soft (training), 1 hard (inference), in between while
+           annealing (METHOD.md section 4); frozen: detach the gate logits (the predictor learns nothing).
         gates: optional list; each SP-KV layer appends its gate logits (B, Hkv, T), in layer order.
         cache: decode through a cache.py cache (or anything with the same update_and_attend, like
            baselines.py's masks); pos (B, T) or (T,) are then the tokens' positions (default 0..T-1).
@@ -288,8 +304,11 @@ class GPT(nn.Module):
         if T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the model's context "
                              f"block_size={self.cfg.block_size}; use a shorter seq_len")
+        if not 0.0 <= a <= 1.0:
+            raise ValueError(f"anneal weight a={a} is outside [0, 1]")
         pos = torch.arange(T, device=idx.device) if pos is None else pos
         h, rope = self.embed_tokens(idx, pos)
+        a = torch.tensor(float(a), device=idx.device)  # a tensor: compiled blocks see a value, so no recompile as a moves
         p = Pass(pos=pos, rope=rope, impl=self.attn_impl, a=a, frozen=frozen, cache=cache, gates=gates)
         for block in self.blocks:
             h = block(h, p)

@@ -12,9 +12,9 @@ always visible; an older key s is seen through its gate:
 
 Where the rest of the method lives (METHOD.md tells it section by section):
     model.py   predictor placement: each SP-KV Attention owns a UtilityPredictor that reads the
-               attention's normalized input, and adds log_gate(...) to the scores (section 1)
+               attention's normalized input, and adds annealed_log_gate(...) to the scores (section 1)
     train.py   the freeze/anneal schedule: soft gates while the predictor learns, then predictor
-               frozen and the anneal weight a going 0 -> 1 (gate_schedule, gate_view_at; section 4)
+               frozen and the anneal weight a going 0 -> 1 (gate_schedule, gates_at; section 4)
     cache.py   write-time eviction: hard_keep decides as a pair is written; a pair leaving the
                local ring goes to the paged store if kept and is dropped for good otherwise (section 6)
     kernels.py the fast attention paths, each tested against reference_attention below
@@ -66,7 +66,7 @@ class UtilityPredictor(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # The three gate views. Each maps logits (B, Hkv, S) to the log-gate added to old keys' scores;
-# log_gate picks one by the anneal weight a.
+# the annealed one is both ends too (a = 0 soft, a = 1 hard), and the only one the model calls.
 
 
 def soft_log_gate(logit: torch.Tensor) -> torch.Tensor:
@@ -86,31 +86,17 @@ def hard_log_gate(logit: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.zeros_like(logit).masked_fill(~keep, float("-inf"))
 
 
-def annealed_log_gate(logit: torch.Tensor, tau: float, a) -> torch.Tensor:
-    """Closing the train/test gap (METHOD.md section 4): log u_tilde with
-        u_tilde = (1 - a) * u + a * 1[u >= tau],   a going 0 -> 1 over the last steps.
-    Computed as logaddexp(log(1 - a) + log u, log(a) + log 1[u >= tau]), which is exactly the soft
-    view at a = 0 and exactly the hard view at a = 1, with no branch on a: `a` may be a float or a
-    0-dim tensor (a tensor keeps torch.compile from recompiling as a changes every step).
-    Warning: at a = 1 a dropped key is logaddexp(-inf, -inf), whose gradient is NaN; the predictor
-    is frozen while annealing, so callers pass a detached logit (model.py does).
+def annealed_log_gate(logit: torch.Tensor, tau: float, a: torch.Tensor) -> torch.Tensor:
+    """The log-gate of anneal weight a, the one the model uses (METHOD.md section 4): log u_tilde with
+        u_tilde = (1 - a) * u + a * 1[u >= tau],   a going 0 -> 1 over the last steps of training.
+    a is a 0-dim tensor in [0, 1] (GPT.forward makes it once per pass, so torch.compile never
+    recompiles as a changes): 0 is exactly the soft view, 1 exactly the hard view. Kept keys take
+    logaddexp(log(1 - a) + log u, log a); dropped keys log(1 - a) + log u, which is -inf at a = 1,
+    so no branch on a and no logaddexp(-inf, -inf), whose gradient would be NaN.
     """
     a = torch.as_tensor(a, dtype=logit.dtype, device=logit.device)
-    log_keep = torch.log(hard_keep(logit, tau).to(logit.dtype))  # 0 kept, -inf dropped
-    return torch.logaddexp(torch.log1p(-a) + F.logsigmoid(logit), torch.log(a) + log_keep)
-
-
-def log_gate(logit: torch.Tensor, tau: float, a=0.0) -> torch.Tensor:
-    """The log-gate of anneal weight a: 0 soft (training), 1 hard (inference), between: annealing.
-    A plain number 0 or 1 takes the soft or hard view directly; anything else, a tensor included
-    (train.py passes one while annealing), the annealed formula, which equals them at the ends."""
-    if not isinstance(a, torch.Tensor) and a == 0:
-        return soft_log_gate(logit)
-    if not isinstance(a, torch.Tensor) and a == 1:
-        return hard_log_gate(logit, tau)
-    if not isinstance(a, torch.Tensor) and not 0 <= a <= 1:
-        raise ValueError(f"anneal weight a={a} is outside [0, 1]")
-    return annealed_log_gate(logit, tau, a)
+    dropped = torch.log1p(-a) + F.logsigmoid(logit)  # log((1 - a) u)
+    return torch.where(hard_keep(logit, tau), torch.logaddexp(dropped, torch.log(a)), dropped)
 
 
 # ---------------------------------------------------------------------------------------------

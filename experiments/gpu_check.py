@@ -92,7 +92,6 @@ def part_train(dry: bool) -> dict:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not dry)
         x = torch.randint(0, c.vocab_size, (B, T), device=device)
         autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=not dry)
-        a = torch.tensor(0.0)  # "anneal" at a = 0 (frozen) is the soft view with the predictor detached
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         t_first = time.perf_counter()
         for i in range(2 + steps):
@@ -100,7 +99,7 @@ def part_train(dry: bool) -> dict:
                 sync()
                 t0 = time.perf_counter()
             with autocast:
-                loss = model(x, x, a=a if view == "anneal" else 0.0, frozen=view == "anneal")[1]
+                loss = model(x, x, a=0.0, frozen=view == "anneal")[1]  # frozen at a = 0: soft, predictor detached
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -162,7 +161,7 @@ def part_dynamics(dry: bool, out: str) -> dict:
     speed = [r["tokens_per_s"] for r in log if "tokens_per_s" in r][5:] or [0.0]
     return {"flags": " ".join(flags), "val_soft": final["val_soft"], "val_hard": final["val_hard"],
             "density": final.get("density"), "density_per_layer": final.get("density_per_layer"),
-            "views": sorted({r["view"] for r in log if "view" in r}), "tokens_per_s_median": sorted(speed)[len(speed) // 2]}
+            "views": sorted({"anneal" if r["frozen"] else "soft" for r in log if "frozen" in r}), "tokens_per_s_median": sorted(speed)[len(speed) // 2]}
 
 
 def part_decode(dry: bool, out: str) -> dict:

@@ -27,7 +27,7 @@ from spkv import calibrate
 @torch.no_grad()
 def hard_loss_and_density(model, batches, tau, n_batches, batch_size, seed=1) -> tuple:
     """Hard-gate val loss and overall density at tau, on fixed batches."""
-    model.cfg.tau = tau
+    model.retune(tau=tau)
     gen = torch.Generator().manual_seed(seed)
     loss, keeps = 0.0, {}
     for _ in range(n_batches):

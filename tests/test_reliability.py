@@ -17,6 +17,7 @@ import torch
 import cli
 import data as datalib
 import generate as G
+import run
 import train
 from checkpoint import atomic_save, read_checkpoint, save_checkpoint
 from model import GPT
@@ -93,7 +94,7 @@ def write_gguf(path, arch):
 
 # (script, argv with {b} for the fixture folder, what the one line must say)
 CASES = [
-    ("train", "RUN", "--resume=True, or give a fresh --out_dir"),  # the overwrite case
+    ("train", "RUN", "already holds a finished run (step 2, final.json); give a new --out_dir"),  # the overwrite case
     ("train", "NEW --device=tpu", "--device='tpu' is not one of"),
     ("train", "NEW --window=64", "--window=64 must be in [1, --seq_len=64)"),
     ("train", "RUN --lr=2", "--lr is given twice"),
@@ -165,7 +166,7 @@ def refuse_to_tokenize(*args, **kwargs):
     raise AssertionError("a flag that cannot work must be refused before any data is tokenized")
 
 
-@pytest.mark.parametrize("argv,says", [(["train.py"], "already holds a run"),
+@pytest.mark.parametrize("argv,says", [(["train.py"], "already holds a finished run"),
                                        (["generate.py", "--chunk=0"], "--chunk=0 must be >= 1")])
 def test_the_line_comes_from_the_real_command(base, argv, says):
     extra = train_flags(base) if argv[0] == "train.py" else [f"--ckpt={base / 'tiny.pt'}"]
@@ -226,7 +227,7 @@ def test_resume_drops_log_records_past_the_checkpoint_and_says_so(base, tmp_path
 
 
 def test_logs_are_strict_json(base, tmp_path):
-    train.log_line(str(tmp_path / "log.jsonl"), {"step": 0, "density": float("nan"), "per": {"0": [float("inf")]}})
+    run.log_line(str(tmp_path / "log.jsonl"), {"step": 0, "density": float("nan"), "per": {"0": [float("inf")]}})
     strict = dict(parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
     assert json.loads(open(tmp_path / "log.jsonl").read(), **strict) == {"step": 0, "density": None, "per": {"0": [None]}}
     for line in open(base / "run" / "log.jsonl"):

@@ -250,6 +250,33 @@ def test_rewritten_or_deleted_source_is_never_read_from_the_cache(tmp_path, caps
         datalib.prepare(str(src), tok, str(cache))
 
 
+def test_a_data_folder_is_read_once_without_its_own_cache_or_runs(tmp_path, capsys):
+    """A symlink loop is walked once; the token cache and a run folder inside --data are outputs,
+    not text: skipped (and said), so a second prepare reuses the cache instead of re-tokenizing."""
+    tok, text = Tokenizer(byte_spec()), tmp_path / "text"
+    tiny_text_dir(text)
+    os.symlink(".", text / "loop")  # text/loop/loop/... is text again
+    os.makedirs(text / "out")
+    (text / "out" / "log.jsonl").write_text('{"step": 0}\n')
+    files = datalib.source_files(str(text), str(text / "cache"))
+    assert len(files) == len({os.path.realpath(f) for f in files}) == 4
+    folder = datalib.prepare(str(text), tok, str(text / "cache"))
+    assert "skipping 1 folder(s) of outputs" in capsys.readouterr().out
+    assert datalib.prepare(str(text), tok, str(text / "cache")) == folder
+    assert "changed since it was tokenized" not in capsys.readouterr().out
+
+
+def test_a_token_file_shorter_than_its_meta_is_refused(tmp_path):
+    tok, src = Tokenizer(byte_spec()), tmp_path / "corpus.txt"
+    src.write_text("some text to tokenize. " * 200)
+    folder = datalib.prepare(str(src), tok, str(tmp_path / "cache"))
+    path = os.path.join(folder, "train.bin")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(cli.BadInput, match="train.bin holds .* tokens but its meta.json says"):
+        datalib.Batches(folder, "train", 32)
+
+
 def test_leftover_and_failed_cache_writes_are_removed(tmp_path):
     tok, src, cache = Tokenizer(byte_spec()), tmp_path / "corpus.txt", tmp_path / "cache"
     src.write_text("some text to tokenize. " * 40)

@@ -161,6 +161,8 @@ def remove_leftovers(folder: str):
 def prepare(data: str, tok, cache_root: str = DEFAULT_CACHE) -> str:
     """Tokenize `data` once; return the folder holding train.bin, val.bin, meta.json."""
     tid = tokenizer_id(tok.spec)
+    if os.path.exists(cache_root) and not os.path.isdir(cache_root):
+        raise cli.BadInput(f"the data cache {cache_root} (--data_cache) is a file; give a folder")
     if data and os.path.isfile(os.path.join(data, "meta.json")):
         with open(os.path.join(data, "meta.json")) as f:
             meta = json.load(f)

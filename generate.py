@@ -232,14 +232,17 @@ def parse_flags(argv) -> dict:
     o = {**DEFAULTS, **cli.parse(argv, Flags, "generate.py")}
     problems = [f"--{k}={o[k]} must be >= {low}" for k, low in (("chunk", 1), ("page_size", 1), ("max_new_tokens", 0),
                                                                   ("top_k", 0)) if o[k] < low]
-    if not (math.isfinite(o["temperature"]) and o["temperature"] >= 0):
-        problems.append(f"--temperature={o['temperature']} must be a finite number >= 0 (0 = greedy)")
+    if not (math.isfinite(o["temperature"]) and (o["temperature"] == 0 or o["temperature"] >= 1e-3)):
+        problems.append(f"--temperature={o['temperature']} must be 0 (greedy) or a finite number >= 0.001 "
+                        "(below that, logits / temperature overflow)")
     if not 0 < o["top_p"] <= 1:
         problems.append(f"--top_p={o['top_p']} must be in (0, 1]")
     if o["tau"] != -1.0 and not 0 <= o["tau"] <= 1:
         problems.append(f"--tau={o['tau']} is outside [0, 1] (-1 = the checkpoint's own)")
     if o["target_density"] != 0 and not 0 < o["target_density"] <= 1:
         problems.append(f"--target_density={o['target_density']} must be in (0, 1], or 0 for off")
+    if o["target_density"] and o["dense"]:
+        problems.append(f"--target_density={o['target_density']} calibrates SP-KV's tau; --dense=True has no gates, drop one")
     if o["impl"] not in IMPLS:
         problems.append(f"--impl={o['impl']!r} is not one of {IMPLS}")
     if o["compile"] and (o["dense"] or o["impl"] != "paged"):
@@ -247,6 +250,19 @@ def parse_flags(argv) -> dict:
     if problems:
         raise cli.BadInput("; ".join(problems))
     return o
+
+
+def check_model(model, o: dict):
+    """Refuse a checkpoint that cannot decode as asked: non-finite weights (garbage out), SP-KV
+    flags on a model without SP-KV layers, or a page larger than the model's whole context."""
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad:
+        raise cli.BadInput(f"{o['ckpt'] or 'the checkpoint'} holds non-finite weights ({bad}); it cannot decode, "
+                           "use an earlier checkpoint")
+    if not o["dense"] and not model.cfg.spkv_layers():
+        raise cli.BadInput(f"{o['ckpt'] or 'the checkpoint'} has no SP-KV layers (a dense run's checkpoint); decode it with --dense=True")
+    if o["page_size"] > model.cfg.block_size:
+        raise cli.BadInput(f"--page_size={o['page_size']} is larger than the model's context of {model.cfg.block_size}")
 
 
 def chat_prompt(tok, text: str) -> list:
@@ -268,9 +284,11 @@ def main(argv):
     if tok is None:
         raise cli.BadInput(f"{o['ckpt'] or 'the checkpoint'} has no tokenizer; convert it from a folder with tokenizer.json")
     model.eval()
+    check_model(model, o)
     if o["target_density"] > 0:  # pick tau on calibration text (stdlib source, train split)
         folder = datalib.prepare("", tok)
-        model.retune(tau=calibrate(model, datalib.Batches(folder, "train", 512), o["target_density"]))
+        T = min(512, model.cfg.block_size)  # calibration windows: at most the model's context
+        model.retune(tau=calibrate(model, datalib.Batches(folder, "train", T), o["target_density"]))
         print(f"tau calibrated to {model.cfg.tau:.4f} for target density {o['target_density']}")
     torch.manual_seed(o["seed"])
     ids = chat_prompt(tok, o["prompt"]) if o["chat"] else tok.encode(o["prompt"])

@@ -58,6 +58,22 @@ def base(tmp_path_factory):
     raw = read_checkpoint(str(base / "tiny.pt"))  # a config that disagrees with its tensors
     raw["config"]["n_hidden"] = 96
     torch.save(raw, base / "mismatch.pt")
+    raw = read_checkpoint(str(base / "tiny.pt"))  # a field this version does not know (version skew)
+    raw["config"]["bogus_knob"] = 1
+    torch.save(raw, base / "skew.pt")
+    raw = read_checkpoint(str(base / "tiny.pt"))  # a diverged model: NaN weights
+    raw["model"]["blocks.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    torch.save(raw, base / "nan.pt")
+    tiny_checkpoint(base / "dense.pt", dense_layers=(0, 1))  # a dense run's model: no SP-KV layer
+    for name, damage in (("foreign", "log"), ("skewed_run", "config")):  # copies of run/, damaged
+        shutil.copytree(base / "run", base / name)
+        if damage == "log":
+            with open(base / name / "log.jsonl", "a") as f:
+                f.write('["not", "a", "record"]\n')
+        else:
+            raw = read_checkpoint(str(base / name / "ckpt.pt"))
+            raw["train_config"]["bogus_knob"] = 1
+            torch.save(raw, base / name / "ckpt.pt")
     (base / "random.gguf").write_bytes(os.urandom(4096))
     write_gguf(base / "gpt2.gguf", "gpt2")
     write_gguf(base / "notok.gguf", "llama")
@@ -103,10 +119,32 @@ CASES = [
     ("train", "--out_dir={b}/converted --resume=True", "is a converted checkpoint, not a training run"),
     ("train", "--out_dir={b}/run --resume=True --max_steps=4 --ckpt={b}/wide.pt", "holds tensors of another model size"),
     ("train", "NEW --ckpt={b}/nope.pt", "{b}/nope.pt' does not exist"),
+    ("train", "NEW --out_dir={b}/tiny.pt", "--out_dir={b}/tiny.pt is a file; give a folder"),
+    ("train", "NEW --data_cache={b}/tiny.pt", "the data cache {b}/tiny.pt (--data_cache) is a file"),
+    ("train", "NEW --init=scratch --n_head=3", "n_head=3 must be a multiple of n_kv_head=2"),
+    ("train", "NEW --init=scratch --n_kv_head=0", "--n_kv_head=0 must be >= 1"),
+    ("train", "NEW --init=scratch --n_embd=0", "--n_embd=0 must be >= 1"),
+    ("train", "NEW --init=scratch --n_layer=0", "--n_layer=0 must be >= 1"),
+    ("train", "NEW --attn=flex", "--attn=flex has no backward on the CPU"),
+    ("train", "NEW --seed=99999999999999999999", "--seed=99999999999999999999 must be below 2**63"),
+    ("train", "NEW --predictor_weight_decay=nan", "--predictor_weight_decay=nan must be a finite number >= 0"),
+    ("train", "NEW --weight_decay=-1", "--weight_decay=-1.0 must be a finite number >= 0"),
+    ("train", "NEW --warmup_steps=-1", "--warmup_steps=-1 must be a finite number >= 0"),
+    ("train", "--out_dir={b}/run --resume=True --max_steps=1 --warmup_steps=0", "is at step 2: nothing to do at --max_steps=1"),
+    ("train", "--out_dir={b}/run --resume=True", "is at step 2: nothing to do at --max_steps=2"),
+    ("train", "--out_dir={b}/foreign --resume=True --max_steps=4", "{b}/foreign/log.jsonl line 3 is not a train.py record"),
+    ("train", "--out_dir={b}/skewed_run --resume=True --max_steps=4", "another version of train.py (unknown settings ['bogus_knob'])"),
+    ("train", "NEW --ckpt={b}/skew.pt", "{b}/skew.pt was made by another version of this code"),
+    ("generate", "--ckpt={b}/skew.pt", "{b}/skew.pt was made by another version of this code"),
+    ("generate", "--ckpt={b}/nan.pt", "{b}/nan.pt holds non-finite weights (blocks.0.mlp.up_proj.weight)"),
+    ("generate", "--ckpt={b}/dense.pt --tau=0.9", "{b}/dense.pt has no SP-KV layers"),
+    ("generate", "--ckpt={b}/tiny.pt --dense=True --target_density=0.5", "--dense=True has no gates"),
+    ("generate", "--ckpt={b}/tiny.pt --temperature=1e-40", "--temperature=1e-40 must be 0 (greedy) or"),
+    ("generate", "--ckpt={b}/tiny.pt --page_size=1000000000000", "--page_size=1000000000000 is larger than"),
     ("generate", "--ckpt={b}/tiny.pt --chunk=0", "--chunk=0 must be >= 1"),
     ("generate", "--ckpt={b}/tiny.pt --chunk=-3", "--chunk=-3 must be >= 1"),
-    ("generate", "--ckpt={b}/tiny.pt --temperature=nan", "--temperature=nan must be a finite number >= 0"),
-    ("generate", "--ckpt={b}/tiny.pt --temperature=-1", "--temperature=-1.0 must be a finite number >= 0"),
+    ("generate", "--ckpt={b}/tiny.pt --temperature=nan", "--temperature=nan must be 0 (greedy) or a finite number"),
+    ("generate", "--ckpt={b}/tiny.pt --temperature=-1", "--temperature=-1.0 must be 0 (greedy) or a finite number"),
     ("generate", "--ckpt={b}/tiny.pt --top_k=-5", "--top_k=-5 must be >= 0"),
     ("generate", "--ckpt={b}/tiny.pt --target_density=1.5", "--target_density=1.5 must be in (0, 1]"),
     ("generate", "--ckpt={b}/mismatch.pt", "holds tensors of another model size"),
@@ -150,7 +188,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(base, script, args, sa
         shutil.copy(base / "tiny.pt", base / "converted" / "ckpt.pt")
     argv = args.format(b=base).split()
     if argv[0] == "NEW":  # a fresh run, with these flags in place of the usual ones
-        argv = train_flags(base, out_dir=base / "new", **dict(a[2:].split("=", 1) for a in argv[1:]))
+        argv = train_flags(base, **{"out_dir": base / "new", **dict(a[2:].split("=", 1) for a in argv[1:])})
     elif argv[0] == "RUN":  # the run already in run/, these flags added
         argv = train_flags(base) + argv[1:]
     before = tree_hashes(base)

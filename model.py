@@ -77,13 +77,13 @@ class GPTConfig:
 # Positions
 
 
-def rope_inv_freq(cfg: GPTConfig) -> torch.Tensor:
-    """RoPE inverse frequencies (D/2,), with Llama-3 style scaling when rope_factor != 1:
+def rope_inv_freq(cfg: GPTConfig, device=None) -> torch.Tensor:
+    """RoPE inverse frequencies (D/2,) in float64, with Llama-3 style scaling when rope_factor != 1:
     long wavelengths are slowed by `factor`, short ones kept, the band between interpolated."""
     D = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))  # (D/2,)
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64, device=device) / D))  # (D/2,)
     if cfg.rope_factor == 1.0:
-        return inv.float()
+        return inv
     wavelen = 2 * math.pi / inv
     low_wavelen = cfg.rope_original_context / cfg.rope_low_freq_factor
     high_wavelen = cfg.rope_original_context / cfg.rope_high_freq_factor
@@ -91,8 +91,7 @@ def rope_inv_freq(cfg: GPTConfig) -> torch.Tensor:
         cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
     mid = (1 - smooth) * inv / cfg.rope_factor + smooth * inv
     scaled = torch.where(wavelen > low_wavelen, inv / cfg.rope_factor, inv)
-    scaled = torch.where((wavelen >= high_wavelen) & (wavelen <= low_wavelen), mid, scaled)
-    return scaled.float()
+    return torch.where((wavelen >= high_wavelen) & (wavelen <= low_wavelen), mid, scaled)
 
 
 def apply_rope(x, cos, sin):
@@ -229,8 +228,6 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        if cfg.arch == "llama":
-            self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # (D/2,)
         self.apply(self._init_weights)
         self.reset_predictors()  # the generic init above must not close the gates
 
@@ -276,11 +273,13 @@ class GPT(nn.Module):
     def predictor_parameters(self) -> list:
         return [p for n, p in self.named_parameters() if ".predictor." in n]
 
-    def rope(self, pos):
-        """cos, sin for positions pos: (T,) -> (T, D), or (B, T) -> (B, 1, T, D)."""
-        angles = pos.float()[..., None] * self.inv_freq  # (..., T, D/2)
+    def rope(self, pos, dtype):
+        """cos, sin for positions pos: (T,) -> (T, D), or (B, T) -> (B, 1, T, D), in dtype. The
+        angles pos * inv_freq are formed in float64 and cast only after cos/sin: in float32 an
+        angle near 30,000 radians is off by up to 2e-3, an error that grows with position."""
+        angles = pos.double()[..., None] * rope_inv_freq(self.cfg, pos.device)  # (..., T, D/2) float64
         angles = torch.cat((angles, angles), dim=-1)  # (..., T, D)
-        cos, sin = angles.cos(), angles.sin()
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
         return (cos, sin) if pos.dim() == 1 else (cos[:, None], sin[:, None])
 
     def embed_tokens(self, idx, pos):
@@ -288,7 +287,7 @@ class GPT(nn.Module):
         h = self.embed(idx)  # (B, T, d)
         if self.cfg.arch == "gpt2":
             return h + self.pos_embed(pos), None
-        return h, self.rope(pos)
+        return h, self.rope(pos, torch.promote_types(h.dtype, torch.float32))  # fp32 tables, fp64 in a fp64 model
 
     def forward(self, idx, targets=None, *, a=0.0, frozen=False, gates=None, cache=None, pos=None, last_only=False):
         """idx (B, T) token ids -> logits (B, T, V) and the mean next-token loss if targets given.

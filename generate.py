@@ -323,8 +323,10 @@ def main(argv):
     elif rep["density_per_layer"]:
         print(f"density of pairs older than the window: {rep['density']:.3f}; per layer: "
               + " ".join(f"{d:.2f}" for d in rep["density_per_layer"].values()))
+    ratio = rep["dense_bytes"] / rep["bytes"]
     print(f"KV pairs held {rep['pairs']:,} vs dense {rep['dense_pairs']:,}; KV bytes in use {rep['bytes']:,} vs "
-          f"dense {rep['dense_bytes']:,}: compression {rep['dense_bytes'] / rep['bytes']:.2f}x")
+          f"dense {rep['dense_bytes']:,}: " + (f"compression {ratio:.2f}x" if ratio >= 1 else
+          f"no compression: this cache holds {1 / ratio:.2f}x the bytes of a dense one"))
 
 
 if __name__ == "__main__":

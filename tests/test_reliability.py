@@ -25,7 +25,8 @@ from tiny import tiny_checkpoint, tiny_config, tiny_text_dir
 from tokenizer import Tokenizer, byte_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("train", "generate", "perplexity", "tau", "baselines", "plots", "bench_decode", "convert", "synthetic")
+SCRIPTS = ("train", "generate", "perplexity", "tau", "baselines", "plots", "bench_decode", "convert", "synthetic",
+           "decode_paths")
 
 
 def train_flags(base, **kw) -> list:
@@ -168,6 +169,7 @@ CASES = [
     ("convert", "--hf_dir={b}/torn --out={b}/c.pt", "{b}/torn/model.safetensors is not a readable safetensors file"),
     ("convert", "--gguf={b}/random.gguf --out={b}/tiny.pt", "{b}/tiny.pt already exists"),
     ("synthetic", "--out={b} --n_facts=0", "need 0 < n_facts"),
+    ("decode_paths", "--bogus=1", "unknown flag --bogus"),
 ]
 
 

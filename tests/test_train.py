@@ -152,11 +152,11 @@ def test_target_density_sets_tau_at_the_freeze_and_a_resume_keeps_it(tmp_path, m
 
 def test_checkpoint_survives_kill_9_during_write(tmp_path):
     path = tmp_path / "ckpt.pt"
-    writer = (f"import sys, torch; sys.path.insert(0, {ROOT!r}); from checkpoint import atomic_save\n"
+    writer = ("import torch; from checkpoint import atomic_save\n"
               f"i = 0\nwhile True:\n    i += 1\n"
               f"    atomic_save({{'format': 'spkv-1', 'i': i, 'w': torch.full((4_000_000,), float(i))}}, {str(path)!r})\n")
     for trial in range(4):
-        proc = subprocess.Popen([sys.executable, "-c", writer])
+        proc = subprocess.Popen([sys.executable, "-c", writer], cwd=ROOT)  # the repo root: checkpoint.py
         while not path.exists():
             time.sleep(0.02)
         time.sleep(0.2 + 0.17 * trial)

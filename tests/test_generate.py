@@ -1,6 +1,8 @@
 """Property tests of the compacting cache: cached decoding equals full recompute under hard gates,
 the cache holds exactly what the method says, and its bytes follow the kept pairs."""
 
+import re
+
 import pytest
 import torch
 from hypothesis import assume, given, strategies as st
@@ -157,6 +159,9 @@ def test_cli_prints_text_and_cache_figures(tmp_path, capsys):
     G.main([f"--ckpt={path}", "--prompt=hello world, " * 5, "--max_new_tokens=8", "--tau=0.5", "--device=cpu"])
     out = capsys.readouterr().out
     assert "tokens/s" in out and "compression" in out and "density" in out
+    line = next(s for s in out.splitlines() if s.startswith("KV pairs held"))
+    held, dense = (int(x.replace(",", "")) for x in re.search(r"in use ([\d,]+) vs dense ([\d,]+)", line).groups())
+    assert ("no compression" in line) == (held > dense), line  # never "compression 0.5x" for a bigger cache
 
 
 @given(setups())

@@ -14,7 +14,7 @@ import errno
 import glob
 import os
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import torch
 
@@ -100,6 +100,10 @@ def load_model(path: str, device="cpu", attn_impl="sdpa", dense=False, **config_
     cfg = {**ckpt["config"], **config_overrides}
     if dense:
         cfg["dense_layers"] = tuple(range(cfg["n_layer"]))
+    unknown = sorted(set(cfg) - {f.name for f in fields(GPTConfig)})
+    if unknown:
+        raise cli.BadInput(f"{path} was made by another version of this code (unknown config fields {unknown[:3]}); "
+                           "convert or train it again with this one")
     try:
         cfg = GPTConfig(**cfg)
     except ValueError as e:  # GPTConfig refuses knob values out of range (e.g. a tau override)

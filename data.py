@@ -3,12 +3,15 @@
 Sources (train.py's --data):
   ""            the Python standard library source of the running interpreter, split by file
   a text file   split by position: the first 90% train, the rest val
-  a folder      every text file under it, split by file (binary files are skipped, with a note)
+  a folder      every text file under it, split by file (binary files are skipped, with a note;
+                each real folder is read once, symlink loops included; a token cache or a run folder
+                inside it is skipped, with a note)
   a prepared folder holding train.bin, val.bin and meta.json (from an earlier run)
 The cache folder's name hashes the tokenizer and the source path; meta.json records the
 tokenizer's identity and a fingerprint of the source's contents (each file's size, mtime and a
 hash of its head), so a cache made with another tokenizer, or from a file since rewritten or
-deleted, is never reused. A rewritten source is tokenized again into the same folder.
+deleted, is never reused. A rewritten source is tokenized again into the same folder. A token
+file whose length disagrees with its meta.json (cut short) is refused.
 """
 
 import glob
@@ -54,15 +57,40 @@ def read_text(path: str):
         return None
 
 
-def source_files(data: str) -> list:
+RUN_MARKS = ("log.jsonl", "ckpt.pt", "lock")  # a folder holding one is a training run, not text
+
+
+def source_files(data: str, cache_root: str = DEFAULT_CACHE) -> list:
     """The files a data argument names: stdlib source, every file under a folder, or one file."""
     if data == "":
         return stdlib_files()
     if os.path.isdir(data):
-        return sorted(f for f in glob.glob(os.path.join(data, "**", "*"), recursive=True) if os.path.isfile(f))
+        return folder_files(data, cache_root)
     if os.path.isfile(data):
         return [data]
     raise FileNotFoundError(f"--data={data} does not exist; give a text file, a folder, or omit it for stdlib")
+
+
+def folder_files(data: str, cache_root: str) -> list:
+    """Every file under data, each real folder visited once (a symlink loop is walked once), with
+    the token cache and any run folder inside it skipped, and said: they are outputs, not text."""
+    seen, files, skipped = set(), [], []
+    for root, dirs, names in os.walk(data, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        outputs = any(m in names for m in RUN_MARKS) or {"meta.json", "train.bin"} <= set(names)  # a run, a cache
+        if real == os.path.realpath(cache_root) or (root != data and outputs):
+            skipped.append(root)
+            dirs[:] = []
+            continue
+        dirs[:] = sorted(n for n in dirs if not n.startswith("."))  # as glob's "*": hidden names are not text
+        files += [os.path.join(root, n) for n in names if not n.startswith(".") and os.path.isfile(os.path.join(root, n))]
+    if skipped:
+        print(f"data: skipping {len(skipped)} folder(s) of outputs inside --data={data}, e.g. {skipped[0]}")
+    return sorted(files)
 
 
 def fingerprint(files: list) -> str:
@@ -133,6 +161,8 @@ def remove_leftovers(folder: str):
 def prepare(data: str, tok, cache_root: str = DEFAULT_CACHE) -> str:
     """Tokenize `data` once; return the folder holding train.bin, val.bin, meta.json."""
     tid = tokenizer_id(tok.spec)
+    if os.path.exists(cache_root) and not os.path.isdir(cache_root):
+        raise cli.BadInput(f"the data cache {cache_root} (--data_cache) is a file; give a folder")
     if data and os.path.isfile(os.path.join(data, "meta.json")):
         with open(os.path.join(data, "meta.json")) as f:
             meta = json.load(f)
@@ -142,7 +172,7 @@ def prepare(data: str, tok, cache_root: str = DEFAULT_CACHE) -> str:
         return data
     key = hashlib.sha256(f"{tid}|{os.path.abspath(data) if data else 'stdlib'}".encode()).hexdigest()[:12]
     folder = os.path.join(cache_root, key)
-    files = source_files(data)
+    files = source_files(data, cache_root)
     content = fingerprint(files)
     meta_path = os.path.join(folder, "meta.json")
     if os.path.isfile(meta_path):
@@ -176,7 +206,12 @@ class Batches:
     def __init__(self, folder: str, split: str, seq_len: int):
         with open(os.path.join(folder, "meta.json")) as f:
             meta = json.load(f)
-        self.tokens = np.memmap(os.path.join(folder, f"{split}.bin"), dtype=meta["dtype"], mode="r")
+        path = os.path.join(folder, f"{split}.bin")
+        n = os.path.getsize(path) / np.dtype(meta["dtype"]).itemsize
+        if n != meta.get(f"{split}_tokens", n) or n < 1:
+            raise cli.BadInput(f"{path} holds {n:,.1f} tokens but its meta.json says {meta.get(f'{split}_tokens')}: "
+                               f"it was cut short or changed; delete {folder} to tokenize the source again")
+        self.tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
         self.seq_len = seq_len
         self.align = meta.get("align", 1)  # > 1: windows start at document boundaries (synthetic.py)
         if len(self.tokens) <= seq_len + 1:

@@ -25,7 +25,8 @@ import cli
 import data as datalib
 from cache import DenseKVCache, SPKVCache
 from checkpoint import load_model
-from convert import default_checkpoint
+from spkv import calibrate
+from weights import default_checkpoint
 
 IMPLS = ("paged", "reference")  # SP-KV decode paths, see cache.SPKVCache
 
@@ -169,39 +170,6 @@ def check_request(model, prompts, max_new_tokens, impl="paged", dense=False, com
 
 
 # ---------------------------------------------------------------------------------------------
-# Choosing tau for a deployment: the threshold that keeps a target fraction of old pairs
-
-
-def tau_for_density(u: torch.Tensor, target: float) -> float:
-    """The threshold keeping a `target` fraction of gates: u (N,) pooled over layers, heads and
-    old positions of a calibration set; keep = u >= tau, so tau is the (1 - target) quantile."""
-    if not 0.0 < target <= 1.0:
-        raise cli.BadInput(f"target density {target} must be in (0, 1]")
-    ranked = u.flatten().sort().values
-    return float(ranked[min(int((1.0 - target) * ranked.numel()), ranked.numel() - 1)])
-
-
-@torch.no_grad()
-def old_gate_values(model, batches, n_batches, batch_size, gen) -> torch.Tensor:
-    """u of every pair older than the window (the ones the gate decides), pooled: (N,)."""
-    values, device = [], next(model.parameters()).device
-    for _ in range(n_batches):
-        x, _ = batches.sample(batch_size, gen)  # (B, T), on the CPU
-        gates = []
-        model(x.to(device), gates=gates)
-        T = x.shape[1]
-        old = torch.arange(T, device=device) <= T - 1 - model.cfg.window  # (T,)
-        values += [torch.sigmoid(g[..., old].float()).flatten().cpu() for g in gates]
-    return torch.cat(values)
-
-
-def calibrate(model, batches, target, n_batches=4, batch_size=2, seed=0) -> float:
-    """tau for `target` density on calibration batches drawn with `seed`."""
-    gen = torch.Generator().manual_seed(seed)
-    return tau_for_density(old_gate_values(model, batches, n_batches, batch_size, gen), target)
-
-
-# ---------------------------------------------------------------------------------------------
 # What the cache did
 
 
@@ -264,14 +232,17 @@ def parse_flags(argv) -> dict:
     o = {**DEFAULTS, **cli.parse(argv, Flags, "generate.py")}
     problems = [f"--{k}={o[k]} must be >= {low}" for k, low in (("chunk", 1), ("page_size", 1), ("max_new_tokens", 0),
                                                                   ("top_k", 0)) if o[k] < low]
-    if not (math.isfinite(o["temperature"]) and o["temperature"] >= 0):
-        problems.append(f"--temperature={o['temperature']} must be a finite number >= 0 (0 = greedy)")
+    if not (math.isfinite(o["temperature"]) and (o["temperature"] == 0 or o["temperature"] >= 1e-3)):
+        problems.append(f"--temperature={o['temperature']} must be 0 (greedy) or a finite number >= 0.001 "
+                        "(below that, logits / temperature overflow)")
     if not 0 < o["top_p"] <= 1:
         problems.append(f"--top_p={o['top_p']} must be in (0, 1]")
     if o["tau"] != -1.0 and not 0 <= o["tau"] <= 1:
         problems.append(f"--tau={o['tau']} is outside [0, 1] (-1 = the checkpoint's own)")
     if o["target_density"] != 0 and not 0 < o["target_density"] <= 1:
         problems.append(f"--target_density={o['target_density']} must be in (0, 1], or 0 for off")
+    if o["target_density"] and o["dense"]:
+        problems.append(f"--target_density={o['target_density']} calibrates SP-KV's tau; --dense=True has no gates, drop one")
     if o["impl"] not in IMPLS:
         problems.append(f"--impl={o['impl']!r} is not one of {IMPLS}")
     if o["compile"] and (o["dense"] or o["impl"] != "paged"):
@@ -279,6 +250,19 @@ def parse_flags(argv) -> dict:
     if problems:
         raise cli.BadInput("; ".join(problems))
     return o
+
+
+def check_model(model, o: dict):
+    """Refuse a checkpoint that cannot decode as asked: non-finite weights (garbage out), SP-KV
+    flags on a model without SP-KV layers, or a page larger than the model's whole context."""
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad:
+        raise cli.BadInput(f"{o['ckpt'] or 'the checkpoint'} holds non-finite weights ({bad}); it cannot decode, "
+                           "use an earlier checkpoint")
+    if not o["dense"] and not model.cfg.spkv_layers():
+        raise cli.BadInput(f"{o['ckpt'] or 'the checkpoint'} has no SP-KV layers (a dense run's checkpoint); decode it with --dense=True")
+    if o["page_size"] > model.cfg.block_size:
+        raise cli.BadInput(f"--page_size={o['page_size']} is larger than the model's context of {model.cfg.block_size}")
 
 
 def chat_prompt(tok, text: str) -> list:
@@ -300,9 +284,11 @@ def main(argv):
     if tok is None:
         raise cli.BadInput(f"{o['ckpt'] or 'the checkpoint'} has no tokenizer; convert it from a folder with tokenizer.json")
     model.eval()
+    check_model(model, o)
     if o["target_density"] > 0:  # pick tau on calibration text (stdlib source, train split)
         folder = datalib.prepare("", tok)
-        model.cfg.tau = calibrate(model, datalib.Batches(folder, "train", 512), o["target_density"])
+        T = min(512, model.cfg.block_size)  # calibration windows: at most the model's context
+        model.retune(tau=calibrate(model, datalib.Batches(folder, "train", T), o["target_density"]))
         print(f"tau calibrated to {model.cfg.tau:.4f} for target density {o['target_density']}")
     torch.manual_seed(o["seed"])
     ids = chat_prompt(tok, o["prompt"]) if o["chat"] else tok.encode(o["prompt"])
@@ -337,8 +323,10 @@ def main(argv):
     elif rep["density_per_layer"]:
         print(f"density of pairs older than the window: {rep['density']:.3f}; per layer: "
               + " ".join(f"{d:.2f}" for d in rep["density_per_layer"].values()))
+    ratio = rep["dense_bytes"] / rep["bytes"]
     print(f"KV pairs held {rep['pairs']:,} vs dense {rep['dense_pairs']:,}; KV bytes in use {rep['bytes']:,} vs "
-          f"dense {rep['dense_bytes']:,}: compression {rep['dense_bytes'] / rep['bytes']:.2f}x")
+          f"dense {rep['dense_bytes']:,}: " + (f"compression {ratio:.2f}x" if ratio >= 1 else
+          f"no compression: this cache holds {1 / ratio:.2f}x the bytes of a dense one"))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+import cli
 import spkv
 
 ATTN_IMPLS = ("reference", "sdpa", "flex", "flex_compiled")
@@ -43,6 +44,19 @@ def choose_attention(device: torch.device, requested: str = "auto"):
 
 # ---------------------------------------------------------------------------------------------
 # SDPA with an additive bias.
+
+
+BIAS_LIMIT_BYTES = 2e9  # the largest (B, Hkv, T, T) bias the "sdpa" path may build per layer
+
+
+def check_bias_size(B: int, Hkv: int, T: int, dtype_bytes: int):
+    """The "sdpa" path materializes SP-KV's bias, B * Hkv * T * T values per layer: refuse a shape
+    where that alone would take gigabytes (0.8 GB per layer at train.py's gpu preset) instead of
+    failing out of memory later; FlexAttention builds no bias."""
+    size = B * Hkv * T ** 2 * dtype_bytes
+    if size > BIAS_LIMIT_BYTES:
+        raise cli.BadInput(f"attention path sdpa would build a {size / 1e9:.1f} GB attention bias per layer at "
+                           f"batch {B} x sequence {T}; use flex_compiled (CUDA), or a smaller batch or sequence")
 
 
 def sdpa_attention(q, k, v, lg, window):

@@ -7,6 +7,7 @@ layers dense is the baseline every SP-KV number is compared against).
 Shapes: B batch, T length, H query heads, Hkv KV heads, D head dim, d = n_embd model width.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -76,13 +77,13 @@ class GPTConfig:
 # Positions
 
 
-def rope_inv_freq(cfg: GPTConfig) -> torch.Tensor:
-    """RoPE inverse frequencies (D/2,), with Llama-3 style scaling when rope_factor != 1:
+def rope_inv_freq(cfg: GPTConfig, device=None) -> torch.Tensor:
+    """RoPE inverse frequencies (D/2,) in float64, with Llama-3 style scaling when rope_factor != 1:
     long wavelengths are slowed by `factor`, short ones kept, the band between interpolated."""
     D = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))  # (D/2,)
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64, device=device) / D))  # (D/2,)
     if cfg.rope_factor == 1.0:
-        return inv.float()
+        return inv
     wavelen = 2 * math.pi / inv
     low_wavelen = cfg.rope_original_context / cfg.rope_low_freq_factor
     high_wavelen = cfg.rope_original_context / cfg.rope_high_freq_factor
@@ -90,8 +91,7 @@ def rope_inv_freq(cfg: GPTConfig) -> torch.Tensor:
         cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
     mid = (1 - smooth) * inv / cfg.rope_factor + smooth * inv
     scaled = torch.where(wavelen > low_wavelen, inv / cfg.rope_factor, inv)
-    scaled = torch.where((wavelen >= high_wavelen) & (wavelen <= low_wavelen), mid, scaled)
-    return scaled.float()
+    return torch.where((wavelen >= high_wavelen) & (wavelen <= low_wavelen), mid, scaled)
 
 
 def apply_rope(x, cos, sin):
@@ -127,7 +127,7 @@ class Pass:
     pos: torch.Tensor  # (T,) or (B, T) absolute positions of the tokens
     rope: tuple  # (cos, sin) at pos for RoPE; None for GPT-2 (learned positions)
     impl: str  # the kernels.py path that attends without a cache (GPT.attn_impl)
-    a: object = 0.0  # gate anneal weight in [0, 1], float or 0-dim tensor: 0 soft, 1 hard (spkv.log_gate)
+    a: torch.Tensor  # 0-dim gate anneal weight in [0, 1]: 0 soft, 1 hard (spkv.annealed_log_gate)
     frozen: bool = False  # detach the gate logits: the predictor gets no gradient (train.py's anneal phase)
     cache: object = None  # decoding: attention is cache.update_and_attend(...), see cache.py
     gates: list = None  # a list: each SP-KV layer appends its gate logits (B, Hkv, T), in layer order
@@ -179,7 +179,7 @@ class Attention(nn.Module):
         if p.cache is not None:  # the cache writes what the keep rule keeps, and attends with its own kernel
             y = p.cache.update_and_attend(self.layer, q, k, v, logit, p.pos)
         else:
-            lg = None if logit is None else spkv.log_gate(logit, self.cfg.tau, p.a)  # (B, Hkv, T)
+            lg = None if logit is None else spkv.annealed_log_gate(logit, self.cfg.tau, p.a)  # (B, Hkv, T)
             y = kernels.attention(q, k, v, lg, self.cfg.window, p.impl)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
@@ -228,12 +228,25 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        if cfg.arch == "llama":
-            self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # (D/2,)
         self.apply(self._init_weights)
-        for m in self.modules():  # the generic init above must not close the gates
+        self.reset_predictors()  # the generic init above must not close the gates
+
+    def reset_predictors(self):
+        """Every utility predictor fresh and open at cfg.predictor_init_bias (METHOD.md section 1)."""
+        for m in self.modules():
             if isinstance(m, spkv.UtilityPredictor):
+                m.init_bias = self.cfg.predictor_init_bias
                 m.reset_open()
+
+    def retune(self, **knobs) -> "GPT":
+        """Change SP-KV's deployment knobs (tau, window) of a built model: one new validated config,
+        shared by every layer. The one place a config changes after construction; shapes never do."""
+        if not set(knobs) <= {"tau", "window"}:
+            raise ValueError(f"only tau and window can be retuned, not {sorted(set(knobs) - {'tau', 'window'})}")
+        self.cfg = dataclasses.replace(self.cfg, **knobs)  # __post_init__ validates the new values
+        for block in self.blocks:
+            block.attn.cfg = self.cfg
+        return self
 
     @staticmethod
     def _init_weights(m):
@@ -245,14 +258,28 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 
+    def compile_blocks(self):
+        """torch.compile each block in place (regional compilation). The blocks share one code path, so
+        the compiled graph is reused across layers and compiling costs about one block's time instead
+        of the whole model's (a whole-model compile of the 30-layer SmolLM2 took minutes on an H100)."""
+        for block in self.blocks:
+            block.compile()
+
+    def flops_per_token(self, T: int) -> float:
+        """Training FLOPs per token at sequence length T (nanoGPT's estimate: 6N plus attention)."""
+        n = sum(p.numel() for p in self.parameters())
+        return 6 * n + 12 * self.cfg.n_layer * self.cfg.n_embd * T
+
     def predictor_parameters(self) -> list:
         return [p for n, p in self.named_parameters() if ".predictor." in n]
 
-    def rope(self, pos):
-        """cos, sin for positions pos: (T,) -> (T, D), or (B, T) -> (B, 1, T, D)."""
-        angles = pos.float()[..., None] * self.inv_freq  # (..., T, D/2)
+    def rope(self, pos, dtype):
+        """cos, sin for positions pos: (T,) -> (T, D), or (B, T) -> (B, 1, T, D), in dtype. The
+        angles pos * inv_freq are formed in float64 and cast only after cos/sin: in float32 an
+        angle near 30,000 radians is off by up to 2e-3, an error that grows with position."""
+        angles = pos.double()[..., None] * rope_inv_freq(self.cfg, pos.device)  # (..., T, D/2) float64
         angles = torch.cat((angles, angles), dim=-1)  # (..., T, D)
-        cos, sin = angles.cos(), angles.sin()
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
         return (cos, sin) if pos.dim() == 1 else (cos[:, None], sin[:, None])
 
     def embed_tokens(self, idx, pos):
@@ -260,13 +287,13 @@ class GPT(nn.Module):
         h = self.embed(idx)  # (B, T, d)
         if self.cfg.arch == "gpt2":
             return h + self.pos_embed(pos), None
-        return h, self.rope(pos)
+        return h, self.rope(pos, torch.promote_types(h.dtype, torch.float32))  # fp32 tables, fp64 in a fp64 model
 
     def forward(self, idx, targets=None, *, a=0.0, frozen=False, gates=None, cache=None, pos=None, last_only=False):
         """idx (B, T) token ids -> logits (B, T, V) and the mean next-token loss if targets given.
 
-        a: gate anneal weight, 0 soft (training), 1 hard (inference), in between while annealing
-           (METHOD.md section 4); frozen: detach the gate logits (the predictor learns nothing).
+        a: gate anneal weight, a float: 0 soft (training), 1 hard (inference), in between while
+           annealing (METHOD.md section 4); frozen: detach the gate logits (the predictor learns nothing).
         gates: optional list; each SP-KV layer appends its gate logits (B, Hkv, T), in layer order.
         cache: decode through a cache.py cache (or anything with the same update_and_attend, like
            baselines.py's masks); pos (B, T) or (T,) are then the tokens' positions (default 0..T-1).
@@ -276,8 +303,11 @@ class GPT(nn.Module):
         if T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the model's context "
                              f"block_size={self.cfg.block_size}; use a shorter seq_len")
+        if not 0.0 <= a <= 1.0:
+            raise ValueError(f"anneal weight a={a} is outside [0, 1]")
         pos = torch.arange(T, device=idx.device) if pos is None else pos
         h, rope = self.embed_tokens(idx, pos)
+        a = torch.tensor(float(a), device=idx.device)  # a tensor: compiled blocks see a value, so no recompile as a moves
         p = Pass(pos=pos, rope=rope, impl=self.attn_impl, a=a, frozen=frozen, cache=cache, gates=gates)
         for block in self.blocks:
             h = block(h, p)
@@ -286,3 +316,24 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Model FLOPs utilization: the GPU's peak, for train.py's MFU
+
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}  # dense bf16
+
+
+def peak_flops(device: torch.device, given_tflops: float = 0.0) -> tuple:
+    """(peak FLOP/s for MFU or None, how it was found): given_tflops when > 0, else the first
+    PEAK_TFLOPS name inside the CUDA device's name; None (no MFU) on CPU or an unknown GPU."""
+    if given_tflops > 0:
+        return given_tflops * 1e12, f"given: {given_tflops} TFLOP/s"
+    if device.type != "cuda":
+        return None, "no MFU on CPU"
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12, f"{name}: {tflops:.0f} TFLOP/s bf16 (model.PEAK_TFLOPS)"
+    return None, f"{name} is not in model.PEAK_TFLOPS: no MFU logged (give --peak_tflops)"

@@ -1,5 +1,6 @@
 """SP-KV, the method in one file: the utility predictor, the three gate views, the bias they put on
-attention, a dense reference attention that defines correctness, and density statistics.
+attention, a dense reference attention that defines correctness, density statistics, and the
+calibration of tau to a target density.
 
 Self-Pruned Key-Value attention (arXiv 2605.14037) scores every key/value pair the moment it is
 written, per KV head, with u = sigmoid(mlp(x)). Keys inside a local window of `window` tokens are
@@ -11,9 +12,9 @@ always visible; an older key s is seen through its gate:
 
 Where the rest of the method lives (METHOD.md tells it section by section):
     model.py   predictor placement: each SP-KV Attention owns a UtilityPredictor that reads the
-               attention's normalized input, and adds log_gate(...) to the scores (section 1)
+               attention's normalized input, and adds annealed_log_gate(...) to the scores (section 1)
     train.py   the freeze/anneal schedule: soft gates while the predictor learns, then predictor
-               frozen and the anneal weight a going 0 -> 1 (gate_schedule, gate_view_at; section 4)
+               frozen and the anneal weight a going 0 -> 1 (gate_schedule, gates_at; section 4)
     cache.py   write-time eviction: hard_keep decides as a pair is written; a pair leaving the
                local ring goes to the paged store if kept and is dropped for good otherwise (section 6)
     kernels.py the fast attention paths, each tested against reference_attention below
@@ -65,7 +66,7 @@ class UtilityPredictor(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # The three gate views. Each maps logits (B, Hkv, S) to the log-gate added to old keys' scores;
-# log_gate picks one by the anneal weight a.
+# the annealed one is both ends too (a = 0 soft, a = 1 hard), and the only one the model calls.
 
 
 def soft_log_gate(logit: torch.Tensor) -> torch.Tensor:
@@ -85,31 +86,17 @@ def hard_log_gate(logit: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.zeros_like(logit).masked_fill(~keep, float("-inf"))
 
 
-def annealed_log_gate(logit: torch.Tensor, tau: float, a) -> torch.Tensor:
-    """Closing the train/test gap (METHOD.md section 4): log u_tilde with
-        u_tilde = (1 - a) * u + a * 1[u >= tau],   a going 0 -> 1 over the last steps.
-    Computed as logaddexp(log(1 - a) + log u, log(a) + log 1[u >= tau]), which is exactly the soft
-    view at a = 0 and exactly the hard view at a = 1, with no branch on a: `a` may be a float or a
-    0-dim tensor (a tensor keeps torch.compile from recompiling as a changes every step).
-    Warning: at a = 1 a dropped key is logaddexp(-inf, -inf), whose gradient is NaN; the predictor
-    is frozen while annealing, so callers pass a detached logit (model.py does).
+def annealed_log_gate(logit: torch.Tensor, tau: float, a: torch.Tensor) -> torch.Tensor:
+    """The log-gate of anneal weight a, the one the model uses (METHOD.md section 4): log u_tilde with
+        u_tilde = (1 - a) * u + a * 1[u >= tau],   a going 0 -> 1 over the last steps of training.
+    a is a 0-dim tensor in [0, 1] (GPT.forward makes it once per pass, so torch.compile never
+    recompiles as a changes): 0 is exactly the soft view, 1 exactly the hard view. Kept keys take
+    logaddexp(log(1 - a) + log u, log a); dropped keys log(1 - a) + log u, which is -inf at a = 1,
+    so no branch on a and no logaddexp(-inf, -inf), whose gradient would be NaN.
     """
     a = torch.as_tensor(a, dtype=logit.dtype, device=logit.device)
-    log_keep = torch.log(hard_keep(logit, tau).to(logit.dtype))  # 0 kept, -inf dropped
-    return torch.logaddexp(torch.log1p(-a) + F.logsigmoid(logit), torch.log(a) + log_keep)
-
-
-def log_gate(logit: torch.Tensor, tau: float, a=0.0) -> torch.Tensor:
-    """The log-gate of anneal weight a: 0 soft (training), 1 hard (inference), between: annealing.
-    A plain number 0 or 1 takes the soft or hard view directly; anything else, a tensor included
-    (train.py passes one while annealing), the annealed formula, which equals them at the ends."""
-    if not isinstance(a, torch.Tensor) and a == 0:
-        return soft_log_gate(logit)
-    if not isinstance(a, torch.Tensor) and a == 1:
-        return hard_log_gate(logit, tau)
-    if not isinstance(a, torch.Tensor) and not 0 <= a <= 1:
-        raise ValueError(f"anneal weight a={a} is outside [0, 1]")
-    return annealed_log_gate(logit, tau, a)
+    dropped = torch.log1p(-a) + F.logsigmoid(logit)  # log((1 - a) u)
+    return torch.where(hard_keep(logit, tau), torch.logaddexp(dropped, torch.log(a)), dropped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,3 +170,37 @@ def density_stats(keeps, window: int, lengths=None) -> dict:
         kept_all, old_all = kept_all + kept.sum().item(), old_all + old.sum().item()
     overall = kept_all / old_all if old_all else float("nan")
     return {"overall": overall, "per_layer": per_layer, "per_head": per_head, "kept": kept_all, "old": old_all}
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration: the tau that keeps a target fraction of old pairs (a deployment knob; train.py's
+# --target_density and generate.py's use it)
+
+
+def tau_for_density(u: torch.Tensor, target: float) -> float:
+    """The threshold keeping a `target` fraction of gates: u (N,) pooled over layers, heads and
+    old positions of a calibration set; keep = u >= tau, so tau is the (1 - target) quantile."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target density {target} must be in (0, 1]")
+    ranked = u.flatten().sort().values
+    return float(ranked[min(int((1.0 - target) * ranked.numel()), ranked.numel() - 1)])
+
+
+@torch.no_grad()
+def old_gate_values(model, batches, n_batches, batch_size, gen) -> torch.Tensor:
+    """u of every pair older than the window (the ones the gate decides), pooled: (N,)."""
+    values, device = [], next(model.parameters()).device
+    for _ in range(n_batches):
+        x, _ = batches.sample(batch_size, gen)  # (B, T), on the CPU
+        gates = []
+        model(x.to(device), gates=gates)
+        T = x.shape[1]
+        old = torch.arange(T, device=device) <= T - 1 - model.cfg.window  # (T,)
+        values += [torch.sigmoid(g[..., old].float()).flatten().cpu() for g in gates]
+    return torch.cat(values)
+
+
+def calibrate(model, batches, target, n_batches=4, batch_size=2, seed=0) -> float:
+    """tau for `target` density on calibration batches drawn with `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    return tau_for_density(old_gate_values(model, batches, n_batches, batch_size, gen), target)

@@ -8,15 +8,14 @@
 Recipe (METHOD.md sections 4-5): start from pretrained weights with predictors open; train the
 model and predictors jointly (predictor LR x5, weight decay 0.1); warmup + cosine decay; for the
 last 25% of the decay freeze the predictor and anneal every gate to its hard value, so the final
-checkpoint is trained under exactly the attention it will decode with.
+checkpoint is trained under exactly the attention it will decode with. The run folder (lock,
+resume, log, Ctrl-C, guarded saves, final.json) is run.RunDir's; evaluation is measure.py's.
 Flags are `--key=value` for any TrainConfig field; unknown keys and wrong types are refused.
 """
 
 import dataclasses
-import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -26,12 +25,13 @@ import torch
 import cli
 import data as datalib
 import kernels
+import measure
 import spkv
-from checkpoint import check_shapes, load_model, read_checkpoint, save_checkpoint
-from convert import default_checkpoint
-from generate import calibrate
-from model import GPT, GPTConfig
+from checkpoint import load_model, read_checkpoint
+from model import GPT, GPTConfig, peak_flops
+from run import RunDir, progress
 from tokenizer import Tokenizer
+from weights import default_checkpoint
 
 
 @dataclass
@@ -67,7 +67,7 @@ class TrainConfig:
     ckpt_every: int = 20  # steps between checkpoints (each one evaluated first)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     compile: bool = True  # torch.compile the model on CUDA (ignored on CPU)
-    peak_tflops: float = 0.0  # the GPU's dense bf16 peak for MFU; 0 = look the device up in PEAK_TFLOPS
+    peak_tflops: float = 0.0  # the GPU's dense bf16 peak for MFU; 0 = look the device up in model.PEAK_TFLOPS
     attn: str = "auto"  # attention path, see kernels.ATTN_IMPLS
     seed: int = 1337  # model init and data order
     n_layer: int = 4  # --init=scratch model shape; the tokenizer comes from --ckpt
@@ -85,7 +85,7 @@ PRESETS = {  # plain dicts of overrides, applied before explicit flags
 
 
 def parse_flags(argv: list) -> tuple:
-    """--key=value flags -> (TrainConfig, set of keys given explicitly)."""
+    """--key=value flags -> (TrainConfig, the flags given explicitly: {key: value})."""
     given = cli.parse(argv, TrainConfig, "train.py")
     preset = given.get("preset", "auto")
     if preset == "auto":
@@ -96,31 +96,33 @@ def parse_flags(argv: list) -> tuple:
     cfg = TrainConfig(**{**PRESETS[preset], **given, "preset": preset, "out_dir": out_dir})
     if not cfg.resume:  # a resume is checked once the saved recipe is known
         validate(cfg)
-    return cfg, set(given)
+    return cfg, {k: getattr(cfg, k) for k in given}  # a preset of "auto" as resolved
 
 
 def validate(cfg: TrainConfig):
     """Refuse values that cannot train, naming the flag and the fix."""
-    problems = [f"--{k}={getattr(cfg, k)} must be >= 1" for k in
-                ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "log_every",
-                 "ckpt_every", "anneal_steps") if getattr(cfg, k) < 1]
-    problems += [f"--{k}={getattr(cfg, k)} must be a finite number > 0" for k in ("lr", "predictor_lr_mult",
-                 "grad_clip") if not (math.isfinite(getattr(cfg, k)) and getattr(cfg, k) > 0)]
-    if not (math.isfinite(cfg.peak_tflops) and cfg.peak_tflops >= 0):
-        problems.append(f"--peak_tflops={cfg.peak_tflops} must be a finite number >= 0 (0 = look the GPU up)")
+    v = dataclasses.asdict(cfg)
+    shape = ("n_layer", "n_embd", "n_head", "n_kv_head") if cfg.init == "scratch" else ()
+    problems = [f"--{k}={v[k]} must be >= 1" for k in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every",
+                "eval_batches", "log_every", "ckpt_every", "anneal_steps", *shape) if v[k] < 1]
+    problems += [f"--{k}={v[k]} must be a finite number > 0" for k in ("lr", "predictor_lr_mult", "grad_clip")
+                 if not (math.isfinite(v[k]) and v[k] > 0)]
+    problems += [f"--{k}={v[k]} must be a finite number >= 0" for k in ("weight_decay", "predictor_weight_decay",
+                 "peak_tflops", "warmup_steps", "seed") if not (math.isfinite(v[k]) and v[k] >= 0)]
     if not math.isfinite(cfg.predictor_init_bias):
         problems.append(f"--predictor_init_bias={cfg.predictor_init_bias} must be a finite number")
-    problems += [f"--{k}={getattr(cfg, k)} must be in [0, 1]" for k in ("min_lr_frac", "freeze_frac", "tau", "target_density")
-                 if not 0 <= getattr(cfg, k) <= 1]
+    problems += [f"--{k}={v[k]} must be in [0, 1]" for k in ("min_lr_frac", "freeze_frac", "tau", "target_density")
+                 if not 0 <= v[k] <= 1]
+    if cfg.seed >= 2 ** 63:
+        problems.append(f"--seed={cfg.seed} must be below 2**63")
     if cfg.dense and cfg.target_density:
         problems.append(f"--target_density={cfg.target_density} sets SP-KV's tau; a --dense=True run has no gates, drop it")
     if cfg.warmup_steps >= cfg.max_steps:
         problems.append(f"--warmup_steps={cfg.warmup_steps} must be below --max_steps={cfg.max_steps}")
     if not 1 <= cfg.window < cfg.seq_len:
         problems.append(f"--window={cfg.window} must be in [1, --seq_len={cfg.seq_len}): older keys are what SP-KV prunes")
-    problems += [f"--{k}={getattr(cfg, k)!r} is not one of {choices}" for k, choices in
-                 (("device", ("auto", "cpu", "cuda")), ("init", ("pretrained", "scratch")),
-                  ("attn", ("auto", *kernels.ATTN_IMPLS))) if getattr(cfg, k) not in choices]
+    problems += [f"--{k}={v[k]!r} is not one of {choices}" for k, choices in (("device", ("auto", "cpu", "cuda")),
+                 ("init", ("pretrained", "scratch")), ("attn", ("auto", *kernels.ATTN_IMPLS))) if v[k] not in choices]
     if problems:
         raise cli.BadInput("; ".join(problems))
 
@@ -145,12 +147,9 @@ def setup_processes(cfg: TrainConfig):
     if want == "cuda" and not torch.cuda.is_available():
         raise cli.BadInput("--device=cuda but no CUDA device is visible; use --device=cpu")
     reason = "CUDA is available" if want == "cuda" else "no CUDA device (or --device=cpu)"
-    device = torch.device(want)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if want == "cuda" and world > 1 else torch.device(want)
     if world > 1:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        if want == "cuda":
-            device = torch.device("cuda", local)
-            torch.cuda.set_device(device)
+        torch.cuda.set_device(device) if want == "cuda" else None
         torch.distributed.init_process_group(backend="nccl" if want == "cuda" else "gloo")
         reason += f"; DDP rank {rank}/{world}"
     return rank, world, device, reason
@@ -159,52 +158,42 @@ def setup_processes(cfg: TrainConfig):
 def build_model(cfg: TrainConfig, device):
     """(model, tokenizer, where the weights came from). Pretrained: predictors start open."""
     path = cfg.ckpt or default_checkpoint()
-    spkv_knobs = dict(window=cfg.window, tau=cfg.tau, predictor_init_bias=cfg.predictor_init_bias)
+    knobs = dict(window=cfg.window, tau=cfg.tau, predictor_init_bias=cfg.predictor_init_bias)
     if cfg.init == "scratch":  # only the tokenizer and vocabulary size come from the checkpoint
         ckpt = read_checkpoint(path)
-        if not ckpt.get("tokenizer"):
-            raise cli.BadInput(f"checkpoint {path} has no tokenizer; convert it with its tokenizer.json")
-        mc = GPTConfig(vocab_size=ckpt["config"]["vocab_size"], n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
-                       n_kv_head=cfg.n_kv_head, n_hidden=4 * cfg.n_embd, block_size=max(cfg.seq_len, 1024),
-                       **spkv_knobs, dense_layers=tuple(range(cfg.n_layer)) if cfg.dense else ())
-        return GPT(mc).to(device), Tokenizer(ckpt["tokenizer"]), "scratch"
-    model, tok, ckpt = load_model(path, dense=cfg.dense, dense_layers=(), **spkv_knobs)  # every layer adapted
+        try:
+            mc = GPTConfig(vocab_size=ckpt["config"]["vocab_size"], n_layer=cfg.n_layer, n_embd=cfg.n_embd,
+                           n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, n_hidden=4 * cfg.n_embd,
+                           block_size=max(cfg.seq_len, 1024), **knobs,
+                           dense_layers=tuple(range(cfg.n_layer)) if cfg.dense else ())
+        except ValueError as e:  # the shape flags of --init=scratch
+            raise cli.BadInput(f"--init=scratch: {e}") from None
+        model, tok = GPT(mc), Tokenizer(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
+    else:
+        model, tok, ckpt = load_model(path, dense=cfg.dense, dense_layers=(), **knobs)  # every layer adapted
     if tok is None:
         raise cli.BadInput(f"checkpoint {path} has no tokenizer; convert it with its tokenizer.json")
     stored = ckpt["config"].get("predictor_init_bias")
-    holds_predictors = any(".predictor." in k for k in ckpt["model"])  # a converted or an SP-KV checkpoint
-    if not cfg.dense and holds_predictors and stored != cfg.predictor_init_bias:  # made for another init
-        for layer in model.cfg.spkv_layers():
-            predictor = model.blocks[layer].attn.predictor
-            predictor.init_bias = cfg.predictor_init_bias
-            predictor.reset_open()
+    if cfg.init == "pretrained" and not cfg.dense and any(".predictor." in k for k in ckpt["model"]) \
+            and stored != cfg.predictor_init_bias:  # stored predictors made for another init
+        model.reset_predictors()
         print(f"predictors: fresh at init bias {cfg.predictor_init_bias:g} (--predictor_init_bias; the checkpoint's "
               f"were made at {stored})")
-    return model.to(device), tok, path
+    return model.to(device), tok, "scratch" if cfg.init == "scratch" else path
 
 
-BIAS_LIMIT_BYTES = 2e9  # the largest (B, Hkv, T, T) bias the "sdpa" path may build per layer
-
-
-def check_bias_size(cfg: TrainConfig, model: GPT, impl: str, dtype_bytes: int):
-    """The "sdpa" path materializes SP-KV's bias, B * Hkv * T * T values per layer: refuse a shape
-    where that alone would take gigabytes (0.8 GB per layer at the gpu preset) instead of failing
-    out of memory later; FlexAttention builds no bias."""
-    if impl != "sdpa" or cfg.dense:
-        return
-    size = cfg.batch_size * model.cfg.n_kv_head * cfg.seq_len ** 2 * dtype_bytes
-    if size > BIAS_LIMIT_BYTES:
-        raise cli.BadInput(f"--attn=sdpa would build a {size / 1e9:.1f} GB attention bias per layer at --batch_size="
-                           f"{cfg.batch_size} --seq_len={cfg.seq_len}; use --attn=flex_compiled (CUDA), or a smaller "
-                           f"batch or sequence")
-
-
-def compile_blocks(model: GPT):
-    """torch.compile each block in place (regional compilation). The blocks share one code path, so
-    the compiled graph is reused across layers and compiling costs about one block's time instead
-    of the whole model's (a whole-model compile of the 30-layer SmolLM2 took 144 s on an H100)."""
-    for block in model.blocks:
-        block.compile()
+def setup_device(model: GPT, cfg: TrainConfig, rank: int, world: int, device) -> tuple:
+    """(Proc, the attention path's reason): the attention path, checked against the device and the
+    bias it would build, and the precision (bf16 autocast on CUDA, fp32 on the CPU)."""
+    cuda = device.type == "cuda"
+    if not cuda and cfg.attn in ("flex", "flex_compiled"):
+        raise cli.BadInput(f"--attn={cfg.attn} has no backward on the CPU; use --attn=sdpa (or auto) to train here")
+    impl, why = kernels.choose_attention(device, cfg.attn)
+    model.attn_impl = impl
+    if impl == "sdpa" and not cfg.dense:
+        kernels.check_bias_size(cfg.batch_size, model.cfg.n_kv_head, cfg.seq_len, dtype_bytes=2 if cuda else 4)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    return Proc(rank, world, device, autocast), why
 
 
 def make_optimizer(model: GPT, cfg: TrainConfig, fused: bool):
@@ -220,7 +209,7 @@ def make_optimizer(model: GPT, cfg: TrainConfig, fused: bool):
 
 
 # ---------------------------------------------------------------------------------------------
-# Schedules: learning rate, and the gate view (soft, then frozen + annealed, then hard).
+# Schedules: learning rate, and the gates (soft, then predictor frozen while a goes 0 -> 1, then hard).
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -236,245 +225,109 @@ def gate_schedule(cfg: TrainConfig) -> tuple:
     return freeze, max(1, min(cfg.anneal_steps, (cfg.max_steps - freeze) // 2))
 
 
-def gate_view_at(step: int, cfg: TrainConfig) -> tuple:
-    """("soft", 0) while the predictor learns; ("anneal", a) with a: 0 -> 1 once it is frozen.
-    Freezing is done by the forward pass: under "anneal" train_step passes frozen=True, model.py
-    detaches the gate logits, so predictor parameters get no gradient and AdamW skips them (their
-    weight decay included)."""
+def gates_at(step: int, cfg: TrainConfig) -> tuple:
+    """(anneal weight a, frozen): (0.0, False) while the predictor learns; from the freeze, frozen
+    with a going 0 -> 1, then 1 (hard) to the end. Frozen, model.py detaches the gate logits, so the
+    predictor gets no gradient and AdamW skips it, its weight decay included."""
     freeze, length = gate_schedule(cfg)
     if cfg.dense or step < freeze:
-        return "soft", 0.0
-    return "anneal", min(1.0, (step - freeze + 1) / length)
+        return 0.0, False
+    return min(1.0, (step - freeze + 1) / length), True
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-
-
-@torch.no_grad()
 def evaluate(model: GPT, val: datalib.Batches, cfg: TrainConfig, proc: Proc) -> dict:
-    """Val loss under soft and hard gates on fixed batches, and hard-gate density."""
-    model.eval()
-    gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same batches at every eval
-    soft = hard = 0.0
-    keeps = {layer: [] for layer in model.cfg.spkv_layers()}
-    us = {layer: [] for layer in keeps}  # gate values u (B, Hkv, T) per SP-KV layer
-    for _ in range(cfg.eval_batches):
-        x, y = (t.to(proc.device) for t in val.sample(cfg.batch_size, gen))
-        gates = []
-        with proc.autocast:
-            soft += model(x, y, a=0.0)[1].item() / cfg.eval_batches
-            hard += model(x, y, a=1.0, gates=gates)[1].item() / cfg.eval_batches
-        for layer, logit in zip(keeps, gates):
-            keeps[layer].append(spkv.hard_keep(logit, model.cfg.tau).cpu())
-            us[layer].append(torch.sigmoid(logit.float()).cpu())
-    model.train()
-    out = {"val_soft": soft, "val_hard": hard}
-    if keeps:
-        out["tau"] = model.cfg.tau  # the threshold of val_hard and density (--target_density moves it)
-        out["gates"] = gate_stats(model, {k: torch.cat(v) for k, v in us.items()})
-        stats = spkv.density_stats({k: torch.cat(v) for k, v in keeps.items()}, model.cfg.window)
-        out.update(density=stats["overall"], density_per_layer=stats["per_layer"],
-                   density_per_head=stats["per_head"])
-    return out
-
-
-def gate_stats(model: GPT, us: dict) -> dict:
-    """Per SP-KV layer, what the gates do: the mean u over every position, the fraction of
-    positions below tau (dropped once old), and the mean output bias b2 of the predictor (where
-    the gates started: b2 = predictor_init_bias). us: {layer: (B, Hkv, T) gate values}."""
-    return {layer: {"mean_u": u.mean().item(), "below_tau": (u < model.cfg.tau).float().mean().item(),
-                    "bias": model.blocks[layer].attn.predictor.proj.bias.mean().item()}
-            for layer, u in us.items()}
-
-
-def report_density(stats: dict):
-    """Print per layer x KV head density as a table."""
-    if "density_per_head" not in stats:
-        return
-    print(f"density per layer x KV head (overall {stats['density']:.3f}):")
-    for layer, heads in stats["density_per_head"].items():
-        print(f"  layer {layer:2d}: " + " ".join(f"{d:.3f}" for d in heads) + f"   | {stats['density_per_layer'][layer]:.3f}")
+    """measure.evaluate on the same --eval_batches val batches at every call."""
+    return measure.evaluate(model, val, cfg.eval_batches, cfg.batch_size, cfg.seed + 1, proc.device, proc.autocast)
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints and logs
+# One step, and the pieces of the loop
 
 
-RUN_FILES = ("ckpt.pt", "log.jsonl", "final.json")  # what a run leaves in its out_dir
-DIVERGED_NATS = 1.0  # a val loss this far above the run's best is a diverged model
-WEIGHT_GROWTH = 1000.0  # weights this many times larger than at the start are a diverged model
+def train_step(fwd, model, opt, batch, lr: float, cfg: TrainConfig, proc: Proc, a: float, frozen: bool) -> tuple:
+    """Forward/backward over the micro-batches of one global batch at learning rate lr; returns
+    (mean loss, grad norm), the update left to the caller. The global batch (grad_accum,
+    world * batch_size, T) is the same on every rank; rank r takes columns r * batch_size ... so
+    N processes see exactly what one process with N x the batch sees."""
+    for g in opt.param_groups:
+        g["lr"] = lr * g["lr_mult"]
+    world = proc.world
+    x_all, y_all = (t.view(cfg.grad_accum, world * cfg.batch_size, cfg.seq_len) for t in batch)
+    cols = slice(proc.rank * cfg.batch_size, (proc.rank + 1) * cfg.batch_size)
+    loss_sum = torch.zeros((), device=proc.device)
+    for micro in range(cfg.grad_accum):
+        if world > 1:  # all-reduce gradients only on the last micro-batch
+            fwd.require_backward_grad_sync = micro == cfg.grad_accum - 1
+        with proc.autocast:
+            _, loss = fwd(x_all[micro, cols].to(proc.device), y_all[micro, cols].to(proc.device), a=a, frozen=frozen)
+        (loss / cfg.grad_accum).backward()
+        loss_sum += loss.detach() / cfg.grad_accum
+    if world > 1:
+        torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    return loss_sum.item(), norm.item()
 
 
-def check_fresh_out_dir(out_dir: str):
-    """A new run never replaces an earlier one's files."""
-    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
-    if found:
-        raise cli.BadInput(f"--out_dir={out_dir} already holds a run ({', '.join(found)}); continue it with "
-                           f"--resume=True, or give a fresh --out_dir")
+def restore(run: RunDir, model: GPT, opt, gen, cfg: TrainConfig) -> int:
+    """Load the run to resume; returns its step. A run cut by --target_density goes on at its tau."""
+    step, saved_tau = run.restore(model, opt, gen, cfg.max_steps)
+    if cfg.target_density and step > gate_schedule(cfg)[0]:
+        model.retune(tau=saved_tau)
+    return step
 
 
-def saved_config(ckpt_path: str) -> dict:
-    """The recipe of the run a --resume=True continues."""
-    if not os.path.isfile(ckpt_path):
-        raise cli.BadInput(f"--resume=True but {ckpt_path} does not exist; drop --resume to start a new run")
-    ckpt = read_checkpoint(ckpt_path)
-    if "train_config" not in ckpt:
-        raise cli.BadInput(f"{ckpt_path} is a converted checkpoint, not a training run, so there is nothing to "
-                           f"resume; adapt it with --ckpt={ckpt_path} and a fresh --out_dir")
-    return ckpt["train_config"]
+def resumed_config(saved: dict, given: dict) -> TrainConfig:
+    """The saved recipe with the flags given now on top (e.g. a longer --max_steps), validated."""
+    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise cli.BadInput(f"the run to resume was made by another version of train.py (unknown settings "
+                           f"{unknown[:3]}); resume it with that version, or start a new --out_dir")
+    cfg = TrainConfig(**{**saved, **given, "resume": True})
+    validate(cfg)
+    return cfg
 
 
-def max_abs_weight(model: GPT) -> float:
-    return max(p.detach().abs().max().item() for p in model.parameters())
+def cut_tau(model: GPT, train: datalib.Batches, cfg: TrainConfig, proc: Proc, step: int):
+    """--target_density, at the freeze: retune tau to keep that fraction of old pairs on training
+    batches (drawn with their own seed, so the data order is untouched, and at the global batch
+    size, so every DDP rank computes the same tau). Not in the paper's recipe (tau stays 0.5)."""
+    model.eval()
+    with proc.autocast:  # the precision training's gates are computed in
+        model.retune(tau=spkv.calibrate(model, train, cfg.target_density, cfg.eval_batches, cfg.batch_size * proc.world))
+    model.train()
+    print(f"\nstep {step}: tau {model.cfg.tau:.4f} keeps {cfg.target_density:g} of old pairs") if proc.rank == 0 else None
 
 
-class SaveGuard:
-    """Decides whether a state may replace ckpt.pt, and says what ckpt.pt holds. A state is saved
-    only when its weights are finite and under WEIGHT_GROWTH x their size at the start of the run,
-    and its val loss is finite and within DIVERGED_NATS of the best one seen in this run."""
-
-    def __init__(self, path: str, model: GPT, start_eval: dict, saved_step):
-        self.path, self.step = path, saved_step  # saved_step: the step path holds, None if none yet
-        self.start_weight = max_abs_weight(model)
-        self.best = math.inf
-        self.seen(start_eval)
-
-    def seen(self, ev: dict):
-        if math.isfinite(ev["val_soft"]):
-            self.best = min(self.best, ev["val_soft"])
-
-    def problem(self, model: GPT, ev: dict) -> str:
-        """Why this state must not be saved ("" when it may)."""
-        w, v = max_abs_weight(model), ev["val_soft"]
-        if not math.isfinite(w):
-            return "non-finite weights"
-        if w > WEIGHT_GROWTH * max(self.start_weight, 1.0):
-            return f"weights grew to {w:.3g} (largest {self.start_weight:.3g} at the start)"
-        if not (math.isfinite(v) and math.isfinite(ev["val_hard"])):
-            return f"val loss {v} (soft) / {ev['val_hard']} (hard)"
-        if v > self.best + DIVERGED_NATS:
-            return f"val loss {v:.4f} is over {DIVERGED_NATS} above the best {self.best:.4f}: diverged"
-        return ""
-
-    def check(self, model: GPT, ev: dict, step: int):
-        """Stop the run before a diverged state is written."""
-        problem = self.problem(model, ev)
-        if problem:
-            raise cli.BadInput(f"step {step}: {problem}; not saved, {self.holds()}. Lower --lr or check the data")
-
-    def saved(self, step: int):
-        self.step = step
-
-    def holds(self) -> str:
-        if self.step is None:
-            return f"no checkpoint exists yet at {self.path}"
-        return f"{self.path} still holds step {self.step}"
+def prepare_forward(model: GPT, cfg: TrainConfig, proc: Proc):
+    """What the loop calls: the model with its blocks compiled on CUDA, wrapped in DDP under torchrun."""
+    if proc.device.type == "cuda" and cfg.compile:
+        model.compile_blocks()
+    return model if proc.world == 1 else torch.nn.parallel.DistributedDataParallel(  # frozen predictors: "unused"
+        model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None, find_unused_parameters=not cfg.dense)
 
 
-def save_state(path, model, tok, source, opt, step, gen, cfg):
-    """Model + tokenizer in the shared format, plus what a resume needs: optimizer, step, data RNG.
-    Callers ask SaveGuard first: a diverged state never replaces the last good one."""
-    save_checkpoint(path, model, tok.spec, source, optimizer=opt.state_dict(), step=step,
-                    data_rng=gen.get_state(), train_config=dataclasses.asdict(cfg))
+def report_setup(cfg: TrainConfig, proc: Proc, model: GPT, source: str, why: list):
+    cuda = proc.device.type == "cuda"
+    print(f"device: {proc.device} ({why[0]}); dtype: {'bf16 autocast' if cuda else 'fp32'}; "
+          f"compile: {cuda and cfg.compile}")
+    print(f"attention: {model.attn_impl} ({why[1]}); MFU: {why[2]}")
+    print(f"model: {source}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+          f"{'dense baseline' if cfg.dense else f'SP-KV window={cfg.window} tau={model.cfg.tau}'}")
+    if not cfg.dense:
+        freeze, length = gate_schedule(cfg)
+        print(f"schedule: soft gates to step {freeze}, then predictor frozen and gates annealed to hard over "
+              f"{length} steps (hard from step {freeze + length})"
+              + (f"; at step {freeze} tau is retuned (--target_density={cfg.target_density:g})" if cfg.target_density else ""))
 
 
-def restore_state(path, model, opt, gen) -> tuple:
-    """Load a saved run into model, opt and gen; (its step, the tau its model held)."""
-    ckpt = read_checkpoint(path)
-    check_shapes(model, ckpt["model"], path)
-    missing, unexpected = model.state_dict().keys() - ckpt["model"].keys(), ckpt["model"].keys() - model.state_dict().keys()
-    if missing or unexpected:
-        raise cli.BadInput(f"{path} does not fit this model (missing {sorted(missing)[:3]}, unexpected "
-                           f"{sorted(unexpected)[:3]}); resume with the flags it was trained with")
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    gen.set_state(ckpt["data_rng"])
-    return ckpt["step"], ckpt["config"]["tau"]
-
-
-class StopFlag:
-    """First Ctrl-C (SIGINT) asks the loop to stop at the end of the current step, so the state it
-    saves is never half-updated; a second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGINT, self.request)
-
-    def request(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nCtrl-C: finishing this step, then saving (press again to abort without saving)", flush=True)
-
-
-def strict_json(obj):
-    """obj with every non-finite float as None (null): strict JSON parsers reject a bare NaN."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict_json(v) for v in obj]
-    return obj
-
-
-def log_line(path: str, record: dict):
-    with open(path, "a") as f:
-        f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
-
-
-def truncate_log(path: str, step: int) -> int:
-    """Drop the records of steps >= step, which a resume from `step` writes again (and a line torn
-    by a kill); returns how many were dropped."""
-    if not os.path.isfile(path):
-        return 0
-    with open(path) as f:
-        lines = f.read().splitlines()
-    keep = [line for line in lines if is_record_before(line, step)]
-    if len(keep) < len(lines):
-        with open(path + ".tmp", "w") as f:
-            f.write("".join(line + "\n" for line in keep))
-        os.replace(path + ".tmp", path)
-    return len(lines) - len(keep)
-
-
-def is_record_before(line: str, step: int) -> bool:
-    try:
-        return json.loads(line)["step"] < step
-    except json.JSONDecodeError:  # the last line of a run killed mid-write
-        return False
-
-
-def progress(step, total, t0, start, text):
-    done = step + 1 - start
-    eta = (time.time() - t0) / max(done, 1) * (total - step - 1)
-    bar = "#" * int(20 * (step + 1) / total)
-    line = f"[{bar:<20}] {step + 1}/{total} {text} eta {eta / 60:5.1f}m"
-    print("\r" + line, end="", flush=True) if sys.stdout.isatty() else print(line, flush=True)
-
-
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}  # dense bf16
-
-
-def peak_flops(cfg: TrainConfig, device) -> tuple:
-    """(peak FLOP/s for MFU or None, how it was found): --peak_tflops, else the first PEAK_TFLOPS
-    name inside the CUDA device's name; None (no MFU logged) on CPU or an unknown GPU."""
-    if cfg.peak_tflops > 0:
-        return cfg.peak_tflops * 1e12, f"--peak_tflops={cfg.peak_tflops}"
-    if device.type != "cuda":
-        return None, "no MFU on CPU"
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12, f"{name}: {tflops:.0f} TFLOP/s bf16 (train.PEAK_TFLOPS)"
-    return None, f"{name} is not in train.PEAK_TFLOPS: no MFU logged (give --peak_tflops)"
-
-
-def flops_per_token(model: GPT, T: int) -> float:
-    """Training FLOPs per token (nanoGPT's estimate: 6N plus attention)."""
-    n = sum(p.numel() for p in model.parameters())
-    c = model.cfg
-    return 6 * n + 12 * c.n_layer * c.n_embd * T
+def report_end(final: dict, cfg: TrainConfig, proc: Proc, ckpt_path: str):
+    print(f"\ndone: val loss soft {final['val_soft']:.4f}, hard {final['val_hard']:.4f} -> {ckpt_path}")
+    measure.report_density(final)
+    if proc.device.type != "cuda" and not cfg.dense and final.get("density", 0.0) > 0.95:
+        print(f"note: this short CPU run kept (almost) every old pair (predictor LR x{cfg.predictor_lr_mult:g}, "
+              f"{cfg.max_steps} steps): so few steps do not close gates that start open. experiments/README.md "
+              "has the CPU runs that prune (`python experiments/realtext.py`) and what they show; on one GPU the "
+              "gpu preset trains for thousands of steps.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,169 +338,62 @@ def main(argv):
     cfg, given = parse_flags(argv)
     rank, world, device, why_device = setup_processes(cfg)
     master = rank == 0
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.resume:  # the saved recipe, with the flags given now on top (e.g. a longer max_steps)
-        saved = saved_config(ckpt_path)
-        cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given}, "resume": True})
-        validate(cfg)
-    else:
-        check_fresh_out_dir(cfg.out_dir)
-    torch.manual_seed(cfg.seed)
-    model, tok, source = build_model(cfg, device)
-    if cfg.seq_len > model.cfg.block_size:
-        raise cli.BadInput(f"--seq_len={cfg.seq_len} is beyond the model's context of {model.cfg.block_size}")
-    cuda = device.type == "cuda"
-    impl, why_attn = kernels.choose_attention(device, cfg.attn)
-    model.attn_impl = impl
-    check_bias_size(cfg, model, impl, dtype_bytes=2 if cuda else 4)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    proc = Proc(rank, world, device, autocast)
-    peak, why_peak = peak_flops(cfg, device)
-    folder = datalib.prepare(cfg.data, tok, cfg.data_cache or datalib.DEFAULT_CACHE)
-    train, val = datalib.Batches(folder, "train", cfg.seq_len), datalib.Batches(folder, "val", cfg.seq_len)
-    opt = make_optimizer(model, cfg, fused=cuda)
-    gen = torch.Generator().manual_seed(cfg.seed)  # the data position: saved and restored
-    step, saved_tau = restore_state(ckpt_path, model, opt, gen) if cfg.resume else (0, cfg.tau)
-    freeze, anneal_len = gate_schedule(cfg)
-    if cfg.target_density and step > freeze:  # resumed after the cut: keep the tau it set (validate: not dense)
-        model.cfg.tau = saved_tau
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    if master and cfg.resume:
-        dropped = truncate_log(log_path, step)
-        print(f"resumed from step {step} of {ckpt_path}" + (f"; dropped {dropped} log records past it" if dropped else ""))
-    fwd = model
-    if cuda and cfg.compile:
-        compile_blocks(model)
-    if world > 1:
-        fwd = torch.nn.parallel.DistributedDataParallel(  # frozen predictors get no gradient: "unused"
-            fwd, device_ids=[device.index] if cuda else None, find_unused_parameters=not cfg.dense)
-    if master:
-        print(f"device: {device} ({why_device}); dtype: {'bf16 autocast' if cuda else 'fp32'}; "
-              f"compile: {cuda and cfg.compile}")
-        print(f"attention: {impl} ({why_attn}); MFU: {why_peak}")
-        print(f"model: {source}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-              f"{'dense baseline' if cfg.dense else f'SP-KV window={cfg.window} tau={cfg.tau}'}")
-        if not cfg.dense:
-            print(f"schedule: soft gates to step {freeze}, then predictor frozen and gates annealed to hard "
-                  f"over {anneal_len} steps (hard from step {freeze + anneal_len})"
-                  + (f"; at step {freeze} tau is reset to keep {cfg.target_density:g} of old pairs (--target_density)"
-                     if cfg.target_density else ""))
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        start_eval = evaluate(model, val, cfg, proc)
-        print(f"start: val soft {start_eval['val_soft']:.4f} hard {start_eval['val_hard']:.4f}")
-        guard = SaveGuard(ckpt_path, model, start_eval, step if cfg.resume else None)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
-    t0, start, stop = time.time(), step, StopFlag()
-    while step < cfg.max_steps:
-        view, a = gate_view_at(step, cfg)
-        if cfg.target_density and step == freeze:
-            tau_for_target(model, train, cfg, proc)
-            if master:
-                print(f"\nstep {step}: predictor frozen; tau {model.cfg.tau:.4f} keeps {cfg.target_density:g} of "
-                      f"old pairs on training text (--target_density)")
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr * g["lr_mult"]
-        t_step = time.time()
-        loss, norm = train_step(fwd, model, train.sample(cfg.grad_accum * world * cfg.batch_size, gen), cfg, proc,
-                                view=view, a=a)
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            raise cli.BadInput(f"loss {loss} / grad norm {norm} at step {step}; stopped before the update, "
-                               f"{guard.holds() if master else 'see rank 0'}. Lower --lr or check the data.")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "view": view, "anneal": a,
-               "tokens_per_s": tokens_per_step / (time.time() - t_step)}
-        if peak:
-            rec["mfu"] = flops_per_token(model, cfg.seq_len) * rec["tokens_per_s"] / world / peak
-        step += 1
-        stopping = any_rank(stop.requested, world, device)
-        saving = step % cfg.ckpt_every == 0 or step == cfg.max_steps or stopping
-        if master and (step % cfg.eval_every == 0 or step == cfg.max_steps or saving):  # a save is judged by its eval
-            rec.update(evaluate(model, val, cfg, proc))
-            print(f"\nstep {step}: train {loss:.4f} val soft {rec['val_soft']:.4f} hard {rec['val_hard']:.4f}"
-                  + (f" density {rec['density']:.3f}" if "density" in rec else ""))
-            guard.seen(rec)
+    with RunDir(cfg.out_dir, master) as run:
+        saved = run.open(cfg.resume)  # the run to continue, or None once the folder may take a new one
+        cfg = resumed_config(saved, given) if cfg.resume else cfg
+        torch.manual_seed(cfg.seed)
+        model, tok, source = build_model(cfg, device)
+        if cfg.seq_len > model.cfg.block_size:
+            raise cli.BadInput(f"--seq_len={cfg.seq_len} is beyond the model's context of {model.cfg.block_size}")
+        proc, why_attn = setup_device(model, cfg, rank, world, device)
+        peak, why_peak = peak_flops(device, cfg.peak_tflops)
+        folder = datalib.prepare(cfg.data, tok, cfg.data_cache or datalib.DEFAULT_CACHE)
+        train, val = datalib.Batches(folder, "train", cfg.seq_len), datalib.Batches(folder, "val", cfg.seq_len)
+        opt = make_optimizer(model, cfg, fused=device.type == "cuda")
+        gen = torch.Generator().manual_seed(cfg.seed)  # the data position: saved and restored
+        step, freeze = restore(run, model, opt, gen, cfg) if cfg.resume else 0, gate_schedule(cfg)[0]
+        fwd = prepare_forward(model, cfg, proc)
         if master:
-            log_line(log_path, rec)
-            if step % cfg.log_every == 0:
-                progress(step - 1, cfg.max_steps, t0, start, f"loss {loss:.4f} {view}"
-                         + ("" if view == "soft" else f" a={a:.2f}") + f" {rec['tokens_per_s']:.0f} tok/s")
+            report_setup(cfg, proc, model, source, [why_device, why_attn, why_peak])
+            run.begin(model, evaluate(model, val, cfg, proc))
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
+        t0, first = time.time(), step
+        while step < cfg.max_steps:
+            a, frozen = gates_at(step, cfg)
+            if cfg.target_density and step == freeze:
+                cut_tau(model, train, cfg, proc, step)
+            lr, t_step = lr_at(step, cfg), time.time()
+            loss, norm = train_step(fwd, model, opt, train.sample(cfg.grad_accum * world * cfg.batch_size, gen), lr, cfg,
+                                    proc, a, frozen)
+            run.check_finite(loss, norm, step)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "frozen": frozen, "anneal": a,
+                   "tokens_per_s": tokens_per_step / (time.time() - t_step)}
+            if peak:
+                rec["mfu"] = model.flops_per_token(cfg.seq_len) * rec["tokens_per_s"] / world / peak
+            step += 1
+            stopping = run.stopping(world, device)  # the same step on every rank
+            saving = step % cfg.ckpt_every == 0 or step == cfg.max_steps or stopping
+            if master and (step % cfg.eval_every == 0 or step == cfg.max_steps or saving):  # a save is judged by its eval
+                rec.update(evaluate(model, val, cfg, proc))
+                print(f"\nstep {step}: train {loss:.4f} val soft {rec['val_soft']:.4f} hard {rec['val_hard']:.4f}"
+                      + (f" density {rec['density']:.3f}" if "density" in rec else ""))
+            run.log(rec)
+            if master and step % cfg.log_every == 0:
+                phase = "hard" if a == 1.0 else f"anneal a={a:.2f}" if frozen else "soft"
+                progress(step, cfg.max_steps, t0, first, f"loss {loss:.4f} {phase} {rec['tokens_per_s']:.0f} tok/s")
             if saving:
-                guard.check(model, rec, step)
-                save_state(ckpt_path, model, tok, source, opt, step, gen, cfg)
-                guard.saved(step)
-        if stopping:
-            if master:
-                print(f"\ninterrupted: saved step {step} to {ckpt_path}; "
-                      f"continue with --resume=True --out_dir={cfg.out_dir}")
-            sys.exit(130)
-    if master:
-        final = evaluate(model, val, cfg, proc)
-        print(f"\ndone: val loss soft {final['val_soft']:.4f}, hard {final['val_hard']:.4f} -> {ckpt_path}")
-        report_density(final)
-        if not cuda and not cfg.dense and final.get("density", 0.0) > 0.95:
-            print(f"note: this short CPU run kept (almost) every old pair (predictor LR x{cfg.predictor_lr_mult:g}, "
-                  f"{cfg.max_steps} steps): so few steps do not close gates that start open, and on SmolLM2 the loss "
-                  "holds them open even at x100 (measured: `python experiments/realtext.py --smollm2=True`). "
-                  "The CPU run that prunes is `python experiments/realtext.py` (a small model on stdlib source: "
-                  "density 0.66 from scratch and 0.50 adapted from dense, within 0.7% of the dense loss; "
-                  "experiments/README.md says what that does and does not show). "
-                  "On one GPU the gpu preset trains for thousands of steps.")
-        final_path = os.path.join(cfg.out_dir, "final.json")
-        with open(final_path + ".tmp", "w") as f:
-            json.dump(strict_json({"step": step, **final, "train_config": dataclasses.asdict(cfg)}), f, indent=1,
-                      allow_nan=False)
-        os.replace(final_path + ".tmp", final_path)  # atomic: a kill mid-write leaves no torn final.json
+                run.save(step, model, rec, tok.spec, source, optimizer=opt.state_dict(), data_rng=gen.get_state(),
+                         train_config=dataclasses.asdict(cfg))
+            if stopping:
+                run.interrupted(step)
+        if master:
+            final = evaluate(model, val, cfg, proc)
+            report_end(final, cfg, proc, run.ckpt)
+            run.finish({"step": step, **final, "train_config": dataclasses.asdict(cfg)})
     if world > 1:
         torch.distributed.destroy_process_group()
-
-
-def tau_for_target(model: GPT, train: datalib.Batches, cfg: TrainConfig, proc: Proc):
-    """--target_density, at the freeze: set model.cfg.tau to the threshold that keeps that fraction
-    of old pairs on training batches. generate.calibrate draws them with its own seed, so the data
-    order is untouched, and at the global batch size, so every DDP rank computes the same tau.
-    From here the predictor is frozen: the anneal and the hard steps train the model under the
-    cut that decoding at this tau makes. Not in the paper's recipe, which keeps tau = 0.5 and lets
-    training set the density."""
-    model.eval()
-    with proc.autocast:  # the precision training's gates are computed in
-        model.cfg.tau = calibrate(model, train, cfg.target_density, cfg.eval_batches, cfg.batch_size * proc.world)
-    model.train()
-
-
-def train_step(fwd, model, batch, cfg: TrainConfig, proc: Proc, *, view: str, a: float) -> tuple:
-    """Forward/backward over the micro-batches of one global batch; returns (mean loss, grad norm).
-    The global batch (grad_accum, world * batch_size, T) is the same on every rank; rank r takes
-    columns r * batch_size ... so N processes see exactly what one process with N x the batch sees.
-    view, a: gate_view_at's; "anneal" freezes the predictor (frozen=True) and passes a as a tensor,
-    so torch.compile does not recompile as a changes; "soft" passes the plain 0, the soft view."""
-    world = proc.world
-    x_all, y_all = (t.view(cfg.grad_accum, world * cfg.batch_size, cfg.seq_len) for t in batch)
-    cols = slice(proc.rank * cfg.batch_size, (proc.rank + 1) * cfg.batch_size)
-    frozen = view == "anneal"
-    anneal = torch.tensor(a) if frozen else 0.0
-    loss_sum = torch.zeros((), device=proc.device)
-    for micro in range(cfg.grad_accum):
-        if world > 1:  # all-reduce gradients only on the last micro-batch
-            fwd.require_backward_grad_sync = micro == cfg.grad_accum - 1
-        with proc.autocast:
-            _, loss = fwd(x_all[micro, cols].to(proc.device), y_all[micro, cols].to(proc.device), a=anneal, frozen=frozen)
-        (loss / cfg.grad_accum).backward()
-        loss_sum += loss.detach() / cfg.grad_accum
-    if world > 1:
-        torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    return loss_sum.item(), norm.item()
-
-
-def any_rank(flag: bool, world: int, device) -> bool:
-    """True if any process has the flag set (so every rank stops at the same step)."""
-    if world == 1:
-        return flag
-    t = torch.tensor(float(flag), device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import kernels
 import spkv
 import tau as taulib
 from checkpoint import load_model
-from convert import default_checkpoint
+from weights import default_checkpoint
 
 POLICIES = ("full", "spkv", "window", "streaming", "h2o")
 

@@ -10,18 +10,20 @@ measured alternatives that generate.py does not carry.
                       only), so it runs compiled on CUDA and eager, a checking path, elsewhere
 Each alternative is an SPKVCache whose decode attention uses another kernel; everything else
 (prefill, writes, the keep rule) is the cache's own. tests/test_decode_paths.py holds every path
-equal to generate.py's "reference" twin.
+equal to generate.py's "reference" twin. Run alone, it lists the paths: `python experiments/decode_paths.py`.
 """
 
 import math
 import os
 import sys
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python experiments/<name>.py
 
 import torch
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
+import cli
 import generate as G
 import kernels
 from cache import SPKVCache
@@ -179,3 +181,19 @@ def generate(model, prompts, max_new_tokens, path, chunk=256, page_size=16):
     first = G.prefill(model, cache, prompts, chunk)
     compiled = is_compiled(path, first.is_cuda)
     return G.decode_n_tokens(model, cache, first, [len(p) for p in prompts], max_new_tokens, {}, compiled)
+
+
+@dataclass
+class Flags:
+    cuda: bool = False  # describe each path as it runs on CUDA (compiled flex) instead of this machine's CPU
+
+
+def main(argv):
+    o = {"cuda": False, **cli.parse(argv, Flags, "decode_paths.py")}
+    print("SP-KV decode paths (experiments/bench_decode.py times them; tests/test_decode_paths.py checks them):")
+    for path in PATHS:
+        print(f"  {path:<15} {describe(path, o['cuda'])}")
+
+
+if __name__ == "__main__":
+    cli.run(main, "decode_paths.py")

@@ -76,7 +76,6 @@ def part_train(dry: bool) -> dict:
     from torch._dynamo.utils import counters
 
     from model import GPT
-    from train import compile_blocks, flops_per_token
 
     device = "cpu" if dry else "cuda"
     cfg, B, T = train_shape(dry)
@@ -89,11 +88,10 @@ def part_train(dry: bool) -> dict:
         c = dataclasses.replace(cfg, dense_layers=tuple(range(cfg.n_layer)) if dense else ())
         model = GPT(c, attn_impl="sdpa" if dry else "flex_compiled").to(device)
         if not dry:
-            compile_blocks(model)
+            model.compile_blocks()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not dry)
         x = torch.randint(0, c.vocab_size, (B, T), device=device)
         autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=not dry)
-        a = torch.tensor(0.0)  # "anneal" at a = 0 (frozen) is the soft view with the predictor detached
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         t_first = time.perf_counter()
         for i in range(2 + steps):
@@ -101,7 +99,7 @@ def part_train(dry: bool) -> dict:
                 sync()
                 t0 = time.perf_counter()
             with autocast:
-                loss = model(x, x, a=a if view == "anneal" else 0.0, frozen=view == "anneal")[1]
+                loss = model(x, x, a=0.0, frozen=view == "anneal")[1]  # frozen at a = 0: soft, predictor detached
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -110,7 +108,7 @@ def part_train(dry: bool) -> dict:
                 first = time.perf_counter() - t_first
         sync()
         dt = (time.perf_counter() - t0) / steps
-        mfu = flops_per_token(model, T) * B * T / dt / 989e12  # H100 SXM dense bf16 peak
+        mfu = model.flops_per_token(T) * B * T / dt / 989e12  # H100 SXM dense bf16 peak
         out[name] = {"step_ms": 1000 * dt, "tokens_per_s": B * T / dt, "mfu_h100": mfu, "first_step_s": first,
                      "graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
                      "max_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0}
@@ -163,7 +161,7 @@ def part_dynamics(dry: bool, out: str) -> dict:
     speed = [r["tokens_per_s"] for r in log if "tokens_per_s" in r][5:] or [0.0]
     return {"flags": " ".join(flags), "val_soft": final["val_soft"], "val_hard": final["val_hard"],
             "density": final.get("density"), "density_per_layer": final.get("density_per_layer"),
-            "views": sorted({r["view"] for r in log if "view" in r}), "tokens_per_s_median": sorted(speed)[len(speed) // 2]}
+            "views": sorted({"anneal" if r["frozen"] else "soft" for r in log if "frozen" in r}), "tokens_per_s_median": sorted(speed)[len(speed) // 2]}
 
 
 def part_decode(dry: bool, out: str) -> dict:

@@ -18,7 +18,7 @@ import torch
 
 import cli
 from checkpoint import load_model
-from convert import default_checkpoint
+from weights import default_checkpoint
 
 DEFAULT_TEXTS = (os.path.join(os.path.dirname(json.__file__), "__init__.py"),  # stdlib source
                  "/usr/share/common-licenses/Apache-2.0")  # an English licence text

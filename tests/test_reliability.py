@@ -17,6 +17,7 @@ import torch
 import cli
 import data as datalib
 import generate as G
+import run
 import train
 from checkpoint import atomic_save, read_checkpoint, save_checkpoint
 from model import GPT
@@ -24,7 +25,8 @@ from tiny import tiny_checkpoint, tiny_config, tiny_text_dir
 from tokenizer import Tokenizer, byte_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("train", "generate", "perplexity", "tau", "baselines", "plots", "bench_decode", "convert", "synthetic")
+SCRIPTS = ("train", "generate", "perplexity", "tau", "baselines", "plots", "bench_decode", "convert", "synthetic",
+           "decode_paths")
 
 
 def train_flags(base, **kw) -> list:
@@ -57,6 +59,22 @@ def base(tmp_path_factory):
     raw = read_checkpoint(str(base / "tiny.pt"))  # a config that disagrees with its tensors
     raw["config"]["n_hidden"] = 96
     torch.save(raw, base / "mismatch.pt")
+    raw = read_checkpoint(str(base / "tiny.pt"))  # a field this version does not know (version skew)
+    raw["config"]["bogus_knob"] = 1
+    torch.save(raw, base / "skew.pt")
+    raw = read_checkpoint(str(base / "tiny.pt"))  # a diverged model: NaN weights
+    raw["model"]["blocks.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    torch.save(raw, base / "nan.pt")
+    tiny_checkpoint(base / "dense.pt", dense_layers=(0, 1))  # a dense run's model: no SP-KV layer
+    for name, damage in (("foreign", "log"), ("skewed_run", "config")):  # copies of run/, damaged
+        shutil.copytree(base / "run", base / name)
+        if damage == "log":
+            with open(base / name / "log.jsonl", "a") as f:
+                f.write('["not", "a", "record"]\n')
+        else:
+            raw = read_checkpoint(str(base / name / "ckpt.pt"))
+            raw["train_config"]["bogus_knob"] = 1
+            torch.save(raw, base / name / "ckpt.pt")
     (base / "random.gguf").write_bytes(os.urandom(4096))
     write_gguf(base / "gpt2.gguf", "gpt2")
     write_gguf(base / "notok.gguf", "llama")
@@ -93,7 +111,7 @@ def write_gguf(path, arch):
 
 # (script, argv with {b} for the fixture folder, what the one line must say)
 CASES = [
-    ("train", "RUN", "--resume=True, or give a fresh --out_dir"),  # the overwrite case
+    ("train", "RUN", "already holds a finished run (step 2, final.json); give a new --out_dir"),  # the overwrite case
     ("train", "NEW --device=tpu", "--device='tpu' is not one of"),
     ("train", "NEW --window=64", "--window=64 must be in [1, --seq_len=64)"),
     ("train", "RUN --lr=2", "--lr is given twice"),
@@ -102,10 +120,32 @@ CASES = [
     ("train", "--out_dir={b}/converted --resume=True", "is a converted checkpoint, not a training run"),
     ("train", "--out_dir={b}/run --resume=True --max_steps=4 --ckpt={b}/wide.pt", "holds tensors of another model size"),
     ("train", "NEW --ckpt={b}/nope.pt", "{b}/nope.pt' does not exist"),
+    ("train", "NEW --out_dir={b}/tiny.pt", "--out_dir={b}/tiny.pt is a file; give a folder"),
+    ("train", "NEW --data_cache={b}/tiny.pt", "the data cache {b}/tiny.pt (--data_cache) is a file"),
+    ("train", "NEW --init=scratch --n_head=3", "n_head=3 must be a multiple of n_kv_head=2"),
+    ("train", "NEW --init=scratch --n_kv_head=0", "--n_kv_head=0 must be >= 1"),
+    ("train", "NEW --init=scratch --n_embd=0", "--n_embd=0 must be >= 1"),
+    ("train", "NEW --init=scratch --n_layer=0", "--n_layer=0 must be >= 1"),
+    ("train", "NEW --attn=flex", "--attn=flex has no backward on the CPU"),
+    ("train", "NEW --seed=99999999999999999999", "--seed=99999999999999999999 must be below 2**63"),
+    ("train", "NEW --predictor_weight_decay=nan", "--predictor_weight_decay=nan must be a finite number >= 0"),
+    ("train", "NEW --weight_decay=-1", "--weight_decay=-1.0 must be a finite number >= 0"),
+    ("train", "NEW --warmup_steps=-1", "--warmup_steps=-1 must be a finite number >= 0"),
+    ("train", "--out_dir={b}/run --resume=True --max_steps=1 --warmup_steps=0", "is at step 2: nothing to do at --max_steps=1"),
+    ("train", "--out_dir={b}/run --resume=True", "is at step 2: nothing to do at --max_steps=2"),
+    ("train", "--out_dir={b}/foreign --resume=True --max_steps=4", "{b}/foreign/log.jsonl line 3 is not a train.py record"),
+    ("train", "--out_dir={b}/skewed_run --resume=True --max_steps=4", "another version of train.py (unknown settings ['bogus_knob'])"),
+    ("train", "NEW --ckpt={b}/skew.pt", "{b}/skew.pt was made by another version of this code"),
+    ("generate", "--ckpt={b}/skew.pt", "{b}/skew.pt was made by another version of this code"),
+    ("generate", "--ckpt={b}/nan.pt", "{b}/nan.pt holds non-finite weights (blocks.0.mlp.up_proj.weight)"),
+    ("generate", "--ckpt={b}/dense.pt --tau=0.9", "{b}/dense.pt has no SP-KV layers"),
+    ("generate", "--ckpt={b}/tiny.pt --dense=True --target_density=0.5", "--dense=True has no gates"),
+    ("generate", "--ckpt={b}/tiny.pt --temperature=1e-40", "--temperature=1e-40 must be 0 (greedy) or"),
+    ("generate", "--ckpt={b}/tiny.pt --page_size=1000000000000", "--page_size=1000000000000 is larger than"),
     ("generate", "--ckpt={b}/tiny.pt --chunk=0", "--chunk=0 must be >= 1"),
     ("generate", "--ckpt={b}/tiny.pt --chunk=-3", "--chunk=-3 must be >= 1"),
-    ("generate", "--ckpt={b}/tiny.pt --temperature=nan", "--temperature=nan must be a finite number >= 0"),
-    ("generate", "--ckpt={b}/tiny.pt --temperature=-1", "--temperature=-1.0 must be a finite number >= 0"),
+    ("generate", "--ckpt={b}/tiny.pt --temperature=nan", "--temperature=nan must be 0 (greedy) or a finite number"),
+    ("generate", "--ckpt={b}/tiny.pt --temperature=-1", "--temperature=-1.0 must be 0 (greedy) or a finite number"),
     ("generate", "--ckpt={b}/tiny.pt --top_k=-5", "--top_k=-5 must be >= 0"),
     ("generate", "--ckpt={b}/tiny.pt --target_density=1.5", "--target_density=1.5 must be in (0, 1]"),
     ("generate", "--ckpt={b}/mismatch.pt", "holds tensors of another model size"),
@@ -129,6 +169,7 @@ CASES = [
     ("convert", "--hf_dir={b}/torn --out={b}/c.pt", "{b}/torn/model.safetensors is not a readable safetensors file"),
     ("convert", "--gguf={b}/random.gguf --out={b}/tiny.pt", "{b}/tiny.pt already exists"),
     ("synthetic", "--out={b} --n_facts=0", "need 0 < n_facts"),
+    ("decode_paths", "--bogus=1", "unknown flag --bogus"),
 ]
 
 
@@ -149,7 +190,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(base, script, args, sa
         shutil.copy(base / "tiny.pt", base / "converted" / "ckpt.pt")
     argv = args.format(b=base).split()
     if argv[0] == "NEW":  # a fresh run, with these flags in place of the usual ones
-        argv = train_flags(base, out_dir=base / "new", **dict(a[2:].split("=", 1) for a in argv[1:]))
+        argv = train_flags(base, **{"out_dir": base / "new", **dict(a[2:].split("=", 1) for a in argv[1:])})
     elif argv[0] == "RUN":  # the run already in run/, these flags added
         argv = train_flags(base) + argv[1:]
     before = tree_hashes(base)
@@ -165,7 +206,7 @@ def refuse_to_tokenize(*args, **kwargs):
     raise AssertionError("a flag that cannot work must be refused before any data is tokenized")
 
 
-@pytest.mark.parametrize("argv,says", [(["train.py"], "already holds a run"),
+@pytest.mark.parametrize("argv,says", [(["train.py"], "already holds a finished run"),
                                        (["generate.py", "--chunk=0"], "--chunk=0 must be >= 1")])
 def test_the_line_comes_from_the_real_command(base, argv, says):
     extra = train_flags(base) if argv[0] == "train.py" else [f"--ckpt={base / 'tiny.pt'}"]
@@ -226,7 +267,7 @@ def test_resume_drops_log_records_past_the_checkpoint_and_says_so(base, tmp_path
 
 
 def test_logs_are_strict_json(base, tmp_path):
-    train.log_line(str(tmp_path / "log.jsonl"), {"step": 0, "density": float("nan"), "per": {"0": [float("inf")]}})
+    run.log_line(str(tmp_path / "log.jsonl"), {"step": 0, "density": float("nan"), "per": {"0": [float("inf")]}})
     strict = dict(parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
     assert json.loads(open(tmp_path / "log.jsonl").read(), **strict) == {"step": 0, "density": None, "per": {"0": [None]}}
     for line in open(base / "run" / "log.jsonl"):
@@ -247,6 +288,33 @@ def test_rewritten_or_deleted_source_is_never_read_from_the_cache(tmp_path, caps
     os.remove(src)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         datalib.prepare(str(src), tok, str(cache))
+
+
+def test_a_data_folder_is_read_once_without_its_own_cache_or_runs(tmp_path, capsys):
+    """A symlink loop is walked once; the token cache and a run folder inside --data are outputs,
+    not text: skipped (and said), so a second prepare reuses the cache instead of re-tokenizing."""
+    tok, text = Tokenizer(byte_spec()), tmp_path / "text"
+    tiny_text_dir(text)
+    os.symlink(".", text / "loop")  # text/loop/loop/... is text again
+    os.makedirs(text / "out")
+    (text / "out" / "log.jsonl").write_text('{"step": 0}\n')
+    files = datalib.source_files(str(text), str(text / "cache"))
+    assert len(files) == len({os.path.realpath(f) for f in files}) == 4
+    folder = datalib.prepare(str(text), tok, str(text / "cache"))
+    assert "skipping 1 folder(s) of outputs" in capsys.readouterr().out
+    assert datalib.prepare(str(text), tok, str(text / "cache")) == folder
+    assert "changed since it was tokenized" not in capsys.readouterr().out
+
+
+def test_a_token_file_shorter_than_its_meta_is_refused(tmp_path):
+    tok, src = Tokenizer(byte_spec()), tmp_path / "corpus.txt"
+    src.write_text("some text to tokenize. " * 200)
+    folder = datalib.prepare(str(src), tok, str(tmp_path / "cache"))
+    path = os.path.join(folder, "train.bin")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(cli.BadInput, match="train.bin holds .* tokens but its meta.json says"):
+        datalib.Batches(folder, "train", 32)
 
 
 def test_leftover_and_failed_cache_writes_are_removed(tmp_path):

@@ -14,6 +14,8 @@ from hypothesis import given, strategies as st
 import kernels
 import spkv
 from conftest import needs_cuda
+from model import GPT
+from tiny import tiny_config
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 A = {"soft": 0.0, "hard": 1.0}  # the anneal weight a of each gate view
@@ -85,7 +87,7 @@ def test_window_covering_everything_is_dense_whatever_u(p):
     q, k, v = p["q"], p["k"], p["v"]
     T = q.shape[2]
     for a in (0.0, 1.0):  # soft, hard
-        lg = spkv.log_gate(p["logit"], p["tau"], a)
+        lg = spkv.annealed_log_gate(p["logit"], p["tau"], a)
         out = spkv.reference_attention(q, k, v, lg, window=T + p["window"])
         close(out, dense_masked(q, k, v, causal(q.shape[0], k.shape[1], T)), TOL[q.dtype])
 
@@ -161,7 +163,7 @@ def test_sdpa_path_matches_reference_forward_and_backward(p, view):
     leaves = [p[n].clone().requires_grad_() for n in ("q", "k", "v", "logit")]
     grads = {}
     for impl in ("reference", "sdpa"):
-        lg = None if view is None else spkv.log_gate(leaves[3], p["tau"], A[view])
+        lg = None if view is None else spkv.annealed_log_gate(leaves[3], p["tau"], A[view])
         out = kernels.attention(*leaves[:3], lg, p["window"], impl)
         g = torch.autograd.grad(out.sum() + (out ** 2).mean(), leaves, allow_unused=True)
         grads[impl] = (out, g)
@@ -177,7 +179,7 @@ def test_sdpa_path_matches_reference_forward_and_backward(p, view):
 @given(problems(max_t=300), st.sampled_from(["soft", "hard", None]))
 def test_flex_eager_forward_matches_reference_fp32(p, view):
     q, k, v = (p[n].float() for n in ("q", "k", "v"))
-    lg = None if view is None else spkv.log_gate(p["logit"].float(), p["tau"], A[view])
+    lg = None if view is None else spkv.annealed_log_gate(p["logit"].float(), p["tau"], A[view])
     ref = spkv.reference_attention(q, k, v, lg, p["window"])
     close(kernels.attention(q, k, v, lg, p["window"], "flex"), ref, 1e-5)
 
@@ -231,9 +233,9 @@ def test_density_counts_match_brute_force(p):
     assert len(stats["per_head"][0]) == Hkv
 
 
-def test_log_gate_rejects_anneal_weight_outside_0_1():
+def test_model_rejects_anneal_weight_outside_0_1():
     with pytest.raises(ValueError, match="outside"):
-        spkv.log_gate(torch.zeros(1, 1, 2), 0.5, 1.5)
+        GPT(tiny_config())(torch.zeros(1, 4, dtype=torch.long), a=1.5)
 
 
 def test_predictor_starts_open_and_shape():
@@ -292,3 +294,20 @@ def test_training_forward_and_backward_under_cpu_bf16_autocast():
     assert all(g.dtype == torch.float32 for g in gates)
     assert abs(loss.item() - want.item()) <= 2e-2 * want.item()
     assert all(b.attn.predictor.proj.weight.grad.abs().sum() > 0 for b in model.blocks)  # (fc: 0 at open init)
+
+
+def test_rope_far_out_matches_a_float64_forward():
+    """RoPE angles are formed in float64, so an fp32 forward at position 30,000 stays within fp32
+    roundoff of a float64 forward of the same weights (fp32 angles there are off by ~1e-3 rad)."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(block_size=32768, n_embd=64, n_head=2, n_kv_head=1, rope_theta=500000.0)).eval()
+    with torch.no_grad():  # large q.k scores, so attention (and the logits) feel every angle error
+        for name, p in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name or "embed" in name:
+                p.normal_(0, 1.0)
+    idx = torch.randint(0, 257, (1, 16))
+    pos = torch.arange(30000, 30016)
+    with torch.no_grad():
+        fp32 = model(idx, pos=pos, a=1.0)[0]
+        fp64 = model.double()(idx, pos=pos, a=1.0)[0]
+    assert (fp32.double() - fp64).abs().max().item() <= 1e-4

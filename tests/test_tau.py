@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import data as datalib
-import generate as G
+import spkv
 import synthetic as S
 import tau as taulib
 from model import GPT
@@ -15,7 +15,7 @@ from tiny import tiny_config
 def test_tau_for_density_hits_target_on_fresh_samples(target, seed):
     g = torch.Generator().manual_seed(seed)
     u_calib, u_fresh = torch.rand(20000, generator=g) ** 3, torch.rand(20000, generator=g) ** 3
-    tau = G.tau_for_density(u_calib, target)
+    tau = spkv.tau_for_density(u_calib, target)
     assert abs((u_fresh >= tau).float().mean().item() - target) <= 0.02
 
 
@@ -28,7 +28,7 @@ def test_calibrated_model_density_on_held_out_data(tmp_path):
     model = GPT(tiny_config(window=16, dense_layers=(0,))).eval()
     torch.nn.init.normal_(model.blocks[1].attn.predictor.proj.weight, std=2.0)
     for target in (0.1, 0.25, 0.5):
-        tau = G.calibrate(model, train, target, n_batches=8, batch_size=4)
+        tau = spkv.calibrate(model, train, target, n_batches=8, batch_size=4)
         _, density = taulib.hard_loss_and_density(model, val, tau, n_batches=8, batch_size=4)
         assert abs(density - target) <= 0.02, (target, tau, density)
     densities = [taulib.hard_loss_and_density(model, val, t, 2, 4)[1] for t in (0.1, 0.5, 0.9)]

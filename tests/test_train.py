@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import run
 import train
 from cli import BadInput
 from checkpoint import load_model, read_checkpoint
@@ -60,7 +61,7 @@ def test_frozen_phase_leaves_predictor_unchanged():
     opt = train.make_optimizer(model, train.TrainConfig(lr=1e-3), fused=False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for a in (0.0, 0.5, 1.0):
-        _, loss = model(*fixed_batch(), a=torch.tensor(a), frozen=True)
+        _, loss = model(*fixed_batch(), a=a, frozen=True)
         loss.backward()
         assert all(p.grad is None for p in model.predictor_parameters())
         opt.step()
@@ -74,19 +75,20 @@ def test_schedule_ends_fully_hard():
     cfg = train.TrainConfig(max_steps=100, warmup_steps=10, anneal_steps=500, freeze_frac=0.25)
     freeze, length = train.gate_schedule(cfg)
     assert freeze == 78 and length == 11  # capped at half the frozen phase
-    assert train.gate_view_at(freeze - 1, cfg) == ("soft", 0.0)
-    assert train.gate_view_at(99, cfg) == ("anneal", 1.0)
+    assert train.gates_at(freeze - 1, cfg) == (0.0, False)
+    assert train.gates_at(freeze, cfg) == (1 / 11, True)
+    assert train.gates_at(99, cfg) == (1.0, True)
 
 
 def test_after_anneal_the_gap_is_closed(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
     train.main(flags(tmp_path, ckpt))
     log = read_log(tmp_path / "out")
-    assert log[-1]["view"] == "anneal" and log[-1]["anneal"] == 1.0
+    assert log[-1]["frozen"] and log[-1]["anneal"] == 1.0
     model, _, _ = load_model(str(tmp_path / "out" / "ckpt.pt"))
     x, y = fixed_batch()
     with torch.no_grad():
-        trained_view = model(x, y, a=torch.tensor(1.0), frozen=True)[1]
+        trained_view = model(x, y, a=1.0, frozen=True)[1]
         hard = model(x, y, a=1.0)[1]
     assert torch.equal(trained_view, hard)  # trained under exactly the attention it decodes with
     final = json.load(open(tmp_path / "out" / "final.json"))
@@ -137,7 +139,7 @@ def test_target_density_sets_tau_at_the_freeze_and_a_resume_keeps_it(tmp_path, m
     assert [r["tau"] for r in log] == [0.5] * freeze + [cut] * (8 - freeze)  # the eval after step s is logged at s
     assert abs(final["density"] - 0.5) < 0.25  # the trunk trained on after the cut, so not exactly 0.5
     calls = iter(range(100))
-    monkeypatch.setattr(train, "any_rank", lambda flag, world, device: next(calls) == freeze)  # "Ctrl-C" after freeze + 1 steps
+    monkeypatch.setattr(run, "any_rank", lambda flag, world, device: next(calls) == freeze)  # "Ctrl-C" after freeze + 1 steps
     out = tmp_path / "interrupted"
     with pytest.raises(SystemExit):
         train.main(flags(tmp_path, ckpt, out_dir=out, **common))
@@ -150,11 +152,11 @@ def test_target_density_sets_tau_at_the_freeze_and_a_resume_keeps_it(tmp_path, m
 
 def test_checkpoint_survives_kill_9_during_write(tmp_path):
     path = tmp_path / "ckpt.pt"
-    writer = (f"import sys, torch; sys.path.insert(0, {ROOT!r}); from checkpoint import atomic_save\n"
+    writer = ("import torch; from checkpoint import atomic_save\n"
               f"i = 0\nwhile True:\n    i += 1\n"
               f"    atomic_save({{'format': 'spkv-1', 'i': i, 'w': torch.full((4_000_000,), float(i))}}, {str(path)!r})\n")
     for trial in range(4):
-        proc = subprocess.Popen([sys.executable, "-c", writer])
+        proc = subprocess.Popen([sys.executable, "-c", writer], cwd=ROOT)  # the repo root: checkpoint.py
         while not path.exists():
             time.sleep(0.02)
         time.sleep(0.2 + 0.17 * trial)
@@ -198,7 +200,7 @@ def test_ddp_two_processes_match_one_process_through_the_freeze(tmp_path, target
     assert res.returncode == 0, res.stdout + res.stderr
     a, b = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert len(a) == len(b) == 6
-    assert [r["view"] for r in b][-1] == "anneal"  # through the freeze: frozen predictors get no gradient under DDP
+    assert b[-1]["frozen"]  # through the freeze: frozen predictors get no gradient under DDP
     for ra, rb in zip(a, b):
         assert abs(ra["loss"] - rb["loss"]) <= 1e-5, (ra["loss"], rb["loss"])
     taus = [json.load(open(tmp_path / run / "final.json"))["tau"] for run in ("one", "two")]
@@ -282,6 +284,53 @@ def test_sdpa_bias_of_gigabytes_is_refused_before_any_work(tmp_path):
     """--attn=sdpa with SP-KV builds a (B, Hkv, T, T) bias: a shape where it alone is gigabytes is
     refused in one line, naming the flags and FlexAttention."""
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
-    with pytest.raises(BadInput, match="--attn=sdpa would build a 4.3 GB attention bias"):
+    with pytest.raises(BadInput, match="sdpa would build a 4.3 GB attention bias"):
         train.main(flags(tmp_path, ckpt, init="scratch", n_layer=1, n_embd=32, seq_len=16384, attn="sdpa"))
     assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
+
+
+def test_two_processes_into_one_out_dir_exactly_one_runs(tmp_path):
+    """Two real train.py processes started together into one --out_dir: one trains to the end, the
+    other is refused in one line with exit status 2 (the lock, or the finished run it then finds)."""
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    argv = [sys.executable, "train.py", *flags(tmp_path, ckpt, max_steps=6)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = sorted((p.wait(timeout=300), *p.communicate()) for p in procs)
+    assert [r[0] for r in results] == [0, 2], results
+    refused = results[1][2].strip().splitlines()
+    assert len(refused) == 1 and "Traceback" not in results[1][2], refused
+    assert "is in use by process" in refused[0] or "already holds a finished run" in refused[0], refused
+    assert [r["step"] for r in read_log(tmp_path / "out")] == list(range(6))  # one writer's records only
+
+
+def test_a_held_lock_refuses_a_run_and_a_resume_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    out = tmp_path / "out"
+    train.main(flags(tmp_path, ckpt, max_steps=2, ckpt_every=2))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with run.RunDir(str(out), master=True):  # this process holds the lock
+        for extra in ([f"--out_dir={out}", "--resume=True", "--max_steps=4"], flags(tmp_path, ckpt, out_dir=out)):
+            res = subprocess.run([sys.executable, "train.py", *extra], cwd=ROOT, env=env, capture_output=True, text=True)
+            assert res.returncode == 2 and f"is in use by process {os.getpid()}" in res.stderr, res.stderr
+    assert not (out / "lock").exists()  # released
+    (out / "lock").write_text("999999999\n")  # a holder killed before it could release: no such process
+    res = subprocess.run([sys.executable, "train.py", f"--out_dir={out}", "--resume=True", "--max_steps=4"], cwd=ROOT,
+                         env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "took over the lock of process 999999999, which is no longer running" in res.stdout
+
+
+def test_a_run_that_never_saved_can_be_started_again(tmp_path, capsys):
+    """A run killed before its first checkpoint leaves only log records: --resume says there is
+    nothing to resume, and a fresh run says what it discards and trains."""
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    out = tmp_path / "out"
+    os.makedirs(out)
+    (out / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5.0}) + "\n" for s in range(3)))
+    with pytest.raises(BadInput, match="never saved one: start it again without --resume"):
+        train.main([f"--out_dir={out}", "--resume=True"])
+    train.main(flags(tmp_path, ckpt, max_steps=2, ckpt_every=2))
+    assert f"{out} holds a run that never saved a checkpoint (log.jsonl, 3 records); discarding it" in capsys.readouterr().out
+    assert [r["loss"] != 5.0 for r in read_log(out)] == [True, True]

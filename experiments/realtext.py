@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 import baselines
+import harness
 import cli
 import data as datalib
 import spkv
@@ -187,24 +188,10 @@ def ablation_runs(o: dict) -> dict:
     return plan
 
 
-def finished(folder: str, flags: dict) -> bool:
-    """Whether folder holds a finished run of these flags. A finished run made with other flags is
-    refused, never trained over or measured as if it were this one: it holds someone's results."""
-    final = os.path.join(folder, "final.json")
-    if not os.path.exists(final):
-        return False
-    saved = read_json(final)["train_config"]
-    differ = [f"--{k}={saved.get(k)} (wanted {v})" for k, v in flags.items() if saved.get(k) != v]
-    if differ:
-        raise cli.BadInput(f"{folder} holds a finished run with other flags: {', '.join(differ)}; "
-                           "give a new --out (or remove that folder) to train these")
-    return True
-
-
 def train(name: str, flags: dict, out: str, threads: int, eval_only: bool):
     """Run train.py for one run unless it already finished (final.json present)."""
     folder = os.path.join(out, name)
-    if finished(folder, flags):
+    if harness.finished(folder, flags):
         print(f"{name}: finished earlier, kept ({folder})")
         return
     if eval_only:

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+import harness
 import realtext
 from cli import BadInput
 from tiny import tiny_checkpoint, tiny_text_dir
@@ -98,9 +99,9 @@ def test_a_finished_run_with_other_flags_is_refused_not_reused(tmp_path):
     final = folder / "final.json"
     final.write_text(json.dumps({"train_config": {"predictor_lr_mult": 5.0, "max_steps": 150}}))
     before = final.read_bytes()
-    assert realtext.finished(str(folder), {"predictor_lr_mult": 5, "max_steps": 150})
+    assert harness.finished(str(folder), {"predictor_lr_mult": 5, "max_steps": 150})
     with pytest.raises(BadInput, match="predictor_lr_mult=5.0 \\(wanted 20\\)"):
-        realtext.finished(str(folder), {"predictor_lr_mult": 20, "max_steps": 150})
+        harness.finished(str(folder), {"predictor_lr_mult": 20, "max_steps": 150})
     assert final.read_bytes() == before
     with pytest.raises(BadInput, match="--out is empty"):  # runs would land in the working directory
         realtext.main(["--out=", "--tiny=True"])

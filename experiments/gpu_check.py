@@ -122,26 +122,15 @@ def part_train(dry: bool) -> dict:
     return out
 
 
-def byte_checkpoint(path: str):
-    """A tiny checkpoint whose only use is its byte-level tokenizer (train.py --init=scratch)."""
-    import torch
-
-    from checkpoint import save_checkpoint
-    from model import GPT, GPTConfig
-    from tokenizer import byte_spec
-
-    torch.manual_seed(0)
-    save_checkpoint(path, GPT(GPTConfig(vocab_size=257, n_layer=1, n_head=2, n_kv_head=1, n_embd=32, n_hidden=64,
-                                        block_size=64)), byte_spec(), source="gpu_check.py")
-
-
 def part_dynamics(dry: bool, out: str) -> dict:
     """train.py from scratch (byte-level, stdlib source) through soft, anneal and hard gates."""
     folder = os.path.join(out, "dynamics")
     os.makedirs(out, exist_ok=True)
     tok_ckpt = os.path.join(out, "bytes.pt")
     if not os.path.exists(tok_ckpt):
-        byte_checkpoint(tok_ckpt)
+        import harness  # torch, only once this part runs
+
+        harness.byte_checkpoint(tok_ckpt)
     shape = (["--n_layer=2", "--n_embd=64", "--seq_len=128", "--window=16", "--batch_size=2", "--max_steps=6",
               "--eval_every=3", "--device=cpu", "--preset=cpu"] if dry else
              ["--n_layer=4", "--n_embd=256", "--seq_len=2048", "--window=64", "--batch_size=16", "--grad_accum=1",

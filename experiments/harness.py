@@ -5,6 +5,7 @@
     measure_against_dense(...)          SP-KV under hard gates against its dense twin and the post-hoc
                                         policies (H2O, StreamingLLM, the window alone) at equal density
     new_result_path(out, name)          a dated file stamped with the commit, never an earlier one
+    byte_checkpoint(path)               a tiny checkpoint that carries the byte tokenizer
 
 A child's one-line refusal is passed through as one line (cli.BadInput), not a traceback.
 """
@@ -24,7 +25,9 @@ import baselines
 import cli
 import spkv
 import tau as taulib
-from checkpoint import load_model
+from checkpoint import load_model, save_checkpoint
+from model import GPT, GPTConfig
+from tokenizer import byte_spec
 
 
 def read_json(path: str):
@@ -37,6 +40,13 @@ def write_json(path: str, obj):
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(path + ".tmp", path)
+
+
+def byte_checkpoint(path: str):
+    """A tiny checkpoint whose only use is its byte-level tokenizer (train.py --init=scratch reads it)."""
+    torch.manual_seed(0)
+    save_checkpoint(path, GPT(GPTConfig(vocab_size=257, n_layer=1, n_head=2, n_kv_head=1, n_embd=32, n_hidden=64,
+                                        block_size=64)), byte_spec(), source="experiments/harness.py")
 
 
 def commit_stamp() -> str:

@@ -49,8 +49,7 @@ import baselines
 import cli
 import harness
 import data as datalib
-from checkpoint import atomic_save, load_model, save_checkpoint
-from model import GPT, GPTConfig
+from checkpoint import atomic_save, load_model
 from tokenizer import Tokenizer, byte_spec
 
 PROSE = "/usr/share/common-licenses"
@@ -126,21 +125,7 @@ def check_recipe(o: dict):
                                "give a new --out to train these")
         return
     os.makedirs(o["out"], exist_ok=True)
-    write_json(path, recipe)
-
-
-def write_json(path: str, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-def byte_tokenizer_checkpoint(path: str):
-    """A tiny checkpoint whose only use is its byte tokenizer (train.py --init=scratch reads it)."""
-    if not os.path.exists(path):
-        torch.manual_seed(0)
-        save_checkpoint(path, GPT(GPTConfig(vocab_size=257, n_layer=1, n_head=2, n_kv_head=1, n_embd=32,
-                                            n_hidden=64, block_size=64)), byte_spec(), source="pretrain.py")
+    harness.write_json(path, recipe)
 
 
 def plant_spans(tokens: np.ndarray, rng: np.random.Generator, o: dict) -> tuple:
@@ -177,7 +162,7 @@ def prepare_mix(o: dict, tok: Tokenizer) -> str:
     os.replace(os.path.join(folder, "train.bin.tmp"), os.path.join(folder, "train.bin"))
     shutil.copyfile(os.path.join(plain, "val.bin"), os.path.join(folder, "val.bin.tmp"))
     os.replace(os.path.join(folder, "val.bin.tmp"), os.path.join(folder, "val.bin"))
-    write_json(os.path.join(folder, "meta.json"), {**meta, "train_tokens": len(mixed), "planted_tokens": planted,
+    harness.write_json(os.path.join(folder, "meta.json"), {**meta, "train_tokens": len(mixed), "planted_tokens": planted,
                                                    "source": f"{meta['source']} with planted spans"})
     print(f"data: {len(train):,} train bytes + {planted:,} planted ({100 * planted / len(mixed):.1f}% of the stream); "
           f"val: plain ({meta['val_tokens']:,} bytes) -> {folder}")
@@ -308,7 +293,8 @@ def main(argv):
     check_recipe(o)
     torch.set_num_threads(o["threads"])
     tok_ckpt = os.path.join(o["out"], "bytes.pt")
-    byte_tokenizer_checkpoint(tok_ckpt)
+    if not os.path.exists(tok_ckpt):
+        harness.byte_checkpoint(tok_ckpt)
     tok = Tokenizer(byte_spec())
     data = prepare_mix(o, tok)
     folders = {"stdlib": data}
@@ -323,7 +309,7 @@ def main(argv):
         train_to(o, step, data, tok_ckpt)
         snap = snapshot(o, step)
         bar = measure_bar(snap, folders, o)
-        write_json(bar_path, {"step": step, "tokens": step * tokens_per_step, "snapshot": snap, "bar": bar,
+        harness.write_json(bar_path, {"step": step, "tokens": step * tokens_per_step, "snapshot": snap, "bar": bar,
                               "stage_s": round(time.time() - t0, 1), "threads": o["threads"],
                               "date": time.strftime("%Y-%m-%d"), "commit": harness.commit_stamp()})
         print_bar(step, step * tokens_per_step, bar)

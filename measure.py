@@ -1,8 +1,13 @@
 """What a model does on held-out batches: the loss under soft and hard gates, the density the hard
-gates keep (per layer and KV head), and per-layer gate statistics. train.py evaluates with it."""
+gates keep (per layer and KV head), and per-layer gate statistics; and, beside it, what its dense
+base loses under StreamingLLM (sinks + recency) at the same density, the baseline SP-KV must beat.
+train.py evaluates with it; experiments/baselines.py builds its other policies on the masks here."""
 
 import torch
+import torch.nn.functional as F
 
+import cli
+import kernels
 import spkv
 from model import GPT
 
@@ -52,3 +57,106 @@ def report_density(stats: dict):
     print(f"density per layer x KV head (overall {stats['density']:.3f}):")
     for layer, heads in stats["density_per_head"].items():
         print(f"  layer {layer:2d}: " + " ".join(f"{d:.3f}" for d in heads) + f"   | {stats['density_per_layer'][layer]:.3f}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention through an explicit visibility mask: the baselines SP-KV is measured against
+
+
+def old_budget(T: int, window: int, density: float, device=None) -> torch.Tensor:
+    """(T,) how many keys older than the window query t may see. A fixed cache, as H2O and
+    StreamingLLM run: budget b = round(density * n_old(T - 1)), the old keys at the last query;
+    query t sees min(n_old(t), b), so nothing is evicted before the cache is full and the kept
+    fraction at the end of the sequence is `density` (the quantity spkv.density_stats measures)."""
+    if not 0.0 <= density <= 1.0:
+        raise cli.BadInput(f"density {density} must be in [0, 1]")
+    n_old = (torch.arange(T, device=device) - window + 1).clamp(min=0)
+    return n_old.clamp(max=int(density * max(0, T - window) + 0.5))
+
+
+def causal_visible(T: int, device=None) -> torch.Tensor:
+    """(T, T): key s visible to query t iff s <= t."""
+    pos = torch.arange(T, device=device)
+    return pos[:, None] >= pos[None, :]
+
+
+def window_visible(T: int, window: int, device=None) -> torch.Tensor:
+    """(T, T): only the local window, t - window < s <= t (the floor every policy shares)."""
+    pos = torch.arange(T, device=device)
+    rel = pos[:, None] - pos[None, :]
+    return (rel >= 0) & (rel < window)
+
+
+def spkv_visible(logit: torch.Tensor, window: int, tau: float) -> torch.Tensor:
+    """(B, Hkv, T, T) SP-KV under hard gates: the window, plus old keys with u >= tau."""
+    T = logit.shape[-1]
+    keep = spkv.hard_keep(logit, tau)[:, :, None, :]  # (B, Hkv, 1, S)
+    return window_visible(T, window, logit.device) | (causal_visible(T, logit.device) & keep)
+
+
+def streaming_visible(T: int, window: int, density: float, n_sink: int = 4, device=None) -> torch.Tensor:
+    """(T, T) StreamingLLM at a budget: of the old keys, the first min(n_sink, budget) (sinks) and
+    the most recent ones up to the budget. Same for every head and every sequence."""
+    budget = old_budget(T, window, density, device)[:, None]  # (T, 1)
+    pos = torch.arange(T, device=device)
+    t, s = pos[:, None], pos[None, :]
+    old = t - s >= window
+    sinks = torch.minimum(budget, torch.tensor(n_sink, device=device))
+    recency = (t - window) - s  # 0 for the newest old key
+    keep_old = old & ((s < sinks) | (recency < budget - sinks))
+    return window_visible(T, window, device) | keep_old
+
+
+def masked_attention(q, k, v, visible) -> torch.Tensor:
+    """Attention where query t sees exactly the keys visible[..., t, :]: kernels.cached_attention
+    (GQA folded into the query axis) with the mask as a 0 / -inf bias. q (B, H, T, D); k, v
+    (B, Hkv, T, D); visible broadcasting to (B, Hkv, T, T)."""
+    B, Hkv, T = k.shape[0], k.shape[1], q.shape[2]
+    bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, float("-inf"))
+    return kernels.cached_attention(q, k, v, bias.expand(B, Hkv, T, T), "sdpa")
+
+
+class MaskedAttention:
+    """Answers GPT.forward's cache call (update_and_attend) with masked attention over the whole
+    sequence: visible(layer, q, k, logit) -> mask. Nothing is stored; it is a cache only in shape."""
+
+    def __init__(self, visible):
+        self.visible = visible
+
+    def update_and_attend(self, layer, q, k, v, logit, pos):
+        return masked_attention(q, k, v, self.visible(layer, q, k, logit))
+
+
+def forward_with_masks(model, idx, visible) -> torch.Tensor:
+    """Logits (B, T, V) with layer `layer` attending through visible(layer, q, k, logit)'s mask."""
+    return model(idx, cache=MaskedAttention(visible))[0]
+
+
+@torch.no_grad()
+def against_base(model: GPT, base: GPT, batches, density: float, n_batches: int, batch_size: int, seed: int,
+                 n_sink: int = 4) -> dict:
+    """On the same n_batches val batches (drawn with `seed`): the SP-KV model under hard gates, its
+    dense base under full attention, and the base under StreamingLLM (n_sink sinks + recency) at
+    `density` of old pairs, in fp32 on the model's device; returns the three losses."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval(), base.eval()
+    out = {"spkv_hard": 0.0, "base_full": 0.0, "base_streaming": 0.0}
+    for _ in range(n_batches):
+        x, y = (t.to(device) for t in batches.sample(batch_size, gen))
+        vis = streaming_visible(x.shape[1], base.cfg.window, density, n_sink, device)  # (T, T)
+        out["spkv_hard"] += model(x, y, a=1.0)[1].item() / n_batches
+        out["base_full"] += base(x, y)[1].item() / n_batches
+        logits = forward_with_masks(base, x, lambda layer, q, k, logit: vis)
+        out["base_streaming"] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item() / n_batches
+    model.train(was_training)
+    return out
+
+
+def report_against_base(r: dict, density: float, label: str):
+    """One line per comparison, in % over the base's full attention."""
+    pct = lambda k: 100 * (r[k] / r["base_full"] - 1)
+    print(f"against {label} (dense, same val batches): full attention {r['base_full']:.4f}; "
+          f"SP-KV hard {r['spkv_hard']:.4f} ({pct('spkv_hard'):+.2f}%) at density {density:.3f}; "
+          f"StreamingLLM at that density {r['base_streaming']:.4f} ({pct('base_streaming'):+.2f}%)")

@@ -320,9 +320,18 @@ def report_setup(cfg: TrainConfig, proc: Proc, model: GPT, source: str, why: lis
               + (f"; at step {freeze} tau is retuned (--target_density={cfg.target_density:g})" if cfg.target_density else ""))
 
 
-def report_end(final: dict, cfg: TrainConfig, proc: Proc, ckpt_path: str):
+def report_end(final: dict, cfg: TrainConfig, proc: Proc, ckpt_path: str, model: GPT, val: datalib.Batches,
+               source: str):
+    """The val losses and density table; for an SP-KV model adapted from a dense one, the same val
+    batches under the base's full attention and under StreamingLLM at the density SP-KV reached."""
     print(f"\ndone: val loss soft {final['val_soft']:.4f}, hard {final['val_hard']:.4f} -> {ckpt_path}")
     measure.report_density(final)
+    if cfg.dense or cfg.init != "pretrained":
+        return
+    base = load_model(source, dense=True, window=cfg.window)[0].to(proc.device)
+    r = measure.against_base(model, base, val, final["density"], cfg.eval_batches, cfg.batch_size, cfg.seed + 1)
+    measure.report_against_base(r, final["density"], f"the model it was adapted from ({source})")
+    final.update(against_base=r)
     if proc.device.type != "cuda" and not cfg.dense and final.get("density", 0.0) > 0.95:
         print(f"note: this short CPU run kept (almost) every old pair (predictor LR x{cfg.predictor_lr_mult:g}, "
               f"{cfg.max_steps} steps): so few steps do not close gates that start open. experiments/README.md "
@@ -390,7 +399,7 @@ def main(argv):
                 run.interrupted(step)
         if master:
             final = evaluate(model, val, cfg, proc)
-            report_end(final, cfg, proc, run.ckpt)
+            report_end(final, cfg, proc, run.ckpt, model, val, source)
             run.finish({"step": step, **final, "train_config": dataclasses.asdict(cfg)})
     if world > 1:
         torch.distributed.destroy_process_group()

@@ -33,57 +33,14 @@ import torch.nn.functional as F
 
 import cli
 import data as datalib
-import kernels
 import spkv
 import tau as taulib
 from checkpoint import load_model
+from measure import (MaskedAttention, causal_visible, forward_with_masks, masked_attention, old_budget,  # noqa: F401
+                     spkv_visible, streaming_visible, window_visible)
 from weights import default_checkpoint
 
 POLICIES = ("full", "spkv", "window", "streaming", "h2o")
-
-
-def old_budget(T: int, window: int, density: float, device=None) -> torch.Tensor:
-    """(T,) how many keys older than the window query t may see. A fixed cache, as H2O and
-    StreamingLLM run: budget b = round(density * n_old(T - 1)), the old keys at the last query;
-    query t sees min(n_old(t), b), so nothing is evicted before the cache is full and the kept
-    fraction at the end of the sequence is `density` (the quantity spkv.density_stats measures)."""
-    if not 0.0 <= density <= 1.0:
-        raise cli.BadInput(f"density {density} must be in [0, 1]")
-    n_old = (torch.arange(T, device=device) - window + 1).clamp(min=0)
-    return n_old.clamp(max=int(density * max(0, T - window) + 0.5))
-
-
-def causal_visible(T: int, device=None) -> torch.Tensor:
-    """(T, T): key s visible to query t iff s <= t."""
-    pos = torch.arange(T, device=device)
-    return pos[:, None] >= pos[None, :]
-
-
-def window_visible(T: int, window: int, device=None) -> torch.Tensor:
-    """(T, T): only the local window, t - window < s <= t (the floor every policy shares)."""
-    pos = torch.arange(T, device=device)
-    rel = pos[:, None] - pos[None, :]
-    return (rel >= 0) & (rel < window)
-
-
-def spkv_visible(logit: torch.Tensor, window: int, tau: float) -> torch.Tensor:
-    """(B, Hkv, T, T) SP-KV under hard gates: the window, plus old keys with u >= tau."""
-    T = logit.shape[-1]
-    keep = spkv.hard_keep(logit, tau)[:, :, None, :]  # (B, Hkv, 1, S)
-    return window_visible(T, window, logit.device) | (causal_visible(T, logit.device) & keep)
-
-
-def streaming_visible(T: int, window: int, density: float, n_sink: int = 4, device=None) -> torch.Tensor:
-    """(T, T) StreamingLLM at a budget: of the old keys, the first min(n_sink, budget) (sinks) and
-    the most recent ones up to the budget. Same for every head and every sequence."""
-    budget = old_budget(T, window, density, device)[:, None]  # (T, 1)
-    pos = torch.arange(T, device=device)
-    t, s = pos[:, None], pos[None, :]
-    old = t - s >= window
-    sinks = torch.minimum(budget, torch.tensor(n_sink, device=device))
-    recency = (t - window) - s  # 0 for the newest old key
-    keep_old = old & ((s < sinks) | (recency < budget - sinks))
-    return window_visible(T, window, device) | keep_old
 
 
 @torch.no_grad()
@@ -119,15 +76,6 @@ def h2o_visible(q: torch.Tensor, k: torch.Tensor, window: int, density: float) -
     return visible
 
 
-def masked_attention(q, k, v, visible) -> torch.Tensor:
-    """Attention where query t sees exactly the keys visible[..., t, :]: kernels.cached_attention
-    (GQA folded into the query axis) with the mask as a 0 / -inf bias. q (B, H, T, D); k, v
-    (B, Hkv, T, D); visible broadcasting to (B, Hkv, T, T)."""
-    B, Hkv, T = k.shape[0], k.shape[1], q.shape[2]
-    bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, float("-inf"))
-    return kernels.cached_attention(q, k, v, bias.expand(B, Hkv, T, T), "sdpa")
-
-
 def make_policy(name: str, window: int, tau: float, density: float, n_sink: int = 4):
     """policy(q, k, logit) -> visible mask, for one of POLICIES."""
     if name not in POLICIES:
@@ -150,27 +98,11 @@ def make_policy(name: str, window: int, tau: float, density: float, n_sink: int 
     return policy
 
 
-class MaskedAttention:
-    """Answers GPT.forward's cache call (update_and_attend) with masked attention over the whole
-    sequence: visible(layer, q, k, logit) -> mask. Nothing is stored; it is a cache only in shape."""
-
-    def __init__(self, visible):
-        self.visible = visible
-
-    def update_and_attend(self, layer, q, k, v, logit, pos):
-        return masked_attention(q, k, v, self.visible(layer, q, k, logit))
-
-
 @torch.no_grad()
 def forward_with_policy(model, idx, policy) -> torch.Tensor:
     """Logits (B, T, V) of `model` on idx (B, T), every layer attending through policy's mask.
     The same blocks as GPT.forward; only the attention pattern differs."""
     return forward_with_masks(model, idx, lambda layer, q, k, logit: policy(q, k, logit))
-
-
-def forward_with_masks(model, idx, visible) -> torch.Tensor:
-    """Logits (B, T, V) with layer `layer` attending through visible(layer, q, k, logit)'s mask."""
-    return model(idx, cache=MaskedAttention(visible))[0]
 
 
 @torch.no_grad()

@@ -11,12 +11,15 @@ import time
 import pytest
 import torch
 
+import data as datalib
+import measure
 import run
 import train
 from cli import BadInput
 from checkpoint import load_model, read_checkpoint
 from model import GPT
 from tiny import tiny_checkpoint, tiny_config, tiny_text_dir
+from tokenizer import Tokenizer, byte_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -334,3 +337,31 @@ def test_a_run_that_never_saved_can_be_started_again(tmp_path, capsys):
     train.main(flags(tmp_path, ckpt, max_steps=2, ckpt_every=2))
     assert f"{out} holds a run that never saved a checkpoint (log.jsonl, 3 records); discarding it" in capsys.readouterr().out
     assert [r["loss"] != 5.0 for r in read_log(out)] == [True, True]
+
+
+def test_the_end_report_compares_with_the_dense_base_on_the_same_val_batches(tmp_path, capsys):
+    """final.json's against_base: SP-KV's hard loss is the run's own val_hard (the same batches),
+    and the base's full-attention loss is what measure.evaluate gives the base loaded dense."""
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    train.main(flags(tmp_path, ckpt))
+    final = json.load(open(tmp_path / "out" / "final.json"))
+    r = final["against_base"]
+    assert abs(r["spkv_hard"] - final["val_hard"]) < 1e-5
+    base = load_model(ckpt, dense=True, window=8)[0]
+    val = tiny_val(tmp_path)
+    own = measure.evaluate(base, val, 2, 2, 1338, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    assert abs(r["base_full"] - own["val_hard"]) < 1e-5
+    assert "StreamingLLM at that density" in capsys.readouterr().out
+
+
+def test_streaming_at_density_one_is_the_base_under_full_attention(tmp_path):
+    base = load_model(tiny_checkpoint(tmp_path / "tiny.pt"), dense=True, window=8)[0]
+    model = load_model(tiny_checkpoint(tmp_path / "spkv.pt", seed=1), window=8)[0]
+    r = measure.against_base(model, base, tiny_val(tmp_path), 1.0, 2, 2, seed=3)
+    assert abs(r["base_streaming"] - r["base_full"]) < 1e-5
+
+
+def tiny_val(tmp_path):
+    """The val split of flags()'s data, at its seq_len, from the same cache."""
+    folder = datalib.prepare(tiny_text_dir(tmp_path / "text"), Tokenizer(byte_spec()), str(tmp_path / "cache"))
+    return datalib.Batches(folder, "val", 64)

@@ -1,5 +1,5 @@
-"""The decode-time KV caches: SP-KV's compacting cache (a ring + a paged long-term store) and the
-plain dense cache it is measured against. Each cache owns its attention: the model's attention
+"""The decode-time KV caches: SP-KV's compacting cache (a ring + a paged long-term store), its
+static twin for decode steps without host syncs, and the plain dense cache they are measured against. Each cache owns its attention: the model's attention
 calls cache.update_and_attend(layer, q, k, v, logit, pos), and the cache keeps the new pairs by
 the keep rule (spkv.hard_keep, METHOD.md section 3) and answers with the attention output of the
 kernel it owns (kernels.py). The caches report what they hold, so tests can look.
@@ -251,6 +251,10 @@ class SPKVCache:
                 self.ring_pos[layer, span][:, None].expand(R, self.Hkv, self.w))
         return [(*store, store[2] >= 0), (*ring, self.ring_keep[layer, span])]
 
+    def kept_per_layer(self) -> list:
+        """Pairs in the long-term store, per layer."""
+        return [int(s.length.sum()) for s in self.stores]
+
     def held_positions(self, layer, row, head) -> set:
         """Positions of every pair held for one stream (ring and store), for tests."""
         store = self.stores[layer]
@@ -273,7 +277,9 @@ class SPKVCache:
 class DenseKVCache:
     """The plain cache SP-KV is measured against: preallocated (L, B, Hkv, max_len, D), written by
     position (gpt-fast's KVCache). Holds every pair; nothing is evicted. update_and_attend writes
-    the new pairs at once (a write by position needs no staging), so commit() has nothing to do."""
+    the new pairs at once (a write by position needs no staging), so commit() has nothing to do.
+    A decode step attends over all max_len slots with the unwritten ones masked, as gpt-fast does:
+    fixed shapes and no host sync, so it compiles whole, like StaticSPKVCache."""
 
     def __init__(self, n_layer, B, n_kv_head, head_dim, max_len, dtype, device, impl="sdpa"):
         self.k = torch.zeros(n_layer, B, n_kv_head, max_len, head_dim, dtype=dtype, device=device)
@@ -290,17 +296,18 @@ class DenseKVCache:
     def update_and_attend(self, layer, q, k, v, logit, pos):
         """Write the new pairs k, v (R, Hkv, T, D) at positions pos (R, T), then attend q (R, H, T, D)
         causally to every pair up to the newest position."""
-        rows = torch.arange(self.k.shape[1], device=k.device) if self.rows is None else self.rows
-        if q.shape[2] == 1:  # decode: one pair per row
+        if self.rows is None:  # a decode step, gpt-fast style: write by position, attend over the whole length
+            rows = torch.arange(self.k.shape[1], device=k.device)  # (B,)
             self.k[layer, rows, :, pos[:, 0]], self.v[layer, rows, :, pos[:, 0]] = k[:, :, 0], v[:, :, 0]
-        else:  # prefill chunk of one row, consecutive positions
-            p0, p1 = int(pos[0, 0]), int(pos[0, -1]) + 1
-            self.k[layer, int(rows[0]), :, p0:p1], self.v[layer, int(rows[0]), :, p0:p1] = k[0], v[0]
-        n = int(pos.max()) + 1
-        k_pos = torch.arange(n, device=q.device).expand(len(rows), k.shape[1], n)  # (R, Hkv, n)
-        bias = kernels.cache_bias(pos, k_pos, torch.ones_like(k_pos, dtype=torch.bool), window=n + 1)
-        span = slice(int(rows[0]), int(rows[-1]) + 1)  # one row (prefill) or all rows: a view, no copy
-        return kernels.cached_attention(q, self.k[layer, span, :, :n], self.v[layer, span, :, :n], bias, self.impl)
+            keys, values = self.k[layer], self.v[layer]  # (B, Hkv, max_len, D): fixed shapes, no host sync
+        else:  # a prefill chunk of one row, consecutive positions
+            r, p0, p1 = int(self.rows[0]), int(pos[0, 0]), int(pos[0, -1]) + 1
+            self.k[layer, r, :, p0:p1], self.v[layer, r, :, p0:p1] = k[0], v[0]
+            keys, values = self.k[layer, r:r + 1, :, :p1], self.v[layer, r:r + 1, :, :p1]  # (1, Hkv, p1, D)
+        n = keys.shape[2]
+        k_pos = torch.arange(n, device=q.device).expand(keys.shape[0], k.shape[1], n)  # (R, Hkv, n)
+        bias = kernels.cache_bias(pos, k_pos, torch.ones_like(k_pos, dtype=torch.bool), window=n + 1)  # hides s > t
+        return kernels.cached_attention(q, keys, values, bias, self.impl)
 
     def commit(self):
         """Nothing is staged: update_and_attend wrote the pairs by position."""
@@ -308,3 +315,165 @@ class DenseKVCache:
     def nbytes(self) -> dict:
         b = 2 * self.k.numel() * self.k.element_size()
         return {"in_use": b, "allocated": b}
+
+
+class StaticSPKVCache:
+    """SPKVCache's decode steps with no host sync: every tensor is allocated once and every write
+    has a fixed shape, so a whole decode step (the model, this cache's writes, sampling) compiles
+    with fullgraph=True and replays as one CUDA graph. Built from a prefilled SPKVCache by
+    from_cache(); the prefill, with its variable-length chunks, stays there. The twin it must
+    equal is SPKVCache's paged decode step; it runs the same kernel (paged_decode_attention).
+
+    Per layer l, stacked on a leading L axis (S = B * Hkv streams, P pages, p pairs a page):
+      k, v (L, P + 1, p, D), pos (L, P + 1, p) (-1: empty slot), owner (L, P + 1) (-1: free). Page P
+            is the trash page: a stream with nothing to store writes there, and it is never owned,
+            so attention never sees it.
+      table (L, S, n_cols) int32 at full width, n_cols = ceil(max_len / p): stream s holds pages
+            table[l, s, :ceil(length / p)], in order.
+      length (L, S) int32, pairs held per stream.
+      free (L, P) int32, a stack of free page ids with the lowest on top, and n_free (L,) int32 its
+            height: a stream whose pair starts a page pops one, all streams at once (a cumsum ranks them).
+      ring_* as SPKVCache's.
+    overflow, a 0-dim bool, is set on the device if a pair found no free page (it went to the trash:
+    an error). The host never lets that happen: every N steps it calls ensure_room(N), which reads
+    the free counts (one sync) and, if fewer than N steps' worst case remain, grows the pool (new
+    shapes: a compiled step compiles, or a CUDA graph is captured, once more).
+    """
+
+    def __init__(self, n_layer, B, n_kv_head, head_dim, window, tau, n_pages, page_size, max_len, dtype, device):
+        L, S, P, p = n_layer, B * n_kv_head, n_pages, page_size
+        self.Hkv, self.w, self.D, self.tau, self.page_size, self.trash = n_kv_head, window, head_dim, tau, p, P
+        self.k = torch.zeros(L, P + 1, p, head_dim, dtype=dtype, device=device)  # (L, P + 1, p, D)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.full((L, P + 1, p), -1, dtype=torch.long, device=device)  # (L, P + 1, p)
+        self.owner = torch.full((L, P + 1), -1, dtype=torch.long, device=device)  # (L, P + 1)
+        self.table = torch.zeros(L, S, -(-max_len // p), dtype=torch.int32, device=device)  # (L, S, n_cols)
+        self.length = torch.zeros(L, S, dtype=torch.int32, device=device)  # (L, S)
+        self.free = torch.arange(P - 1, -1, -1, dtype=torch.int32, device=device).repeat(L, 1)  # (L, P), top last
+        self.n_free = torch.full((L,), P, dtype=torch.int32, device=device)  # (L,)
+        self.overflow = torch.zeros((), dtype=torch.bool, device=device)
+        shape = (L, B, n_kv_head, window)
+        self.ring_k = torch.zeros(*shape, head_dim, dtype=dtype, device=device)  # (L, B, Hkv, w, D)
+        self.ring_v = torch.zeros_like(self.ring_k)
+        self.ring_keep = torch.zeros(shape, dtype=torch.bool, device=device)  # (L, B, Hkv, w)
+        self.ring_pos = torch.full((L, B, window), -1, dtype=torch.long, device=device)  # (L, B, w)
+        self.rows = None  # decode steps only: every row
+        self.streams = torch.arange(S, device=device)  # (S,)
+
+    @classmethod
+    def from_cache(cls, cache: SPKVCache, max_len: int, room_steps: int = 64):
+        """A static copy of a prefilled SPKVCache, for rows of up to max_len tokens, with pages
+        for room_steps more decode steps on top of the pages held."""
+        L, B, Hkv, w, D = cache.ring_k.shape
+        S, p = B * Hkv, cache.stores[0].page_size
+        held = max(s.pages_in_use() for s in cache.stores)
+        self = cls(L, B, Hkv, D, w, cache.tau, held + S * (room_steps // p + 1), p, max_len,
+                   cache.ring_k.dtype, cache.ring_k.device)
+        for name in ("ring_k", "ring_v", "ring_keep", "ring_pos"):
+            getattr(self, name).copy_(getattr(cache, name))
+        for layer, store in enumerate(cache.stores):
+            n_pages = store.pages_for(store.length).tolist()  # (S,) pages per stream, in table order
+            src = torch.cat([store.table[s, :n] for s, n in enumerate(n_pages)]).long()  # (held_l,)
+            n = src.numel()
+            self.k[layer, :n], self.v[layer, :n], self.pos[layer, :n] = store.k[src], store.v[src], store.pos[src]
+            self.owner[layer, :n] = torch.repeat_interleave(self.streams, torch.tensor(n_pages, device=src.device))
+            for s, first in enumerate(torch.tensor([0] + n_pages).cumsum(0)[:-1].tolist()):
+                self.table[layer, s, :n_pages[s]] = torch.arange(first, first + n_pages[s], dtype=torch.int32)
+            self.length[layer] = store.length.to(torch.int32)
+            self.n_free[layer] = self.trash - n  # pages n .. P - 1 are free, n on top
+        return self
+
+    def commit(self):
+        """Nothing is staged: update_and_attend writes inside the step."""
+
+    def update_and_attend(self, layer, q, k, v, logit, pos):
+        """One decode step of one layer: q (B, H, 1, D), k, v (B, Hkv, 1, D), logit (B, Hkv, 1) or
+        None, pos (B, 1). Attends over the store, the ring and the new pair (paged_decode_attention,
+        as SPKVCache does), then writes: the ring pair this one displaces goes to the store if it
+        was kept, and the new pair takes its ring slot. No host sync, fixed shapes."""
+        keep = torch.ones(k.shape[:3], dtype=torch.bool, device=k.device) if logit is None \
+            else spkv.hard_keep(logit, self.tau)  # (B, Hkv, 1)
+        ring = (self.ring_k[layer], self.ring_v[layer], self.ring_pos[layer], self.ring_keep[layer])
+        pool = (self.k[layer], self.v[layer], self.pos[layer], self.owner[layer])
+        out = kernels.paged_decode_attention(q, k, v, pos[:, 0], pool, ring, self.w)
+        self.write(layer, k[:, :, 0], v[:, :, 0], keep[:, :, 0], pos[:, 0])
+        return out
+
+    def write(self, layer, k, v, keep, pos):
+        """k, v (B, Hkv, D), keep (B, Hkv), pos (B,): the displaced ring pair to the store (or the
+        trash page), the new pair into the ring."""
+        B, Hkv = keep.shape
+        rows, slot = torch.arange(B, device=pos.device), pos % self.w  # (B,)
+        old_pos = self.ring_pos[layer, rows, slot]  # (B,)
+        leaving = ((old_pos >= 0)[:, None] & self.ring_keep[layer, rows, :, slot]).flatten()  # (S,)
+        length = self.length[layer]  # (S,)
+        col, offset = length // self.page_size, length % self.page_size
+        need = leaving & (offset == 0)  # (S,) starts a page: pops one from the free stack
+        top = self.n_free[layer] - torch.cumsum(need.int(), 0)  # (S,) stack index of its page
+        got = need & (top >= 0)
+        fresh = self.free[layer][top.clamp(min=0)]  # (S,) int32
+        self.overflow |= (need & ~got).any()
+        self.n_free[layer] = (self.n_free[layer] - need.sum()).clamp(min=0)
+        col = col.clamp(max=self.table.shape[2] - 1).long()
+        self.table[layer, self.streams, col] = torch.where(got, fresh, self.table[layer, self.streams, col])
+        stored = leaving & (got | ~need)  # (S,) has a page to go to
+        page = torch.where(stored, self.table[layer, self.streams, col].long(), self.trash)  # (S,)
+        offset = torch.where(stored, offset, 0).long()
+        self.owner[layer].index_put_((torch.where(got, fresh.long(), self.trash),), torch.where(got, self.streams, -1))
+        self.k[layer].index_put_((page, offset), self.ring_k[layer, rows, :, slot].flatten(0, 1))
+        self.v[layer].index_put_((page, offset), self.ring_v[layer, rows, :, slot].flatten(0, 1))
+        self.pos[layer].index_put_((page, offset), torch.where(stored, old_pos.repeat_interleave(Hkv, 0,
+                                                                                                  output_size=B * Hkv), -1))
+        self.length[layer] += stored.int()
+        self.ring_k[layer, rows, :, slot], self.ring_v[layer, rows, :, slot] = k, v
+        self.ring_keep[layer, rows, :, slot], self.ring_pos[layer, rows, slot] = keep, pos
+
+    def pages_left(self) -> int:
+        """Free pages of the fullest layer (reads the device: a sync, for the host's checks)."""
+        return int(self.n_free.min())
+
+    def ensure_room(self, n_steps: int) -> bool:
+        """Before n_steps more decode steps (a host check, one sync): grow the pool if it could run
+        out, doubling its pages. True when it grew (a compiled step sees new shapes)."""
+        if bool(self.overflow):
+            raise RuntimeError("the static KV cache overflowed: a kept pair was lost (ensure_room was not called)")
+        need = self.table.shape[1] * (n_steps // self.page_size + 1)  # one page per stream per p steps, worst case
+        if self.pages_left() >= need:
+            return False
+        self.grow(max(self.trash, need))
+        return True
+
+    def grow(self, extra: int):
+        """extra more pages in every layer; the trash page moves to the new end."""
+        L, P = self.owner.shape[0], self.trash
+        pad = lambda t, fill: torch.cat([t[:, :P], t.new_full((L, extra, *t.shape[2:]), fill), t[:, P:]], 1)
+        self.k, self.v, self.pos, self.owner = pad(self.k, 0), pad(self.v, 0), pad(self.pos, -1), pad(self.owner, -1)
+        new_ids = torch.arange(P + extra - 1, P - 1, -1, dtype=torch.int32, device=self.free.device)  # highest first
+        stacks = []
+        for layer in range(L):  # the new pages go under the old free ones, so the lowest stay on top
+            n = int(self.n_free[layer])
+            stacks.append(torch.cat([new_ids, self.free[layer, :n], new_ids.new_zeros(P - n)]))
+        self.free, self.n_free, self.trash = torch.stack(stacks), self.n_free + extra, P + extra
+
+    def pages_in_use(self) -> int:
+        return int((self.owner >= 0).sum())
+
+    def kept_per_layer(self) -> list:
+        """Pairs in the long-term store, per layer."""
+        return self.length.sum(1).tolist()
+
+    def held_positions(self, layer, row, head) -> set:
+        """Positions of every pair held for one stream (ring and store), for tests."""
+        s = row * self.Hkv + head
+        pages = self.table[layer, s, :-(-int(self.length[layer, s]) // self.page_size)].long()
+        pos = self.pos[layer, pages].flatten()[:int(self.length[layer, s])]
+        ring = self.ring_pos[layer, row]
+        return set(pos.tolist()) | set(ring[ring >= 0].tolist())
+
+    def nbytes(self) -> dict:
+        """As SPKVCache.nbytes: ring, kept store pairs, in use (ring + pages held), allocated."""
+        per_pair = 2 * self.D * self.k.element_size() + 8
+        ring = self.ring_k.numel() // self.D * per_pair
+        pages = self.pages_in_use() * self.page_size * per_pair
+        return {"ring": ring, "store_kept": int(self.length.sum()) * per_pair, "in_use": ring + pages,
+                "allocated": ring + self.owner.numel() * self.page_size * per_pair}

@@ -8,8 +8,12 @@ Defaults to the embedded SmolLM2-135M, so it runs offline. The steps, as in gpt-
 (chunks that evict as they go, so a long prompt never needs a dense cache), decode_one_token,
 decode_n_tokens, sample. Attention is the cache's business (cache.py): the model hands each
 layer's new pairs to cache.update_and_attend. Decode paths (--impl): "paged" (default) reads the
-page pool in place, eager or compiled (--compile=True); "reference" gathers the store and attends
-with plain tensor ops, the twin the tests hold it to. The oracle both are tested against is
+page pool in place, eager or compiled (--compile=True); "static" decodes from a copy of the
+prefilled cache whose tensors never change shape (cache.StaticSPKVCache), so that the whole step,
+its cache writes and the sampling included, runs without a host sync: with --compile=True it is
+compiled with fullgraph=True (and replayed as a CUDA graph on a GPU), and the host looks at the
+tokens only every --check_every steps; "reference" gathers the store and attends with plain tensor
+ops, the twin the tests hold the others to. The oracle all are tested against is
 generate_uncached: one full forward under hard gates per token.
 """
 
@@ -23,12 +27,12 @@ import torch
 
 import cli
 import data as datalib
-from cache import DenseKVCache, SPKVCache
+from cache import DenseKVCache, SPKVCache, StaticSPKVCache
 from checkpoint import load_model
 from spkv import calibrate
 from weights import default_checkpoint
 
-IMPLS = ("paged", "reference")  # SP-KV decode paths, see cache.SPKVCache
+IMPLS = ("paged", "static", "reference")  # SP-KV decode paths, see cache.SPKVCache and StaticSPKVCache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,6 +95,21 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, gen=None):
     """Greedy when temperature == 0, else softmax sampling with optional top-k / nucleus top-p."""
     if temperature == 0.0:
         return logits.argmax(-1)
+    return torch.multinomial(filtered(logits, temperature, top_k, top_p).softmax(-1), 1, generator=gen)[:, 0]
+
+
+def sample_on_device(logits, temperature=0.0, top_k=0, top_p=1.0):
+    """sample() with no host sync and no generator: the same distribution, drawn by the Gumbel-max
+    trick (the argmax of the filtered logits plus Gumbel noise) from the global RNG, so that it
+    compiles into the decode step and is captured with it."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    gumbel = -torch.empty_like(logits, dtype=torch.float32).exponential_().log()  # (B, V)
+    return (filtered(logits, temperature, top_k, top_p) + gumbel).argmax(-1)
+
+
+def filtered(logits, temperature, top_k, top_p):
+    """fp32 logits / temperature with everything outside top-k and the nucleus top-p at -inf."""
     logits = logits.float() / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
@@ -100,7 +119,7 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, gen=None):
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+    return logits
 
 
 def decode_n_tokens(model, cache, first_logits, lengths, n, sampling, compiled=False, eos_id=None):
@@ -125,16 +144,73 @@ def decode_n_tokens(model, cache, first_logits, lengths, n, sampling, compiled=F
     return torch.stack(tokens, 1), torch.stack(all_logits, 1)
 
 
+def static_step(model, cache, tokens, pos, sampling: dict):
+    """One decode step with no host sync: tokens, pos (B,) -> (next tokens (B,), logits (B, V)).
+    The cache (StaticSPKVCache, or the dense cache) writes inside the step."""
+    logits = decode_step(model, cache, tokens, pos)
+    return sample_on_device(logits, **sampling), logits
+
+
+@functools.lru_cache(maxsize=2)
+def compiled_static_step(cuda: bool):
+    """static_step compiled whole (fullgraph=True, static shapes); on CUDA, replayed as a CUDA graph."""
+    return torch.compile(static_step, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None)
+
+
+@torch.no_grad()
+def decode_static(model, cache, first_logits, lengths, n, sampling, compiled=False, eos_id=None, check_every=16):
+    """decode_n_tokens over a cache whose decode steps never sync: the tokens stay on the device,
+    and only every check_every steps does the host look (end-of-text in every row; room in the
+    page pool, grown before it can run out). Returns what decode_n_tokens returns."""
+    dev = first_logits.device
+    step = compiled_static_step(dev.type == "cuda") if compiled else static_step
+    if compiled and dev.type == "cuda":  # the graph reads and writes the cache in place: fixed addresses
+        for t in vars(cache).values():
+            torch._dynamo.mark_static_address(t) if isinstance(t, torch.Tensor) else None
+    pos = torch.tensor(lengths, device=dev)  # (B,)
+    tok = sample_on_device(first_logits, **sampling)
+    tokens, all_logits = [tok], [first_logits]
+    ended = tok == eos_id if eos_id is not None else None  # (B,)
+    for i in range(1, n):
+        if (i - 1) % check_every == 0:  # the host's look: one sync per check_every tokens
+            if ended is not None and bool(ended.all()):
+                break
+            if isinstance(cache, StaticSPKVCache) and cache.ensure_room(check_every) and compiled:
+                print(f"decode: the page pool grew to {cache.trash} pages a layer; the step compiles for the new size")
+        tok, logits = step(model, cache, tok, pos, sampling)
+        pos = pos + 1
+        tokens.append(tok)
+        all_logits.append(logits)
+        if ended is not None:
+            ended = ended | (tok == eos_id)
+    tokens, all_logits = torch.stack(tokens, 1), torch.stack(all_logits, 1)  # (B, n'), (B, n', V)
+    if eos_id is not None:  # the steps after every row had ended, as decode_n_tokens stops
+        done = (torch.cumsum(tokens == eos_id, 1) > 0).all(0)  # (n',) every row has ended by then
+        n_keep = int(done.float().argmax()) + 1 if bool(done.any()) else tokens.shape[1]
+        tokens, all_logits = tokens[:, :n_keep], all_logits[:, :n_keep]
+    return tokens, all_logits
+
+
 def generate(model, prompts, max_new_tokens, dense=False, chunk=256, sampling=None, impl="paged", page_size=16,
-             eos_id=None, compiled=False):
+             eos_id=None, compiled=False, check_every=16):
     """Cached generation for a batch of prompts (lists of ids, any lengths), stopping early once
     every row has produced eos_id (None: never). Returns (new tokens (B, n), their logits
-    (B, n, V), the cache); the cache holds each prompt and the first n - 1 new tokens."""
+    (B, n, V), the cache); the cache holds each prompt and the first n - 1 new tokens. impl
+    "static" decodes through decode_static (a dense cache too, with dense=True)."""
     check_request(model, prompts, max_new_tokens, impl, dense, compiled)
-    cache = new_cache(model, len(prompts), max(map(len, prompts)) + max_new_tokens, dense, page_size, impl)
+    max_len = max(map(len, prompts)) + max_new_tokens
+    cache = new_cache(model, len(prompts), max_len, dense, page_size, "paged" if impl == "static" else impl)
     first = prefill(model, cache, prompts, chunk)
-    tokens, logits = decode_n_tokens(model, cache, first, [len(p) for p in prompts], max_new_tokens,
-                                     sampling or {}, compiled, eos_id)
+    lengths = [len(p) for p in prompts]
+    if impl != "static":
+        tokens, logits = decode_n_tokens(model, cache, first, lengths, max_new_tokens, sampling or {}, compiled, eos_id)
+        return tokens, logits, cache
+    if max_new_tokens == 0:
+        return first.new_zeros(len(prompts), 0, dtype=torch.long), first[:, None, :0], cache
+    if not dense:
+        cache = StaticSPKVCache.from_cache(cache, max_len, room_steps=check_every)
+    tokens, logits = decode_static(model, cache, first, lengths, max_new_tokens, sampling or {}, compiled, eos_id,
+                                   check_every)
     return tokens, logits, cache
 
 
@@ -157,8 +233,9 @@ def generate_uncached(model, prompts, max_new_tokens, a=1.0):
 def check_request(model, prompts, max_new_tokens, impl="paged", dense=False, compiled=False):
     if impl not in IMPLS:
         raise cli.BadInput(f"unknown decode path {impl!r}; use one of {IMPLS}")
-    if compiled and (dense or impl != "paged"):
-        raise cli.BadInput("--compile=True compiles the SP-KV paged decode step; drop --dense=True / --impl=reference")
+    if compiled and (impl == "reference" or (dense and impl != "static")):
+        raise cli.BadInput("--compile=True compiles the paged or static decode step (a dense cache: static only); "
+                           "drop --impl=reference, or give --impl=static with --dense=True")
     if max_new_tokens < 0:
         raise cli.BadInput(f"max_new_tokens={max_new_tokens} must be >= 0")
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -181,7 +258,7 @@ def cache_report(cache, lengths, dense_bytes_per_pair, n_layer, Hkv) -> dict:
         return {"pairs": total, "dense_pairs": total, "bytes": total * dense_bytes_per_pair,
                 "dense_bytes": total * dense_bytes_per_pair, "density_per_layer": {}}
     old = sum(max(0, n - cache.w) for n in lengths) * Hkv  # per layer: pairs that left the window
-    kept = [int(s.length.sum()) for s in cache.stores]
+    kept = cache.kept_per_layer()
     ring = sum(min(n, cache.w) for n in lengths) * Hkv
     nb = cache.nbytes()
     return {"pairs": ring * n_layer + sum(kept), "dense_pairs": sum(lengths) * n_layer * Hkv,
@@ -210,8 +287,9 @@ class Flags:
     seed: int = 0  # sampling seed
     page_size: int = 16  # KV pairs per page of the SP-KV store
     target_density: float = 0.0  # in (0, 1]: calibrate tau to keep this fraction of old pairs; 0 = off
-    impl: str = "paged"  # SP-KV decode path: paged (reads the page pool in place) or reference (plain ops)
-    compile: bool = False  # torch.compile the paged decode step (compiled once, about a minute on CPU)
+    impl: str = "paged"  # decode path: paged (reads the page pool in place), static (no host sync) or reference (plain ops)
+    compile: bool = False  # torch.compile the decode step (compiled once, about a minute on CPU)
+    check_every: int = 16  # --impl=static: decode steps between the host's looks (end-of-text, pool room)
     device: str = "auto"  # auto (CUDA when present), cpu or cuda
 
 
@@ -220,8 +298,13 @@ DEFAULTS = dataclasses.asdict(Flags())
 
 def describe_path(impl: str, dense: bool, compiled: bool) -> str:
     """Which cached attention path runs, in one line (printed, so no path is chosen silently)."""
+    how = "torch.compile fullgraph" + (" + CUDA graph" if torch.cuda.is_available() else "") if compiled else "eager"
     if dense:
-        return f"dense cache, kernels.cached_attention ({'reference' if impl == 'reference' else 'sdpa'})"
+        return (f"dense cache, kernels.cached_attention ({'reference' if impl == 'reference' else 'sdpa'})"
+                + (f", static decode step ({how})" if impl == "static" else ""))
+    if impl == "static":
+        return (f"SP-KV static: a fixed-shape copy of the cache, decode steps without a host sync "
+                f"(kernels.paged_decode_attention, {how}); prefill gathers (sdpa)")
     if impl == "reference":
         return "SP-KV reference: store gathered, plain-ops kernels.cached_attention (the tests' twin)"
     return (f"SP-KV paged: decode reads the page pool in place (kernels.paged_decode_attention, "
@@ -245,8 +328,11 @@ def parse_flags(argv) -> dict:
         problems.append(f"--target_density={o['target_density']} calibrates SP-KV's tau; --dense=True has no gates, drop one")
     if o["impl"] not in IMPLS:
         problems.append(f"--impl={o['impl']!r} is not one of {IMPLS}")
-    if o["compile"] and (o["dense"] or o["impl"] != "paged"):
-        problems.append("--compile=True compiles the SP-KV paged decode step; drop --dense=True / --impl=reference")
+    if o["compile"] and (o["impl"] == "reference" or (o["dense"] and o["impl"] != "static")):
+        problems.append("--compile=True compiles the paged or static decode step (a dense cache: static only); "
+                        "drop --impl=reference, or give --impl=static with --dense=True")
+    if o["check_every"] < 1:
+        problems.append(f"--check_every={o['check_every']} must be >= 1")
     if problems:
         raise cli.BadInput("; ".join(problems))
     return o
@@ -303,7 +389,8 @@ def main(argv):
     t0 = time.time()
     sampling = dict(temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"])
     tokens, _, cache = generate(model, [ids], o["max_new_tokens"], o["dense"], o["chunk"], sampling,
-                                impl=o["impl"], page_size=o["page_size"], eos_id=tok.eos_id, compiled=o["compile"])
+                                impl=o["impl"], page_size=o["page_size"], eos_id=tok.eos_id, compiled=o["compile"],
+                                check_every=o["check_every"])
     dt = time.time() - t0
     out = tokens[0].tolist()
     n_new = len(out)

@@ -170,6 +170,9 @@ CASES = [
     ("convert", "--gguf={b}/random.gguf --out={b}/tiny.pt", "{b}/tiny.pt already exists"),
     ("synthetic", "--out={b} --n_facts=0", "need 0 < n_facts"),
     ("decode_paths", "--bogus=1", "unknown flag --bogus"),
+    ("gpu_check", "--dry=True --limit_s=0 --out={b}/gc", "--limit_s=0 must be > 0"),
+    ("gpu_check", "--dry=True --parts= --out={b}/gc", "--parts= names no part"),
+    ("gpu_check", "--dry=True --parts=train,,train --out={b}/gc", "--parts=train,,train names train twice"),
 ]
 
 

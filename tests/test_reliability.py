@@ -75,6 +75,8 @@ def base(tmp_path_factory):
             raw = read_checkpoint(str(base / name / "ckpt.pt"))
             raw["train_config"]["bogus_knob"] = 1
             torch.save(raw, base / name / "ckpt.pt")
+    os.makedirs(base / "plots_done")  # an earlier plots.py run's picture
+    (base / "plots_done" / "tau_sweep.png").write_bytes(b"\x89PNG earlier picture")
     (base / "random.gguf").write_bytes(os.urandom(4096))
     write_gguf(base / "gpt2.gguf", "gpt2")
     write_gguf(base / "notok.gguf", "llama")
@@ -158,6 +160,8 @@ CASES = [
     ("tau", "--ckpt={b}/tiny.pt --target_density=1.5", "--target_density=1.5 must be in (0, 1]"),
     ("baselines", "--ckpt={b}/nope.pt", "{b}/nope.pt' does not exist"),
     ("plots", "--ckpt={b}/nope.pt --out={b}/plots", "{b}/nope.pt' does not exist"),
+    ("plots", "--ckpt={b}/tiny.pt --data={b}/text --seq_len=64 --out={b}/plots_done",
+     "{b}/plots_done/tau_sweep.png already exists; move it away, or give another --out"),
     ("bench_decode", "--ckpt={b}/nope.pt", "{b}/nope.pt' does not exist"),
     ("bench_decode", "--contexts=2k", "--contexts=2k must be a comma list of ints"),
     ("convert", "--gguf={b}/random.gguf --out={b}/c.pt", "{b}/random.gguf is not a readable GGUF file"),

@@ -334,7 +334,9 @@ def report_end(final: dict, cfg: TrainConfig, proc: Proc, ckpt_path: str):
 # The loop
 
 
-def main(argv):
+def main(argv, batches=datalib.Batches):
+    """train.py's command line; `batches` is the class that draws the windows (data.Batches, or a
+    subclass with its own window_starts: a task whose documents must not be cut)."""
     cfg, given = parse_flags(argv)
     rank, world, device, why_device = setup_processes(cfg)
     master = rank == 0
@@ -348,7 +350,7 @@ def main(argv):
         proc, why_attn = setup_device(model, cfg, rank, world, device)
         peak, why_peak = peak_flops(device, cfg.peak_tflops)
         folder = datalib.prepare(cfg.data, tok, cfg.data_cache or datalib.DEFAULT_CACHE)
-        train, val = datalib.Batches(folder, "train", cfg.seq_len), datalib.Batches(folder, "val", cfg.seq_len)
+        train, val = batches(folder, "train", cfg.seq_len), batches(folder, "val", cfg.seq_len)
         opt = make_optimizer(model, cfg, fused=device.type == "cuda")
         gen = torch.Generator().manual_seed(cfg.seed)  # the data position: saved and restored
         step, freeze = restore(run, model, opt, gen, cfg) if cfg.resume else 0, gate_schedule(cfg)[0]

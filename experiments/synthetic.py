@@ -38,7 +38,6 @@ import dataclasses
 import json
 import os
 import random
-import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -49,7 +48,9 @@ import torch
 
 import baselines as bl
 import cli
+import data as datalib
 import spkv
+import train
 from checkpoint import load_model, save_checkpoint
 from data import tokenizer_id
 from model import GPT, GPTConfig
@@ -94,8 +95,8 @@ def make_sequence(rng: random.Random, length: int, n_facts: float, n_queries: in
 
 
 def prepare(folder, length, n_train, n_val, n_facts, n_queries, seed=0):
-    """Write train.bin / val.bin (each document = sequence + end-of-text) and meta.json with
-    align = length + 1, so training windows start at document boundaries."""
+    """Write train.bin / val.bin (each document = sequence + end-of-text, length + 1 tokens) and
+    meta.json, which records that length for DocumentWindows."""
     os.makedirs(folder, exist_ok=True)
     rng = random.Random(seed)
     spec = byte_spec()
@@ -103,9 +104,23 @@ def prepare(folder, length, n_train, n_val, n_facts, n_queries, seed=0):
         docs = [list(make_sequence(rng, length, n_facts, n_queries)[0]) + [spec["eos_id"]] for _ in range(n)]
         np.array(docs, dtype=np.uint16).tofile(os.path.join(folder, f"{split}.bin"))
     meta = {"tokenizer_id": tokenizer_id(spec), "dtype": "uint16", "source": "synthetic recall",
-            "align": length + 1, "train_tokens": n_train * (length + 1), "val_tokens": n_val * (length + 1)}
+            "sequence_tokens": length + 1, "train_tokens": n_train * (length + 1), "val_tokens": n_val * (length + 1)}
     with open(os.path.join(folder, "meta.json"), "w") as f:
         json.dump(meta, f)
+
+
+class DocumentWindows(datalib.Batches):
+    """The task's windows for train.py: each starts at a sequence, drawn uniformly over the split's
+    sequences. A window that began mid-sequence would ask for facts it had cut off."""
+
+    def __init__(self, folder: str, split: str, seq_len: int):
+        super().__init__(folder, split, seq_len)
+        with open(os.path.join(folder, "meta.json")) as f:
+            self.doc = json.load(f)["sequence_tokens"]
+
+    def window_starts(self, n: int, gen: torch.Generator) -> list:
+        starts = (len(self.tokens) - self.seq_len - 2) // self.doc + 1  # the sequences a whole window fits from
+        return (torch.randint(starts, (n,), generator=gen) * self.doc).tolist()
 
 
 @torch.no_grad()
@@ -243,7 +258,8 @@ def main(argv):
 def train_both(o):
     """Data; a dense model from scratch (the "pretrained" model); then, as METHOD.md adapts a
     pretrained checkpoint, two runs from it with the same recipe (train.py): SP-KV, and dense.
-    With --from_scratch=1: SP-KV and dense each trained from random weights instead."""
+    With --from_scratch=1: SP-KV and dense each trained from random weights instead. Each run's
+    windows start at a sequence (DocumentWindows)."""
     data_dir, L = os.path.join(o["out"], "data"), o["seq_len"]
     prepare(data_dir, L, o["n_train"], 200, o["n_facts"], o["n_queries"])
     init = os.path.join(o["out"], "init.pt")  # carries the byte tokenizer; weights are re-drawn
@@ -263,10 +279,9 @@ def train_both(o):
     else:
         runs = [(pre, o["steps"], [*scratch, "--dense=True"]), (spkv_dir, o["adapt_steps"], [*adapt, *gates]),
                 (dense_dir, o["adapt_steps"], [*adapt, "--dense=True"])]
-    for out_dir, n, extra in runs:
-        subprocess.run([sys.executable, "train.py", *common, *extra, f"--max_steps={n}", f"--eval_every={n}",
-                        f"--ckpt_every={n}", f"--out_dir={out_dir}"], check=True,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+    for out_dir, n, extra in runs:  # train.py in this process, so that its windows are DocumentWindows
+        train.main([*common, *extra, f"--max_steps={n}", f"--eval_every={n}", f"--ckpt_every={n}",
+                    f"--out_dir={out_dir}"], batches=DocumentWindows)
 
 
 def evaluate_all(o) -> dict:

@@ -51,10 +51,23 @@ def test_bad_task_sizes():
 
 def test_prepared_windows_start_at_documents(tmp_path):
     S.prepare(str(tmp_path), 128, 20, 4, 3, 2)
-    batches = Batches(str(tmp_path), "train", 128)
+    batches = S.DocumentWindows(str(tmp_path), "train", 128)
     x, y = batches.sample(16, torch.Generator().manual_seed(0))
     assert (x[:, 0] != 256).all() and (y[:, -1] == 256).all()  # whole documents, eos last
     assert np.fromfile(tmp_path / "val.bin", dtype=np.uint16).size == 4 * 129
+
+
+def test_the_core_data_loader_knows_nothing_of_the_task(tmp_path):
+    """data.Batches reads the task's folder as any token stream: windows start anywhere (the
+    document alignment is DocumentWindows', here), drawn as DocumentWindows draws its sequences."""
+    S.prepare(str(tmp_path), 128, 20, 4, 3, 2)
+    plain = Batches(str(tmp_path), "train", 128)
+    assert not hasattr(plain, "align")
+    x, y = plain.sample(64, torch.Generator().manual_seed(0))
+    assert (y[:, -1] != 256).any()  # some windows cut a document
+    gen = torch.Generator().manual_seed(0)
+    starts = S.DocumentWindows(str(tmp_path), "train", 128).window_starts(64, gen)
+    assert all(i % 129 == 0 for i in starts) and max(starts) <= 20 * 129 - 130
 
 
 def test_evaluate_reports_bounded_figures(tmp_path):

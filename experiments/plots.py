@@ -138,6 +138,9 @@ def main(argv):
     plt = plt_module()
     model, tok, _ = load_model(o["ckpt"] or default_checkpoint())
     model.eval()
+    if o["seq_len"] > model.cfg.block_size:
+        raise cli.BadInput(f"--seq_len={o['seq_len']} is beyond the model's context of {model.cfg.block_size}; give "
+                           f"--seq_len <= {model.cfg.block_size}")
     folder = datalib.prepare(o["data"], tok)
     val = datalib.Batches(folder, "val", o["seq_len"])
     os.makedirs(o["out"], exist_ok=True)

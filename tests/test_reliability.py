@@ -81,6 +81,9 @@ def base(tmp_path_factory):
     write_gguf(base / "gpt2.gguf", "gpt2")
     write_gguf(base / "notok.gguf", "llama")
     for name, config, weights in (("no_config", None, b"x"), ("no_weights", LLAMA_JSON, None),
+                                  ("hf_mismatch", LLAMA_JSON, wider_safetensors()),
+                                  ("hf_heads", LLAMA_JSON.replace('"num_attention_heads": 4', '"num_attention_heads": 3, '
+                                                                  '"num_key_value_heads": 2'), wider_safetensors()),
                                   ("bad_json", "{not json", b"x"), ("torn", LLAMA_JSON, torn_safetensors())):
         os.makedirs(base / name)
         if config is not None:
@@ -92,6 +95,13 @@ def base(tmp_path_factory):
 
 LLAMA_JSON = json.dumps(dict(architectures=["LlamaForCausalLM"], vocab_size=300, num_hidden_layers=1, hidden_size=32,
                              num_attention_heads=4, intermediate_size=64, max_position_embeddings=64))
+
+
+def wider_safetensors() -> bytes:
+    """Weights 64 wide where LLAMA_JSON says hidden_size=32: a config.json of another model."""
+    from safetensors.torch import save
+
+    return save({"model.embed_tokens.weight": torch.zeros(300, 64), "model.norm.weight": torch.ones(64)})
 
 
 def torn_safetensors() -> bytes:
@@ -158,6 +168,14 @@ CASES = [
     ("perplexity", "--ckpt={b}/tiny.pt --files={b}/missing.txt", "{b}/missing.txt is not a file"),
     ("tau", "--ckpt={b}/nope.pt", "{b}/nope.pt' does not exist"),
     ("tau", "--ckpt={b}/tiny.pt --target_density=1.5", "--target_density=1.5 must be in (0, 1]"),
+    ("tau", "--ckpt={b}/tiny.pt --data={b}/text", "--seq_len=512 is beyond the model's context of 256"),
+    ("tau", "--ckpt={b}/dense.pt --data={b}/text --seq_len=64", "--ckpt={b}/dense.pt has no SP-KV layers"),
+    ("tau", "--ckpt={b}/dense.pt --data={b}/text --seq_len=64 --target_density=0.5", "--ckpt={b}/dense.pt has no SP-KV"),
+    ("baselines", "--ckpt={b}/tiny.pt --data={b}/text", "--seq_len=512 is beyond the model's context of 256"),
+    ("plots", "--ckpt={b}/tiny.pt --data={b}/text --out={b}/plots", "--seq_len=512 is beyond the model's context of 256"),
+    ("bench_decode", "--ckpt={b}/tiny.pt --contexts=64 --densities=1.5", "--densities=1.5: every density must be in [0, 1]"),
+    ("bench_decode", "--ckpt={b}/tiny.pt --contexts=0", "--contexts=0: every context must be >= 1"),
+    ("bench_decode", "--ckpt={b}/tiny.pt --contexts=8", "--contexts=8: every context must be above the model's window of 8"),
     ("baselines", "--ckpt={b}/nope.pt", "{b}/nope.pt' does not exist"),
     ("plots", "--ckpt={b}/nope.pt --out={b}/plots", "{b}/nope.pt' does not exist"),
     ("plots", "--ckpt={b}/tiny.pt --data={b}/text --seq_len=64 --out={b}/plots_done",
@@ -170,6 +188,9 @@ CASES = [
     ("convert", "--hf_dir={b}/no_config --out={b}/c.pt", "needs config.json and *.safetensors"),
     ("convert", "--hf_dir={b}/no_weights --out={b}/c.pt", "needs config.json and *.safetensors"),
     ("convert", "--hf_dir={b}/bad_json --out={b}/c.pt", "{b}/bad_json/config.json is not valid JSON"),
+    ("convert", "--hf_dir={b}/hf_mismatch --out={b}/c.pt",
+     "{b}/hf_mismatch/config.json does not match the weights: embed.weight is (300, 64) there, (300, 32) by the config"),
+    ("convert", "--hf_dir={b}/hf_heads --out={b}/c.pt", "{b}/hf_heads/config.json: bad model config: n_head=3 must be a multiple"),
     ("convert", "--hf_dir={b}/torn --out={b}/c.pt", "{b}/torn/model.safetensors is not a readable safetensors file"),
     ("convert", "--gguf={b}/random.gguf --out={b}/tiny.pt", "{b}/tiny.pt already exists"),
     ("synthetic", "--out={b} --n_facts=0", "need 0 < n_facts"),

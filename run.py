@@ -74,6 +74,16 @@ def log_records(path: str) -> list:
     return records
 
 
+def steps_done(records: list) -> tuple:
+    """(records with "step" as steps done, whether they were renumbered). Every record says step N
+    for the state after N optimizer steps, so the first is step 1; a log whose first record is
+    step 0 was written by an older train.py, which logged the step's index: each is renumbered."""
+    first = next((rec for rec in records if rec is not None), None)
+    if first is None or first["step"] != 0:
+        return records, False
+    return [None if rec is None else {**rec, "step": rec["step"] + 1} for rec in records], True
+
+
 def progress(step: int, total: int, t0: float, start: int, text: str):
     """One progress line after `step` of `total` steps (in place on a terminal), with an ETA."""
     eta = (time.time() - t0) / max(step - start, 1) * (total - step)
@@ -191,12 +201,16 @@ class RunDir:
         return ckpt["step"], ckpt["config"]["tau"]
 
     def truncate_log(self, step: int) -> int:
-        """Drop the records of steps >= step, which a resume writes again (and a line torn by a kill)."""
-        records = log_records(self.log_path)
+        """Drop the records past step (steps done), which a resume writes again, and a line torn by a
+        kill. An older train.py's log, counted from 0, is renumbered first (steps_done)."""
+        records, renumbered = steps_done(log_records(self.log_path))
         with open(self.log_path) as f:
             lines = f.read().splitlines()
-        keep = [line for line, rec in zip(lines, records) if rec is not None and rec["step"] < step]
-        if len(keep) < len(lines):
+        if renumbered:
+            lines = [line if rec is None else json.dumps(rec, allow_nan=False) for line, rec in zip(lines, records)]
+            print(f"{self.log_path} counted steps from 0 (an older train.py); renumbered to count steps done")
+        keep = [line for line, rec in zip(lines, records) if rec is not None and rec["step"] <= step]
+        if renumbered or len(keep) < len(lines):
             with open(self.log_path + ".tmp", "w") as f:
                 f.write("".join(line + "\n" for line in keep))
             os.replace(self.log_path + ".tmp", self.log_path)

@@ -370,11 +370,11 @@ def main(argv, batches=datalib.Batches):
             run.check_finite(loss, norm, step)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            step += 1  # steps done: what log.jsonl, the console, ckpt.pt and final.json all call the step
             rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "frozen": frozen, "anneal": a,
                    "tokens_per_s": tokens_per_step / (time.time() - t_step)}
             if peak:
                 rec["mfu"] = model.flops_per_token(cfg.seq_len) * rec["tokens_per_s"] / world / peak
-            step += 1
             stopping = run.stopping(world, device)  # the same step on every rank
             saving = step % cfg.ckpt_every == 0 or step == cfg.max_steps or stopping
             if master and (step % cfg.eval_every == 0 or step == cfg.max_steps or saving):  # a save is judged by its eval

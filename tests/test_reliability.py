@@ -287,11 +287,24 @@ def test_resume_drops_log_records_past_the_checkpoint_and_says_so(base, tmp_path
     run = tmp_path / "run"
     shutil.copytree(base / "run", run)
     with open(run / "log.jsonl", "a") as f:  # what a run killed after step 2's save wrote on
-        f.write(json.dumps({"step": 2, "loss": 1.0}) + "\n" + json.dumps({"step": 3, "loss": 1.0}) + "\n{\"st")
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n" + json.dumps({"step": 4, "loss": 1.0}) + "\n{\"st")
     train.main([f"--out_dir={run}", "--resume=True", "--max_steps=4"])
-    assert "resumed from step 2" in capsys.readouterr().out
+    assert "; dropped 3 log records past it" in capsys.readouterr().out
     steps = [json.loads(line)["step"] for line in open(run / "log.jsonl")]
-    assert steps == [0, 1, 2, 3]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_a_log_counted_from_zero_is_renumbered_on_resume(base, tmp_path, capsys):
+    """An older train.py logged each step's index (0 for the first): resumed, its records count
+    steps done like the new ones, so no step appears twice."""
+    run = tmp_path / "run"
+    shutil.copytree(base / "run", run)
+    old = [{**json.loads(line), "step": json.loads(line)["step"] - 1} for line in open(run / "log.jsonl")]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old + [{"step": 2, "loss": 1.0}]))
+    train.main([f"--out_dir={run}", "--resume=True", "--max_steps=4"])
+    assert "counted steps from 0 (an older train.py); renumbered" in capsys.readouterr().out
+    log = [json.loads(line) for line in open(run / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and log[1]["loss"] == old[1]["loss"]
 
 
 def test_logs_are_strict_json(base, tmp_path):

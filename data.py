@@ -201,7 +201,8 @@ def prepare(data: str, tok, cache_root: str = DEFAULT_CACHE) -> str:
 
 class Batches:
     """Random windows of seq_len + 1 tokens from one split, drawn from an explicit generator whose
-    state is saved in checkpoints (the data position), so a resumed run sees the same batches."""
+    state is saved in checkpoints (the data position), so a resumed run sees the same batches.
+    Where windows may start is window_starts(): anywhere, as nanoGPT; a subclass may draw otherwise."""
 
     def __init__(self, folder: str, split: str, seq_len: int):
         with open(os.path.join(folder, "meta.json")) as f:
@@ -213,15 +214,17 @@ class Batches:
                                f"it was cut short or changed; delete {folder} to tokenize the source again")
         self.tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
         self.seq_len = seq_len
-        self.align = meta.get("align", 1)  # > 1: windows start at document boundaries (synthetic.py)
         if len(self.tokens) <= seq_len + 1:
             raise cli.BadInput(f"the {split} split has {len(self.tokens)} tokens, too few for seq_len={seq_len}; "
                              "use more data or a shorter --seq_len")
 
+    def window_starts(self, n: int, gen: torch.Generator) -> list:
+        """n positions to start windows at: uniform over 0 .. len - seq_len - 2 (nanoGPT)."""
+        return torch.randint(len(self.tokens) - self.seq_len - 1, (n,), generator=gen).tolist()
+
     def sample(self, n: int, gen: torch.Generator):
         """n windows: x, y of shape (n, seq_len), y shifted by one."""
-        starts = (len(self.tokens) - self.seq_len - 2) // self.align + 1  # nanoGPT: 0 .. len - seq_len - 2
-        ix = (torch.randint(starts, (n,), generator=gen) * self.align).tolist()
+        ix = self.window_starts(n, gen)
         rows = np.stack([self.tokens[i:i + self.seq_len + 1].astype(np.int64) for i in ix])  # (n, T + 1)
         rows = torch.from_numpy(rows)
         return rows[:, :-1], rows[:, 1:]

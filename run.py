@@ -8,9 +8,9 @@
         run.finish(record)                    # final.json, atomically
 
 What it guarantees:
-  - one writer: a second process into the same out_dir gets one line and exit 2. The lock is an
-    flock on out_dir/lock, so the kernel releases it when its holder dies (kill -9 included); the
-    pid a dead holder left in the file is reported as a stale lock taken over.
+  - one writer: a second process into the same out_dir gets one line and exit 2. The lock is
+    lockfile.py's on out_dir/lock, which the kernel releases when its holder dies (kill -9
+    included); the pid a dead holder left in the file is reported as a stale lock taken over.
   - nothing is lost: a fresh run never replaces a run that saved a checkpoint; a folder whose run
     never saved one (killed, or stopped before its first save) holds no result, and starting again
     says what it discards.
@@ -20,7 +20,6 @@ What it guarantees:
 Only rank 0 (master) writes; other DDP ranks get the same object, which reads but never writes.
 """
 
-import fcntl
 import json
 import math
 import os
@@ -31,6 +30,7 @@ import time
 import torch
 
 import cli
+import lockfile
 from checkpoint import check_shapes, read_checkpoint, save_checkpoint
 
 DIVERGED_NATS = 1.0  # a val loss this far above the run's best is a diverged model
@@ -74,6 +74,16 @@ def log_records(path: str) -> list:
     return records
 
 
+def steps_done(records: list) -> tuple:
+    """(records with "step" as steps done, whether they were renumbered). Every record says step N
+    for the state after N optimizer steps, so the first is step 1; a log whose first record is
+    step 0 was written by an older train.py, which logged the step's index: each is renumbered."""
+    first = next((rec for rec in records if rec is not None), None)
+    if first is None or first["step"] != 0:
+        return records, False
+    return [None if rec is None else {**rec, "step": rec["step"] + 1} for rec in records], True
+
+
 def progress(step: int, total: int, t0: float, start: int, text: str):
     """One progress line after `step` of `total` steps (in place on a terminal), with an ETA."""
     eta = (time.time() - t0) / max(step - start, 1) * (total - step)
@@ -114,41 +124,25 @@ class RunDir:
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.old_handler)
-        if self.lock_fd is not None:  # unlink while holding it, so a waiter that opened it retries
-            os.unlink(os.path.join(self.dir, "lock"))
-            os.close(self.lock_fd)
+        if self.lock_fd is not None:
+            lockfile.release(self.lock_fd, os.path.join(self.dir, "lock"))
             if self.made_dir and not os.listdir(self.dir):  # a refused first run leaves no empty folder
                 os.rmdir(self.dir)
 
     # -- the lock ------------------------------------------------------------------------------
 
     def lock(self):
-        """flock out_dir/lock and write our pid into it; refuse if a live process holds it."""
+        """Lock out_dir/lock (lockfile.py) with our pid in it; refuse if a live process holds it."""
         self.made_dir = not os.path.isdir(self.dir)
         os.makedirs(self.dir, exist_ok=True)
         path = os.path.join(self.dir, "lock")
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-                os.close(fd)
-                raise cli.BadInput(f"--out_dir={self.dir} is in use by process {holder} (its lock {path}); wait for "
-                                   "it to end, or give another --out_dir") from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:  # its holder released it between our open and our lock
-                same = False
-            if same:
-                break
-            os.close(fd)
-        stale = os.read(fd, 32).decode(errors="replace").strip()
+        try:
+            self.lock_fd, stale = lockfile.acquire(path)
+        except lockfile.Busy as busy:
+            raise cli.BadInput(f"--out_dir={self.dir} is in use by process {busy.holder} (its lock {path}); wait for "
+                               "it to end, or give another --out_dir") from None
         if stale:  # the kernel released the lock, so its holder is gone: killed before it could unlink
             print(f"{self.dir}: took over the lock of process {stale}, which is no longer running")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.lock_fd = fd
 
     # -- fresh or resume -----------------------------------------------------------------------
 
@@ -207,12 +201,16 @@ class RunDir:
         return ckpt["step"], ckpt["config"]["tau"]
 
     def truncate_log(self, step: int) -> int:
-        """Drop the records of steps >= step, which a resume writes again (and a line torn by a kill)."""
-        records = log_records(self.log_path)
+        """Drop the records past step (steps done), which a resume writes again, and a line torn by a
+        kill. An older train.py's log, counted from 0, is renumbered first (steps_done)."""
+        records, renumbered = steps_done(log_records(self.log_path))
         with open(self.log_path) as f:
             lines = f.read().splitlines()
-        keep = [line for line, rec in zip(lines, records) if rec is not None and rec["step"] < step]
-        if len(keep) < len(lines):
+        if renumbered:
+            lines = [line if rec is None else json.dumps(rec, allow_nan=False) for line, rec in zip(lines, records)]
+            print(f"{self.log_path} counted steps from 0 (an older train.py); renumbered to count steps done")
+        keep = [line for line, rec in zip(lines, records) if rec is not None and rec["step"] <= step]
+        if renumbered or len(keep) < len(lines):
             with open(self.log_path + ".tmp", "w") as f:
                 f.write("".join(line + "\n" for line in keep))
             os.replace(self.log_path + ".tmp", self.log_path)

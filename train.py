@@ -343,7 +343,9 @@ def report_end(final: dict, cfg: TrainConfig, proc: Proc, ckpt_path: str, model:
 # The loop
 
 
-def main(argv):
+def main(argv, batches=datalib.Batches):
+    """train.py's command line; `batches` is the class that draws the windows (data.Batches, or a
+    subclass with its own window_starts: a task whose documents must not be cut)."""
     cfg, given = parse_flags(argv)
     rank, world, device, why_device = setup_processes(cfg)
     master = rank == 0
@@ -357,7 +359,7 @@ def main(argv):
         proc, why_attn = setup_device(model, cfg, rank, world, device)
         peak, why_peak = peak_flops(device, cfg.peak_tflops)
         folder = datalib.prepare(cfg.data, tok, cfg.data_cache or datalib.DEFAULT_CACHE)
-        train, val = datalib.Batches(folder, "train", cfg.seq_len), datalib.Batches(folder, "val", cfg.seq_len)
+        train, val = batches(folder, "train", cfg.seq_len), batches(folder, "val", cfg.seq_len)
         opt = make_optimizer(model, cfg, fused=device.type == "cuda")
         gen = torch.Generator().manual_seed(cfg.seed)  # the data position: saved and restored
         step, freeze = restore(run, model, opt, gen, cfg) if cfg.resume else 0, gate_schedule(cfg)[0]
@@ -377,11 +379,11 @@ def main(argv):
             run.check_finite(loss, norm, step)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            step += 1  # steps done: what log.jsonl, the console, ckpt.pt and final.json all call the step
             rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "frozen": frozen, "anneal": a,
                    "tokens_per_s": tokens_per_step / (time.time() - t_step)}
             if peak:
                 rec["mfu"] = model.flops_per_token(cfg.seq_len) * rec["tokens_per_s"] / world / peak
-            step += 1
             stopping = run.stopping(world, device)  # the same step on every rank
             saving = step % cfg.ckpt_every == 0 or step == cfg.max_steps or stopping
             if master and (step % cfg.eval_every == 0 or step == cfg.max_steps or saving):  # a save is judged by its eval

@@ -187,6 +187,9 @@ def gpt2_tensors(k: str, w: torch.Tensor, n_embd: int) -> dict:
     conv1d = any(s in k for s in ("c_attn", "o_proj", "up_proj", "down_proj")) and k.endswith("weight")
     w = w.t() if conv1d else w
     if "c_attn" in k:  # fused q, k, v
+        if w.shape[0] != 3 * n_embd:
+            raise cli.BadInput(f"config.json does not match the weights: {k} holds {w.shape[0]} rows, not "
+                               f"3 * n_embd = {3 * n_embd}; convert the weights with the config they came with")
         q, kk, v = w.split(n_embd, dim=0)
         base, kind = k.split(".c_attn.")
         return {f"{base}.q_proj.{kind}": q, f"{base}.k_proj.{kind}": kk, f"{base}.v_proj.{kind}": v}
@@ -236,6 +239,10 @@ def from_hf_dir(folder: str):
         cfg = hf_config(read_json(cfg_path))
     except KeyError as e:
         raise cli.BadInput(f"{cfg_path} lacks the field {e}; is it a transformers config.json?") from None
+    except cli.BadInput:
+        raise
+    except ValueError as e:  # GPTConfig refuses sizes that cannot make a model
+        raise cli.BadInput(f"{cfg_path}: {e}; is it the config.json of these weights?") from None
     sd = {}
     for path in files:
         try:
@@ -272,9 +279,16 @@ def download_hf(repo_id: str, dest: str) -> str:
     return snapshot_download(repo_id, local_dir=dest, allow_patterns=["*.json", "*.safetensors"])
 
 
-def build_model(cfg: GPTConfig, sd: dict) -> GPT:
-    """Load converted tensors into a fresh GPT; predictors stay at their open initialization."""
+def build_model(cfg: GPTConfig, sd: dict, sizes_from: str = "the config") -> GPT:
+    """Load converted tensors into a fresh GPT; predictors stay at their open initialization.
+    Tensors of other sizes than the config makes (sizes_from names it) are refused, named."""
     model = GPT(cfg)
+    own = model.state_dict()
+    wrong = [f"{k} is {tuple(w.shape)} there, {tuple(own[k].shape)} by the config" for k, w in sd.items()
+             if k in own and own[k].shape != w.shape]
+    if wrong:
+        raise cli.BadInput(f"{sizes_from} does not match the weights: {'; '.join(wrong[:3])}; convert the weights "
+                           "with the config they came with")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if ".predictor." not in k and not (k == "lm_head.weight" and cfg.tie_embeddings)]
     if missing or unexpected:
@@ -284,7 +298,7 @@ def build_model(cfg: GPTConfig, sd: dict) -> GPT:
 
 def convert(source: str, kind: str, out: str) -> str:
     cfg, sd, spec = from_gguf(source) if kind == "gguf" else from_hf_dir(source)
-    model = build_model(cfg, sd)
+    model = build_model(cfg, sd, os.path.join(source, "config.json") if kind == "hf" else f"{source}'s llama.* fields")
     save_checkpoint(out, model, spec, source=f"{kind}:{source}")
     print(f"convert: {kind} {source} -> {out} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params)")
     return out

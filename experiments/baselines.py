@@ -142,6 +142,9 @@ def main(argv):
         raise cli.BadInput("--seq_len, --batches and --batch_size must be >= 1, --n_sink >= 0")
     model, tok, _ = load_model(o["ckpt"] or default_checkpoint())
     model.eval()
+    if o["seq_len"] > model.cfg.block_size:
+        raise cli.BadInput(f"--seq_len={o['seq_len']} is beyond the model's context of {model.cfg.block_size}; give "
+                           f"--seq_len <= {model.cfg.block_size}")
     val = datalib.Batches(datalib.prepare(o["data"], tok), "val", o["seq_len"])
     n, bs = o["batches"], o["batch_size"]
     _, spkv_density = taulib.hard_loss_and_density(model, val, model.cfg.tau, n, bs)  # kept fraction of old pairs

@@ -151,6 +151,11 @@ class Flags:
 def main(argv):
     o = {**dataclasses.asdict(Flags()), **cli.parse(argv, Flags, "bench_decode.py")}
     contexts, densities = cli.number_list("contexts", o["contexts"], int), cli.number_list("densities", o["densities"], float)
+    if not all(0 <= d <= 1 for d in densities):
+        raise cli.BadInput(f"--densities={o['densities']}: every density must be in [0, 1] (the kept fraction of "
+                           "the pairs older than the window)")
+    if not all(c >= 1 for c in contexts):
+        raise cli.BadInput(f"--contexts={o['contexts']}: every context must be >= 1 (tokens in the cache)")
     B, steps, page, repeats = o["batch"], o["steps"], o["page_size"], o["repeats"]
     if min(B, steps, page, repeats) < 1:
         raise cli.BadInput(f"--batch, --steps, --page_size and --repeats must be >= 1; got {B}, {steps}, {page}, "
@@ -169,6 +174,9 @@ def main(argv):
         model, tok, _ = load_model(o["ckpt"])
     else:  # the SmolLM2-135M shape with random weights: speed does not depend on the values
         model, tok = GPT(GPTConfig()), None
+    if min(contexts) <= model.cfg.window:
+        raise cli.BadInput(f"--contexts={o['contexts']}: every context must be above the model's window of "
+                           f"{model.cfg.window}: SP-KV prunes only the pairs older than the window")
     model = model.to(device, getattr(torch, o["dtype"])).eval()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     gen = torch.Generator().manual_seed(0)

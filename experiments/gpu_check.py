@@ -17,7 +17,10 @@ report (its row says FAILED or TIMEOUT and the tail of what it printed):
             compiled decode path, with both ideals
   generate  generate.py end to end with the dynamics checkpoint on every decode path
 Needs nothing but this folder: random weights, a byte-level tokenizer, the interpreter's stdlib.
-The report goes to --out (report.md, report.json); each part's log beside them.
+Each run writes into a folder of its own under --out, named by the date and the commit
+(--out/<date>-<commit>, -2, -3 ... on a second run that day): report.md, report.json and each
+part's log, so no earlier run's results are ever replaced. The exit status is 1 when every part
+failed or timed out, 0 when at least one part reported its figures.
 """
 
 import dataclasses
@@ -38,10 +41,10 @@ PARTS = ("tests", "train", "dynamics", "decode", "generate")
 @dataclass
 class Flags:
     parts: str = ",".join(PARTS)  # comma list of parts to run, in this order
-    out: str = "runs/gpu_check"  # folder for report.md, report.json and the parts' logs
+    out: str = "runs/gpu_check"  # each run writes report.md, report.json and the parts' logs to a new folder in it
     dry: bool = False  # tiny shapes on the CPU (CI): checks the plumbing, measures nothing
     limit_s: int = 540  # time limit of each part, seconds
-    part: str = ""  # internal: run one part in this process
+    part: str = ""  # internal: run one part in this process, into --out as it is
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,8 +140,6 @@ def part_dynamics(dry: bool, out: str) -> dict:
               "--max_steps=600", "--eval_every=200", "--eval_batches=4", "--ckpt_every=200", "--preset=gpu"])
     flags = [*shape, "--init=scratch", f"--ckpt={tok_ckpt}", "--lr=2e-3", "--warmup_steps=2" if dry else "--warmup_steps=50",
              "--weight_decay=0.1", f"--out_dir={folder}", f"--data_cache={os.path.join(out, 'data_cache')}"]
-    if os.path.exists(os.path.join(folder, "final.json")):
-        os.replace(folder, folder + f".old-{int(time.time())}")  # an earlier check's run is kept, renamed
     res = subprocess.run([sys.executable, "train.py", *flags], capture_output=True, text=True)
     print(res.stdout[-3000:], res.stderr[-3000:])
     if res.returncode != 0:
@@ -256,15 +257,43 @@ def write_report(o: dict, env: dict, rows: dict):
     os.replace(os.path.join(o["out"], "report.md.tmp"), os.path.join(o["out"], "report.md"))
 
 
-def main(argv):
-    o = dataclasses.asdict(Flags())
-    o.update(cli.parse(argv, Flags, "gpu_check.py"))
+def check_flags(o: dict) -> list:
+    """The parts to run, in order; refuses a bad --parts, --part or --limit_s in one line."""
     names = [p for p in o["parts"].split(",") if p]
+    if not names:
+        raise cli.BadInput(f"--parts={o['parts']} names no part; give a comma list of {', '.join(PARTS)}")
     bad = [p for p in names + ([o["part"]] if o["part"] else []) if p not in PARTS]
     if bad:
         raise cli.BadInput(f"unknown part {bad[0]!r}; use a comma list of {', '.join(PARTS)}")
-    os.makedirs(o["out"], exist_ok=True)
-    if o["part"]:  # child: run one part, write its figures
+    twice = [p for p in PARTS if names.count(p) > 1]
+    if twice:
+        raise cli.BadInput(f"--parts={o['parts']} names {twice[0]} twice; name each part once")
+    if not o["limit_s"] > 0:
+        raise cli.BadInput(f"--limit_s={o['limit_s']} must be > 0: it is each part's time limit in seconds")
+    return names
+
+
+def new_run_folder(out: str) -> str:
+    """out/<date>-<commit>, or -2, -3 ... after it: made here, exclusively, so never an earlier run's."""
+    import harness  # torch, only in the driver
+
+    os.makedirs(out, exist_ok=True)
+    base = os.path.join(out, f"{time.strftime('%Y-%m-%d')}-{harness.commit_stamp()}")
+    path, n = base, 2
+    while True:
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            path, n = f"{base}-{n}", n + 1
+
+
+def main(argv):
+    o = dataclasses.asdict(Flags())
+    o.update(cli.parse(argv, Flags, "gpu_check.py"))
+    names = check_flags(o)
+    if o["part"]:  # child: run one part, write its figures into the driver's folder
+        os.makedirs(o["out"], exist_ok=True)
         figures = run_part(o["part"], o["dry"], o["out"])
         with open(os.path.join(o["out"], f"{o['part']}.json"), "w") as f:
             json.dump(figures, f, indent=1)
@@ -274,10 +303,14 @@ def main(argv):
     if not o["dry"] and not torch.cuda.is_available():
         raise cli.BadInput("no CUDA GPU is visible; run on a GPU machine, or --dry=True for the CPU plumbing check")
     env = environment()
+    o["out"] = new_run_folder(o["out"])
     print(f"gpu_check: {env['device']}, torch {env['torch']}; parts {names}; {o['limit_s']} s each; report in {o['out']}")
     rows = {name: drive(name, o) for name in names}
     write_report(o, env, rows)
-    print(f"report: {os.path.join(o['out'], 'report.md')}")
+    report = os.path.join(o["out"], "report.md")
+    print(f"report: {report}")
+    if not any(row["status"] == "ok" for row in rows.values()):
+        raise SystemExit(f"gpu_check.py: every part failed or timed out ({', '.join(names)}); see {report}")
 
 
 if __name__ == "__main__":

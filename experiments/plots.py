@@ -6,6 +6,8 @@
   kept_tokens.png      a text, one row per layer: each token shaded by how many of that layer's
                        KV heads keep it once it leaves the window
   tau_sweep.png        density and hard-gate val loss against tau (tau.py's sweep)
+A picture already in --out is never replaced: the run is refused before any work, naming it (and
+each file is created exclusively, so a second run at the same moment cannot replace one either).
 Needs matplotlib (`pip install matplotlib`), used only here.
 """
 
@@ -37,6 +39,27 @@ def plt_module():
     return plt
 
 
+PICTURES = ("density_heatmap.png", "kept_tokens.png", "tau_sweep.png")
+
+
+def refuse_existing(out: str):
+    """Refuse an --out that already holds one of the pictures: they are an earlier run's results."""
+    for name in PICTURES:
+        if os.path.exists(os.path.join(out, name)):
+            raise cli.BadInput(f"{os.path.join(out, name)} already exists; move it away, or give another --out "
+                               "(plots.py never replaces a picture)")
+
+
+def save_new(fig, path):
+    """fig as a PNG at path, a file created here: one that appeared meanwhile is refused, not replaced."""
+    try:
+        with open(path, "xb") as f:
+            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+    except FileExistsError:
+        raise cli.BadInput(f"{path} appeared while plots.py ran (another run into the same --out?); "
+                           "it is kept, give another --out") from None
+
+
 @torch.no_grad()
 def keep_masks(model, x):
     """Hard keep flags per SP-KV layer for a batch x: {layer: (B, Hkv, T) bool}."""
@@ -62,7 +85,7 @@ def density_heatmap(plt, model, batches, path, n_batches=4, batch_size=2):
             for head, d in enumerate(row):
                 ax.text(head, layer, f"{d:.2f}", ha="center", va="center", color="white" if d < 0.5 else "black", fontsize=8)
     fig.colorbar(im, ax=ax)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    save_new(fig, path)
     plt.close(fig)
     return grid
 
@@ -82,7 +105,7 @@ def kept_tokens(plt, model, tok, ids, path):
     labels = [token_label(tok, i) for i in ids]
     ax.set_xticks(range(len(ids)), labels, rotation=90, fontsize=6, family="monospace")
     ax.set(ylabel="layer", title="which tokens each layer keeps (dark = all KV heads keep it)")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    save_new(fig, path)
     plt.close(fig)
     return grid
 
@@ -95,7 +118,7 @@ def tau_sweep(plt, model, batches, path, taus=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7
     ax2 = ax.twinx()
     ax2.plot(taus, [loss for loss, _ in rows], "s--", color="tab:blue")
     ax2.set_ylabel("val loss")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    save_new(fig, path)
     plt.close(fig)
     return rows
 
@@ -104,24 +127,29 @@ def tau_sweep(plt, model, batches, path, taus=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7
 class Flags:
     ckpt: str = ""  # SP-KV checkpoint; "" = the embedded SmolLM2-135M
     data: str = ""  # as train.py's --data; "" = Python stdlib source
-    out: str = "out/plots"  # folder the three PNGs are written to
+    out: str = "out/plots"  # folder the three PNGs are written to (refused if it holds one already)
     seq_len: int = 512  # tokens per sequence
 
 
 def main(argv):
     o = dataclasses.asdict(Flags())
     o.update(cli.parse(argv, Flags, "plots.py"))
+    refuse_existing(o["out"])
     plt = plt_module()
     model, tok, _ = load_model(o["ckpt"] or default_checkpoint())
     model.eval()
+    if o["seq_len"] > model.cfg.block_size:
+        raise cli.BadInput(f"--seq_len={o['seq_len']} is beyond the model's context of {model.cfg.block_size}; give "
+                           f"--seq_len <= {model.cfg.block_size}")
     folder = datalib.prepare(o["data"], tok)
     val = datalib.Batches(folder, "val", o["seq_len"])
     os.makedirs(o["out"], exist_ok=True)
-    density_heatmap(plt, model, val, os.path.join(o["out"], "density_heatmap.png"))
+    heatmap, kept, sweep = (os.path.join(o["out"], name) for name in PICTURES)
+    density_heatmap(plt, model, val, heatmap)
     ids = val.sample(1, torch.Generator().manual_seed(2))[0][0].tolist()
-    kept_tokens(plt, model, tok, ids[: min(len(ids), 160 + model.cfg.window)], os.path.join(o["out"], "kept_tokens.png"))
-    tau_sweep(plt, model, val, os.path.join(o["out"], "tau_sweep.png"))
-    print(f"plots: wrote density_heatmap.png, kept_tokens.png, tau_sweep.png to {o['out']}")
+    kept_tokens(plt, model, tok, ids[: min(len(ids), 160 + model.cfg.window)], kept)
+    tau_sweep(plt, model, val, sweep)
+    print(f"plots: wrote {', '.join(PICTURES)} to {o['out']}")
 
 
 if __name__ == "__main__":

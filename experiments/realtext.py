@@ -45,6 +45,7 @@ import baselines
 import harness
 import cli
 import data as datalib
+import run
 import spkv
 import tau as taulib
 from checkpoint import load_model
@@ -274,9 +275,8 @@ def final_eval(out: str, name: str) -> dict:
 
 def density_by_eval(out: str, name: str) -> list:
     """[(step, hard-gate density)] at each of the run's evals (log.jsonl)."""
-    with open(os.path.join(out, name, "log.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    return [(r["step"] + 1, r["density"]) for r in records if "density" in r]
+    records, _ = run.steps_done(run.log_records(os.path.join(out, name, "log.jsonl")))
+    return [(r["step"], r["density"]) for r in records if r is not None and "density" in r]
 
 
 N_SINK = 4  # the sink diagnostic keeps this many first tokens, as StreamingLLM does

@@ -22,6 +22,10 @@ per fact means one attention hop can answer; a key-then-value pair would need an
     python experiments/synthetic.py --eval_only=1   # re-evaluate the checkpoints already in --out
     python experiments/synthetic.py --probe_layer=0 # loss by target kind: dense, SP-KV, SP-KV with layer 0 seeing old facts only
 
+Interrupted (Ctrl-C saves the run in progress), the same command again goes on: the data and the
+finished runs are kept, the interrupted run resumes from its save (or starts again if it never
+saved one), and the rest follow.
+
 The SP-KV runs start their predictors at --predictor_init_bias=-2 (u = 0.12, below tau): from the
 open init (5) nothing closes on this kind of task (experiments/README.md, the synthetic task).
 
@@ -38,7 +42,6 @@ import dataclasses
 import json
 import os
 import random
-import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -49,7 +52,10 @@ import torch
 
 import baselines as bl
 import cli
+import data as datalib
+import harness
 import spkv
+import train
 from checkpoint import load_model, save_checkpoint
 from data import tokenizer_id
 from model import GPT, GPTConfig
@@ -94,18 +100,42 @@ def make_sequence(rng: random.Random, length: int, n_facts: float, n_queries: in
 
 
 def prepare(folder, length, n_train, n_val, n_facts, n_queries, seed=0):
-    """Write train.bin / val.bin (each document = sequence + end-of-text) and meta.json with
-    align = length + 1, so training windows start at document boundaries."""
+    """Write train.bin / val.bin (each document = sequence + end-of-text, length + 1 tokens) and
+    meta.json, which records that length for DocumentWindows and the task's settings. A folder
+    already holding this task's data is kept; one holding another task's is refused (runs trained
+    on it must not be taken for runs of this one)."""
+    task = dict(length=length, n_train=n_train, n_val=n_val, n_facts=float(n_facts), n_queries=n_queries, seed=seed)
+    meta_path = os.path.join(folder, "meta.json")
+    held = harness.read_json(meta_path).get("task") if os.path.exists(meta_path) else None
+    if held == task:
+        return
+    if held is not None:
+        differ = [f"{k}={held.get(k)}, wanted {v}" for k, v in task.items() if held.get(k) != v]
+        raise cli.BadInput(f"{folder} holds the task's data for other settings ({'; '.join(differ)}); give a fresh "
+                           "--out for these settings, or the flags that made it")
     os.makedirs(folder, exist_ok=True)
     rng = random.Random(seed)
     spec = byte_spec()
     for split, n in (("train", n_train), ("val", n_val)):
         docs = [list(make_sequence(rng, length, n_facts, n_queries)[0]) + [spec["eos_id"]] for _ in range(n)]
         np.array(docs, dtype=np.uint16).tofile(os.path.join(folder, f"{split}.bin"))
-    meta = {"tokenizer_id": tokenizer_id(spec), "dtype": "uint16", "source": "synthetic recall",
-            "align": length + 1, "train_tokens": n_train * (length + 1), "val_tokens": n_val * (length + 1)}
-    with open(os.path.join(folder, "meta.json"), "w") as f:
-        json.dump(meta, f)
+    meta = {"tokenizer_id": tokenizer_id(spec), "dtype": "uint16", "source": "synthetic recall", "task": task,
+            "sequence_tokens": length + 1, "train_tokens": n_train * (length + 1), "val_tokens": n_val * (length + 1)}
+    harness.write_json(meta_path, meta)  # written last: the data is complete once it exists
+
+
+class DocumentWindows(datalib.Batches):
+    """The task's windows for train.py: each starts at a sequence, drawn uniformly over the split's
+    sequences. A window that began mid-sequence would ask for facts it had cut off."""
+
+    def __init__(self, folder: str, split: str, seq_len: int):
+        super().__init__(folder, split, seq_len)
+        with open(os.path.join(folder, "meta.json")) as f:
+            self.doc = json.load(f)["sequence_tokens"]
+
+    def window_starts(self, n: int, gen: torch.Generator) -> list:
+        starts = (len(self.tokens) - self.seq_len - 2) // self.doc + 1  # the sequences a whole window fits from
+        return (torch.randint(starts, (n,), generator=gen) * self.doc).tolist()
 
 
 @torch.no_grad()
@@ -225,6 +255,13 @@ class Flags:
     probe_layer: int = -1  # >= 0: the probe experiment, facts visible only to this layer
 
 
+WARMUP = 30  # learning-rate warmup steps of a run; a run of WARMUP steps or fewer warms up over its first half
+
+
+def warmup_steps(n: int) -> int:
+    return WARMUP if n > WARMUP else n // 2
+
+
 def main(argv):
     o = dataclasses.asdict(Flags())
     o.update(cli.parse(argv, Flags, "synthetic.py"))
@@ -232,10 +269,9 @@ def main(argv):
         probe(o)
         return
     if not o["eval_only"]:
-        done = [d for d in ("pretrained", "spkv", "dense") if os.path.exists(os.path.join(o["out"], d, "ckpt.pt"))]
-        if done:
-            raise cli.BadInput(f"--out={o['out']} already holds runs ({', '.join(done)}); evaluate them with "
-                               "--eval_only=1, or give a fresh --out")
+        for key in ("steps", "adapt_steps"):
+            if o[key] < 1:
+                raise cli.BadInput(f"--{key}={o[key]} must be >= 1")
         train_both(o)
     report(o, evaluate_all(o))
 
@@ -243,30 +279,54 @@ def main(argv):
 def train_both(o):
     """Data; a dense model from scratch (the "pretrained" model); then, as METHOD.md adapts a
     pretrained checkpoint, two runs from it with the same recipe (train.py): SP-KV, and dense.
-    With --from_scratch=1: SP-KV and dense each trained from random weights instead."""
+    With --from_scratch=1: SP-KV and dense each trained from random weights instead. Each run's
+    windows start at a sequence (DocumentWindows). The same command again goes on where it
+    stopped: finished runs are kept, an interrupted one resumed (train_run)."""
     data_dir, L = os.path.join(o["out"], "data"), o["seq_len"]
     prepare(data_dir, L, o["n_train"], 200, o["n_facts"], o["n_queries"])
-    init = os.path.join(o["out"], "init.pt")  # carries the byte tokenizer; weights are re-drawn
-    save_checkpoint(init, GPT(GPTConfig(vocab_size=257, n_layer=1, n_head=1, n_kv_head=1, n_embd=32,
-                                        n_hidden=32, block_size=L)), byte_spec(), source="synthetic.py")
-    common = [f"--data={data_dir}", f"--seq_len={L}", f"--window={o['window']}", f"--batch_size={o['batch_size']}",
-              f"--lr={o['lr']}", "--warmup_steps=30", "--preset=cpu", "--weight_decay=0.1"]
+    init = os.path.join(o["out"], "init.pt")  # carries the byte tokenizer; the runs draw their own weights
+    if not os.path.exists(init):
+        save_checkpoint(init, GPT(GPTConfig(vocab_size=257, n_layer=1, n_head=1, n_kv_head=1, n_embd=32,
+                                            n_hidden=32, block_size=L)), byte_spec(), source="synthetic.py")
+    for out_dir, flags in recipes(o, data_dir, init):
+        train_run(out_dir, flags)
+
+
+def recipes(o, data_dir: str, init: str) -> list:
+    """[(out_dir, train.py flags as {name: value})], in the order the runs must go."""
+    common = dict(data=data_dir, seq_len=o["seq_len"], window=o["window"], batch_size=o["batch_size"], lr=o["lr"],
+                  preset="cpu", weight_decay=0.1)
     pre = os.path.join(o["out"], "pretrained")
-    shape = [f"--n_layer={o['n_layer']}", f"--n_embd={o['n_embd']}", f"--n_head={o['n_head']}",
-             f"--n_kv_head={o['n_kv_head']}"]
-    scratch = [f"--ckpt={init}", "--init=scratch", *shape]
-    adapt = [f"--ckpt={os.path.join(pre, 'ckpt.pt')}", "--init=pretrained"]
-    gates = [f"--predictor_init_bias={o['predictor_init_bias']}"]  # SP-KV runs only
+    scratch = dict(ckpt=init, init="scratch", n_layer=o["n_layer"], n_embd=o["n_embd"], n_head=o["n_head"],
+                   n_kv_head=o["n_kv_head"])
+    adapt = dict(ckpt=os.path.join(pre, "ckpt.pt"), init="pretrained")
+    gates = dict(predictor_init_bias=o["predictor_init_bias"])  # SP-KV runs only
     spkv_dir, dense_dir = os.path.join(o["out"], "spkv"), os.path.join(o["out"], "dense")
     if o["from_scratch"]:  # both models from random weights, `steps` each
-        runs = [(spkv_dir, o["steps"], [*scratch, *gates]), (dense_dir, o["steps"], [*scratch, "--dense=True"])]
+        runs = [(spkv_dir, o["steps"], {**scratch, **gates}), (dense_dir, o["steps"], {**scratch, "dense": True})]
     else:
-        runs = [(pre, o["steps"], [*scratch, "--dense=True"]), (spkv_dir, o["adapt_steps"], [*adapt, *gates]),
-                (dense_dir, o["adapt_steps"], [*adapt, "--dense=True"])]
-    for out_dir, n, extra in runs:
-        subprocess.run([sys.executable, "train.py", *common, *extra, f"--max_steps={n}", f"--eval_every={n}",
-                        f"--ckpt_every={n}", f"--out_dir={out_dir}"], check=True,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+        runs = [(pre, o["steps"], {**scratch, "dense": True}), (spkv_dir, o["adapt_steps"], {**adapt, **gates}),
+                (dense_dir, o["adapt_steps"], {**adapt, "dense": True})]
+    return [(out_dir, {**common, **extra, "max_steps": n, "eval_every": n, "ckpt_every": n,
+                       "warmup_steps": warmup_steps(n)}) for out_dir, n, extra in runs]
+
+
+def train_run(out_dir: str, flags: dict):
+    """train.py in this process (its windows DocumentWindows): kept when out_dir holds this run
+    finished, resumed when it holds its checkpoint (Ctrl-C saves one), started otherwise (a run
+    killed before its first save left only its log). A finished run of other flags is refused."""
+    if harness.finished(out_dir, flags):
+        print(f"{out_dir}: finished earlier, kept")
+        return
+    argv = [f"--{k}={v}" for k, v in flags.items()] + [f"--out_dir={out_dir}"]
+    if os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+        argv.append("--resume=True")
+    try:
+        train.main(argv, batches=DocumentWindows)
+    except SystemExit as stop:
+        if stop.code == 130:  # Ctrl-C: the run saved where it stopped
+            print("synthetic.py: run the same command again to go on from there", flush=True)
+        raise
 
 
 def evaluate_all(o) -> dict:

@@ -60,12 +60,14 @@ def main(argv):
         raise cli.BadInput("--seq_len, --batches and --batch_size must be >= 1")
     taus = parse_taus(o["taus"])
 
-    model, tok, _ = load_model(o["ckpt"] or default_checkpoint())
+    path = o["ckpt"] or default_checkpoint()
+    model, tok, _ = load_model(path)
     model.eval()
+    check_model(model, path, o["seq_len"])
     folder = datalib.prepare(o["data"], tok)
     train, val = datalib.Batches(folder, "train", o["seq_len"]), datalib.Batches(folder, "val", o["seq_len"])
     n, bs = o["batches"], o["batch_size"]
-    dense, _, _ = load_model(o["ckpt"] or default_checkpoint(), dense=True)
+    dense, _, _ = load_model(path, dense=True)
     gen = torch.Generator().manual_seed(1)
     dense_loss = sum(dense.eval()(*val.sample(bs, gen))[1].item() for _ in range(n)) / n
     print(f"plain attention (same weights): val loss {dense_loss:.4f}")
@@ -79,6 +81,16 @@ def main(argv):
     for tau in taus:
         loss, density = hard_loss_and_density(model, val, tau, n, bs)
         print(f"{tau:>5.2f} {density:>8.3f} {loss:>14.4f} {100 * (loss / dense_loss - 1):>+8.2f}%")
+
+
+def check_model(model, path: str, seq_len: int):
+    """Refuse, before any data is read, a model tau cannot act on or whose context --seq_len exceeds."""
+    if not model.cfg.spkv_layers():
+        raise cli.BadInput(f"--ckpt={path} has no SP-KV layers: no gates for tau to act on (every density would be "
+                           "nan); give an SP-KV checkpoint (train.py without --dense=True)")
+    if seq_len > model.cfg.block_size:
+        raise cli.BadInput(f"--seq_len={seq_len} is beyond the model's context of {model.cfg.block_size}; give "
+                           f"--seq_len <= {model.cfg.block_size}")
 
 
 def parse_taus(text: str) -> list:

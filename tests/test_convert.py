@@ -141,3 +141,45 @@ def test_load_time_tau_override_is_validated(tmp_path):
         load_model(str(tmp_path / "m.pt"), tau=2.0)
     m2, tok, _ = load_model(str(tmp_path / "m.pt"), tau=0.7)
     assert m2.cfg.tau == 0.7 and tok is None
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START_TOGETHER = """
+import os, runpy, sys, time
+sys.path.insert(0, os.getcwd())
+import convert  # torch and the readers first, so that both processes start converting together
+ready, go, *argv = sys.argv[1:]
+open(os.path.join(ready, str(os.getpid())), "w").close()
+while not os.path.exists(go):
+    time.sleep(0.001)
+sys.argv = ["convert.py", *argv]
+runpy.run_path("convert.py", run_name="__main__")
+"""
+
+
+def test_two_processes_into_one_out_exactly_one_writes(tmp_path):
+    """Two real convert.py processes into one --out, released at the same moment: one writes it,
+    the other is refused in one line with exit status 2 (the lock, or the file it then finds)."""
+    import subprocess
+    import sys
+    import time
+
+    perturb(tiny_hf("llama")).save_pretrained(tmp_path / "hf")
+    out, ready, go = tmp_path / "c.pt", tmp_path / "ready", tmp_path / "go"
+    os.makedirs(ready)
+    argv = [sys.executable, "-c", START_TOGETHER, str(ready), str(go), f"--hf_dir={tmp_path / 'hf'}", f"--out={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    deadline = time.time() + 120
+    while len(os.listdir(ready)) < 2 and time.time() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.01)
+    go.touch()
+    results = sorted((p.wait(timeout=120), *p.communicate()) for p in procs)
+    assert [r[0] for r in results] == [0, 2], results
+    refused = results[1][2].strip().splitlines()
+    assert len(refused) == 1 and "Traceback" not in results[1][2], refused
+    assert "is being written by process" in refused[0] or "already exists" in refused[0], refused
+    assert sum("convert: hf" in r[1] for r in results) == 1  # exactly one wrote it
+    assert not os.path.exists(f"{out}.lock")
+    load_model(str(out))

@@ -1,5 +1,6 @@
 """gpu_check.py's dry run (tiny shapes on the CPU): every part runs and reports its figures, so the
-GPU check cannot rot between the rare sessions that have a GPU; a failing part is reported, not fatal."""
+GPU check cannot rot between the rare sessions that have a GPU; a failing part is reported, not fatal;
+each run writes a folder of its own, and a run where every part failed exits non-zero."""
 
 import json
 import os
@@ -17,8 +18,16 @@ def report(tmp_path_factory):
     res = subprocess.run([sys.executable, "experiments/gpu_check.py", "--dry=True", f"--out={out}"], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    with open(out / "report.json") as f:
-        return json.load(f), out
+    folder = run_folder(out)
+    with open(folder / "report.json") as f:
+        return json.load(f), folder
+
+
+def run_folder(out):
+    """The one folder a run made under --out."""
+    folders = [p for p in out.iterdir() if p.is_dir()]
+    assert len(folders) == 1, folders
+    return folders[0]
 
 
 def test_every_part_runs_and_reports(report):
@@ -40,7 +49,7 @@ def test_a_failing_part_is_reported_and_the_rest_still_run(tmp_path):
     res = subprocess.run([sys.executable, "experiments/gpu_check.py", "--dry=True", f"--out={tmp_path}", "--parts=generate,train"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    rep = json.loads((tmp_path / "report.json").read_text())["parts"]
+    rep = json.loads((run_folder(tmp_path) / "report.json").read_text())["parts"]
     assert rep["generate"]["status"] == "FAILED" and "dynamics" in rep["generate"]["tail"]
     assert rep["train"]["status"] == "ok"
 
@@ -49,3 +58,19 @@ def test_unknown_part_is_one_line(tmp_path):
     res = subprocess.run([sys.executable, "experiments/gpu_check.py", "--parts=tests,bogus", f"--out={tmp_path}"], cwd=ROOT,
                          capture_output=True, text=True)
     assert res.returncode == 2 and "unknown part 'bogus'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_each_run_writes_a_new_folder_and_every_part_failing_exits_non_zero(tmp_path):
+    """Two runs into one --out: two folders, the first run's report untouched; generate alone fails
+    (no dynamics checkpoint), so each run ends with exit status 1 and one line naming its report."""
+    cmd = [sys.executable, "experiments/gpu_check.py", "--dry=True", f"--out={tmp_path}", "--parts=generate"]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 1 and "Traceback" not in first.stderr, first.stdout + first.stderr
+    folder = run_folder(tmp_path)
+    assert f"every part failed or timed out (generate); see {folder / 'report.md'}" in first.stderr
+    report = (folder / "report.json").read_bytes()
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 1, second.stderr
+    folders = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert len(folders) == 2 and (folder / "report.json").read_bytes() == report
+    assert all((f / "report.md").exists() for f in folders)

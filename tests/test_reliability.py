@@ -75,10 +75,15 @@ def base(tmp_path_factory):
             raw = read_checkpoint(str(base / name / "ckpt.pt"))
             raw["train_config"]["bogus_knob"] = 1
             torch.save(raw, base / name / "ckpt.pt")
+    os.makedirs(base / "plots_done")  # an earlier plots.py run's picture
+    (base / "plots_done" / "tau_sweep.png").write_bytes(b"\x89PNG earlier picture")
     (base / "random.gguf").write_bytes(os.urandom(4096))
     write_gguf(base / "gpt2.gguf", "gpt2")
     write_gguf(base / "notok.gguf", "llama")
     for name, config, weights in (("no_config", None, b"x"), ("no_weights", LLAMA_JSON, None),
+                                  ("hf_mismatch", LLAMA_JSON, wider_safetensors()),
+                                  ("hf_heads", LLAMA_JSON.replace('"num_attention_heads": 4', '"num_attention_heads": 3, '
+                                                                  '"num_key_value_heads": 2'), wider_safetensors()),
                                   ("bad_json", "{not json", b"x"), ("torn", LLAMA_JSON, torn_safetensors())):
         os.makedirs(base / name)
         if config is not None:
@@ -90,6 +95,13 @@ def base(tmp_path_factory):
 
 LLAMA_JSON = json.dumps(dict(architectures=["LlamaForCausalLM"], vocab_size=300, num_hidden_layers=1, hidden_size=32,
                              num_attention_heads=4, intermediate_size=64, max_position_embeddings=64))
+
+
+def wider_safetensors() -> bytes:
+    """Weights 64 wide where LLAMA_JSON says hidden_size=32: a config.json of another model."""
+    from safetensors.torch import save
+
+    return save({"model.embed_tokens.weight": torch.zeros(300, 64), "model.norm.weight": torch.ones(64)})
 
 
 def torn_safetensors() -> bytes:
@@ -156,8 +168,18 @@ CASES = [
     ("perplexity", "--ckpt={b}/tiny.pt --files={b}/missing.txt", "{b}/missing.txt is not a file"),
     ("tau", "--ckpt={b}/nope.pt", "{b}/nope.pt' does not exist"),
     ("tau", "--ckpt={b}/tiny.pt --target_density=1.5", "--target_density=1.5 must be in (0, 1]"),
+    ("tau", "--ckpt={b}/tiny.pt --data={b}/text", "--seq_len=512 is beyond the model's context of 256"),
+    ("tau", "--ckpt={b}/dense.pt --data={b}/text --seq_len=64", "--ckpt={b}/dense.pt has no SP-KV layers"),
+    ("tau", "--ckpt={b}/dense.pt --data={b}/text --seq_len=64 --target_density=0.5", "--ckpt={b}/dense.pt has no SP-KV"),
+    ("baselines", "--ckpt={b}/tiny.pt --data={b}/text", "--seq_len=512 is beyond the model's context of 256"),
+    ("plots", "--ckpt={b}/tiny.pt --data={b}/text --out={b}/plots", "--seq_len=512 is beyond the model's context of 256"),
+    ("bench_decode", "--ckpt={b}/tiny.pt --contexts=64 --densities=1.5", "--densities=1.5: every density must be in [0, 1]"),
+    ("bench_decode", "--ckpt={b}/tiny.pt --contexts=0", "--contexts=0: every context must be >= 1"),
+    ("bench_decode", "--ckpt={b}/tiny.pt --contexts=8", "--contexts=8: every context must be above the model's window of 8"),
     ("baselines", "--ckpt={b}/nope.pt", "{b}/nope.pt' does not exist"),
     ("plots", "--ckpt={b}/nope.pt --out={b}/plots", "{b}/nope.pt' does not exist"),
+    ("plots", "--ckpt={b}/tiny.pt --data={b}/text --seq_len=64 --out={b}/plots_done",
+     "{b}/plots_done/tau_sweep.png already exists; move it away, or give another --out"),
     ("bench_decode", "--ckpt={b}/nope.pt", "{b}/nope.pt' does not exist"),
     ("bench_decode", "--contexts=2k", "--contexts=2k must be a comma list of ints"),
     ("convert", "--gguf={b}/random.gguf --out={b}/c.pt", "{b}/random.gguf is not a readable GGUF file"),
@@ -166,10 +188,16 @@ CASES = [
     ("convert", "--hf_dir={b}/no_config --out={b}/c.pt", "needs config.json and *.safetensors"),
     ("convert", "--hf_dir={b}/no_weights --out={b}/c.pt", "needs config.json and *.safetensors"),
     ("convert", "--hf_dir={b}/bad_json --out={b}/c.pt", "{b}/bad_json/config.json is not valid JSON"),
+    ("convert", "--hf_dir={b}/hf_mismatch --out={b}/c.pt",
+     "{b}/hf_mismatch/config.json does not match the weights: embed.weight is (300, 64) there, (300, 32) by the config"),
+    ("convert", "--hf_dir={b}/hf_heads --out={b}/c.pt", "{b}/hf_heads/config.json: bad model config: n_head=3 must be a multiple"),
     ("convert", "--hf_dir={b}/torn --out={b}/c.pt", "{b}/torn/model.safetensors is not a readable safetensors file"),
     ("convert", "--gguf={b}/random.gguf --out={b}/tiny.pt", "{b}/tiny.pt already exists"),
     ("synthetic", "--out={b} --n_facts=0", "need 0 < n_facts"),
     ("decode_paths", "--bogus=1", "unknown flag --bogus"),
+    ("gpu_check", "--dry=True --limit_s=0 --out={b}/gc", "--limit_s=0 must be > 0"),
+    ("gpu_check", "--dry=True --parts= --out={b}/gc", "--parts= names no part"),
+    ("gpu_check", "--dry=True --parts=train,,train --out={b}/gc", "--parts=train,,train names train twice"),
 ]
 
 
@@ -259,11 +287,24 @@ def test_resume_drops_log_records_past_the_checkpoint_and_says_so(base, tmp_path
     run = tmp_path / "run"
     shutil.copytree(base / "run", run)
     with open(run / "log.jsonl", "a") as f:  # what a run killed after step 2's save wrote on
-        f.write(json.dumps({"step": 2, "loss": 1.0}) + "\n" + json.dumps({"step": 3, "loss": 1.0}) + "\n{\"st")
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n" + json.dumps({"step": 4, "loss": 1.0}) + "\n{\"st")
     train.main([f"--out_dir={run}", "--resume=True", "--max_steps=4"])
-    assert "resumed from step 2" in capsys.readouterr().out
+    assert "; dropped 3 log records past it" in capsys.readouterr().out
     steps = [json.loads(line)["step"] for line in open(run / "log.jsonl")]
-    assert steps == [0, 1, 2, 3]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_a_log_counted_from_zero_is_renumbered_on_resume(base, tmp_path, capsys):
+    """An older train.py logged each step's index (0 for the first): resumed, its records count
+    steps done like the new ones, so no step appears twice."""
+    run = tmp_path / "run"
+    shutil.copytree(base / "run", run)
+    old = [{**json.loads(line), "step": json.loads(line)["step"] - 1} for line in open(run / "log.jsonl")]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old + [{"step": 2, "loss": 1.0}]))
+    train.main([f"--out_dir={run}", "--resume=True", "--max_steps=4"])
+    assert "counted steps from 0 (an older train.py); renumbered" in capsys.readouterr().out
+    log = [json.loads(line) for line in open(run / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and log[1]["loss"] == old[1]["loss"]
 
 
 def test_logs_are_strict_json(base, tmp_path):

@@ -1,6 +1,13 @@
-"""The synthetic recall task's ground truth and its evaluation harness."""
+"""The synthetic recall task's ground truth, its evaluation harness, and the command: a few steps
+run, and a run interrupted by Ctrl-C goes on when the same command is given again."""
 
+import hashlib
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -51,10 +58,23 @@ def test_bad_task_sizes():
 
 def test_prepared_windows_start_at_documents(tmp_path):
     S.prepare(str(tmp_path), 128, 20, 4, 3, 2)
-    batches = Batches(str(tmp_path), "train", 128)
+    batches = S.DocumentWindows(str(tmp_path), "train", 128)
     x, y = batches.sample(16, torch.Generator().manual_seed(0))
     assert (x[:, 0] != 256).all() and (y[:, -1] == 256).all()  # whole documents, eos last
     assert np.fromfile(tmp_path / "val.bin", dtype=np.uint16).size == 4 * 129
+
+
+def test_the_core_data_loader_knows_nothing_of_the_task(tmp_path):
+    """data.Batches reads the task's folder as any token stream: windows start anywhere (the
+    document alignment is DocumentWindows', here), drawn as DocumentWindows draws its sequences."""
+    S.prepare(str(tmp_path), 128, 20, 4, 3, 2)
+    plain = Batches(str(tmp_path), "train", 128)
+    assert not hasattr(plain, "align")
+    x, y = plain.sample(64, torch.Generator().manual_seed(0))
+    assert (y[:, -1] != 256).any()  # some windows cut a document
+    gen = torch.Generator().manual_seed(0)
+    starts = S.DocumentWindows(str(tmp_path), "train", 128).window_starts(64, gen)
+    assert all(i % 129 == 0 for i in starts) and max(starts) <= 20 * 129 - 130
 
 
 def test_evaluate_reports_bounded_figures(tmp_path):
@@ -93,3 +113,63 @@ def test_loss_by_kind_hides_old_filler_in_one_layer_only(tmp_path):
     assert hidden0 != own and hidden1 != own and hidden0 != hidden1
     with pytest.raises(ValueError, match="has layers 0..1"):
         S.loss_by_kind(path, 64, 2.0, 2, only_facts_layer=2)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--seq_len=64", "--window=16", "--n_facts=2", "--n_queries=2", "--batch_size=4", "--n_layer=1", "--n_embd=32",
+        "--n_head=2", "--n_kv_head=1", "--n_train=200"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def synthetic(out, *flags, **kw):
+    return subprocess.run([sys.executable, "experiments/synthetic.py", f"--out={out}", *TINY, *flags], cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=600, **kw)
+
+
+def hashes(folder) -> dict:
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in os.listdir(folder)}
+
+
+def test_a_few_steps_run_to_the_end(tmp_path):
+    """--steps and --adapt_steps at or below the usual 30 warmup steps: the runs warm up over half."""
+    res = synthetic(tmp_path, "--steps=4", "--adapt_steps=3")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert all((tmp_path / run / "final.json").exists() for run in ("pretrained", "spkv", "dense"))
+    assert (tmp_path / "results.json").exists()
+
+
+def test_a_run_interrupted_by_ctrl_c_goes_on_when_the_command_is_given_again(tmp_path):
+    """Ctrl-C during the SP-KV run saves it; the same command again keeps the finished dense
+    "pretrained" run, resumes SP-KV from its save, and trains the rest. A run killed before its
+    first save (only its log) is started again."""
+    flags = ["--steps=40", "--adapt_steps=400"]
+    proc = subprocess.Popen([sys.executable, "experiments/synthetic.py", f"--out={tmp_path}", *TINY, *flags], cwd=ROOT,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "spkv" / "log.jsonl"
+    while proc.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    text = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, text[-2000:]
+    assert "run the same command again to go on" in text
+    assert (tmp_path / "spkv" / "ckpt.pt").exists() and not (tmp_path / "spkv" / "final.json").exists()
+    pretrained = hashes(tmp_path / "pretrained")
+    res = synthetic(tmp_path, *flags)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert f"{tmp_path / 'pretrained'}: finished earlier, kept" in res.stdout and "resumed from step" in res.stdout
+    assert hashes(tmp_path / "pretrained") == pretrained
+    assert all((tmp_path / run / "final.json").exists() for run in ("spkv", "dense"))
+    spkv = hashes(tmp_path / "spkv")
+    for name in ("ckpt.pt", "final.json"):  # the dense run killed before its first save: its log alone
+        os.remove(tmp_path / "dense" / name)
+    res = synthetic(tmp_path, *flags)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "holds a run that never saved a checkpoint" in res.stdout
+    assert hashes(tmp_path / "spkv") == spkv and (tmp_path / "dense" / "final.json").exists()
+
+
+def test_other_task_settings_into_the_same_out_are_refused(tmp_path):
+    S.prepare(str(tmp_path / "data"), 64, 200, 200, 3.0, 2)  # an earlier command's data, another --n_facts
+    res = synthetic(tmp_path, "--steps=4", "--adapt_steps=3")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "holds the task's data for other settings (n_facts=3.0, wanted 2.0)" in res.stderr

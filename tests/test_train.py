@@ -3,6 +3,7 @@ kill -9 and Ctrl-C, exact resume, DDP equivalence, and clear errors for bad inpu
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -186,7 +187,7 @@ def test_ctrl_c_saves_and_resume_reproduces_losses_exactly(tmp_path):
     assert 2 <= stopped_at < 12, text
     train.main([f"--out_dir={out}", "--resume=True"])  # everything else comes from the checkpoint
     got = {r["step"]: r["loss"] for r in read_log(out)}
-    assert [got[s] for s in range(stopped_at, 12)] == [want[s] for s in range(stopped_at, 12)]
+    assert [got[s] for s in range(stopped_at + 1, 13)] == [want[s] for s in range(stopped_at + 1, 13)]
 
 
 @pytest.mark.parametrize("target_density", [0.0, 0.5])  # 0.5: every rank cuts at the same tau at the freeze
@@ -305,7 +306,7 @@ def test_two_processes_into_one_out_dir_exactly_one_runs(tmp_path):
     refused = results[1][2].strip().splitlines()
     assert len(refused) == 1 and "Traceback" not in results[1][2], refused
     assert "is in use by process" in refused[0] or "already holds a finished run" in refused[0], refused
-    assert [r["step"] for r in read_log(tmp_path / "out")] == list(range(6))  # one writer's records only
+    assert [r["step"] for r in read_log(tmp_path / "out")] == list(range(1, 7))  # one writer's records only
 
 
 def test_a_held_lock_refuses_a_run_and_a_resume_and_a_dead_holders_lock_is_taken_over(tmp_path):
@@ -365,3 +366,15 @@ def tiny_val(tmp_path):
     """The val split of flags()'s data, at its seq_len, from the same cache."""
     folder = datalib.prepare(tiny_text_dir(tmp_path / "text"), Tokenizer(byte_spec()), str(tmp_path / "cache"))
     return datalib.Batches(folder, "val", 64)
+
+
+def test_log_console_checkpoint_and_final_count_steps_the_same_way(tmp_path, capsys):
+    """Every record, print and file says "step N" for the state after N optimizer steps."""
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    train.main(flags(tmp_path, ckpt, max_steps=6, eval_every=2, ckpt_every=3))
+    printed = [int(n) for n in re.findall(r"^step (\d+): train", capsys.readouterr().out, re.M)]
+    log = read_log(tmp_path / "out")
+    assert [r["step"] for r in log if "val_soft" in r] == printed == [2, 3, 4, 6]  # evals, and the save at 3
+    assert [r["step"] for r in log] == list(range(1, 7))
+    final = json.load(open(tmp_path / "out" / "final.json"))
+    assert read_checkpoint(str(tmp_path / "out" / "ckpt.pt"))["step"] == final["step"] == log[-1]["step"] == 6

@@ -15,8 +15,12 @@ the dense cache and then the SP-KV cache back to back (so drift of a noisy machi
 the speedup printed is the median of the per-repeat ratios, the tok/s the medians. --impl picks
 the SP-KV decode paths of decode_paths.py (a comma list runs each on a fresh cache): "paged"
 (kernels.paged_decode_attention reads the page pool in place), "paged_compiled" (the same step
-under torch.compile), "paged_flex" (FlexAttention over the page table; fused on CUDA only), or
-the gather path "split"; the dense cache always uses "sdpa" eager. Printed per case: decode tokens/s of
+under torch.compile), "static" / "static_compiled" (cache.StaticSPKVCache: no host sync, eager or
+compiled whole, a CUDA graph on CUDA), "paged_flex" (FlexAttention over the page table; fused on
+CUDA only), or the gather path "split". The dense cache runs "sdpa" eager through
+generate.decode_one_token, except beside a static path, where its step gets the same treatment
+(generate.static_step, compiled whole for "static_compiled"): the ratio then compares
+compression with its absence and nothing else. Printed per case: decode tokens/s of
 both and their ratio, KV bytes of both (SP-KV: the pages held), the ideal ratio from bytes moved
 per token, (weights + dense KV) / (weights + kept KV) with kept KV the pairs held (k, v,
 position), and the fraction of it reached; and "ideal(t)", the same ideal with time in place of
@@ -39,7 +43,7 @@ import torch
 import cli
 import decode_paths as DP
 import generate as G
-from cache import DenseKVCache
+from cache import DenseKVCache, StaticSPKVCache
 from checkpoint import load_model
 from model import GPT, GPTConfig
 
@@ -97,23 +101,34 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def step_for(impl: str, cuda: bool, dense: bool = False):
+    """step(model, cache, tokens, pos): one decode step of every row on `impl`'s path; the dense
+    cache beside a static path takes the same static step."""
+    if DP.is_static(impl):
+        run = G.compiled_static_step(cuda) if DP.is_compiled(impl, cuda) else G.static_step
+        return lambda model, cache, tok, pos: run(model, cache, tok, pos, {})
+    compiled = DP.is_compiled(impl, cuda) and not dense
+    return lambda model, cache, tok, pos: G.decode_one_token(model, cache, tok, pos, compiled)
+
+
 @torch.no_grad()
-def time_decode(model, cache, B, ctx, steps, compiled=False, profile=False) -> float:
+def time_decode(model, cache, B, ctx, steps, step=None, profile=False) -> float:
     """Decode tokens per second over `steps` steps for the whole batch, after one warm-up step, the
     first new token at position ctx. With profile, one more step runs under torch.profiler and its
-    busiest ops are printed."""
+    busiest ops are printed. step: step_for(...); default the eager paged step."""
+    step = step or step_for("paged", False)
     dev = next(model.parameters()).device
     tok = torch.zeros(B, dtype=torch.long, device=dev)
-    G.decode_one_token(model, cache, tok, torch.full((B,), ctx, device=dev), compiled)
+    step(model, cache, tok, torch.full((B,), ctx, device=dev))
     sync(dev)
     t0 = time.perf_counter()
     for i in range(steps):
-        G.decode_one_token(model, cache, tok, torch.full((B,), ctx + 1 + i, device=dev), compiled)
+        step(model, cache, tok, torch.full((B,), ctx + 1 + i, device=dev))
     sync(dev)
     tps = B * steps / (time.perf_counter() - t0)
     if profile:
         with torch.profiler.profile() as prof:
-            G.decode_one_token(model, cache, tok, torch.full((B,), ctx + 1 + steps, device=dev), compiled)
+            step(model, cache, tok, torch.full((B,), ctx + 1 + steps, device=dev))
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
     return tps
 
@@ -183,7 +198,7 @@ def main(argv):
     where = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"device: {where}; {o['dtype']}; model {weights / 1e6:.0f} MB of weights; batch {B}; "
           f"window {model.cfg.window}; {steps} timed decode steps, {repeats} times per case, each time dense "
-          f"then SP-KV, median ratio; dense cache: 'sdpa' eager; SP-KV: "
+          f"then SP-KV, median ratio; dense cache: 'sdpa' (eager, or beside a static path its static step); SP-KV: "
           + "; ".join(f"{i!r} = {DP.describe(i, device == 'cuda')}" for i in impls) + f"; {page} pairs per page")
     profile = bool(o["profile"])
     span = steps + 1 + profile  # positions one timing decodes
@@ -203,15 +218,18 @@ def main(argv):
         for name, make in cases:
             for impl in impls:  # a fresh cache per path: each timing starts from the same state
                 cache = make(impl)
+                if DP.is_static(impl):  # a fixed-shape copy with room for every timed step
+                    cache = StaticSPKVCache.from_cache(cache, ctx + repeats * span, room_steps=repeats * span)
+                cuda = device == "cuda"
+                spkv_step, dense_step = step_for(impl, cuda), step_for(impl, cuda, dense=True)
                 nb = cache.nbytes()
                 kv, kept = nb["in_use"], nb["ring"] + nb["store_kept"]  # pages held; pairs held
-                label = f"{sum(int(st.length.sum()) for st in cache.stores) / old:.3f}" + ("r" if name == "real" else "")
+                label = f"{sum(cache.kept_per_layer()) / old:.3f}" + ("r" if name == "real" else "")
                 runs = []  # (dense tok/s, SP-KV tok/s), timed back to back: machine drift hits both
                 for r in range(repeats):
                     at = ctx + r * span  # each repeat decodes the next positions
-                    runs.append((time_decode(model, dense, B, at, steps),
-                                 time_decode(model, cache, B, at, steps, DP.is_compiled(impl, device == "cuda"),
-                                             profile=profile and r == 0)))
+                    runs.append((time_decode(model, dense, B, at, steps, dense_step),
+                                 time_decode(model, cache, B, at, steps, spkv_step, profile=profile and r == 0)))
                 dense_tps, spkv_tps = (statistics.median(x) for x in zip(*runs))
                 speedup = statistics.median(s / d for d, s in runs)
                 ideal = (weights + dense_bytes) / (weights + kept)  # a partly filled page moves no more bytes

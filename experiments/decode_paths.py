@@ -3,6 +3,10 @@ measured alternatives that generate.py does not carry.
 
     "paged"           generate.py's default: kernels.paged_decode_attention reads the page pool in place
     "paged_compiled"  the same decode step under torch.compile (generate.py --compile=True)
+    "static"          generate.py --impl=static: a fixed-shape copy of the cache (cache.StaticSPKVCache)
+                      whose step writes inside itself and never syncs with the host, eager
+    "static_compiled" the same step compiled whole (fullgraph=True; a CUDA graph on CUDA), and the
+                      dense cache's step likewise, so the two compare with the same treatment
     "split"           the store gathered into a padded buffer, then one softmax across the pieces
                       (store, ring, new pair) without concatenating them: split_cached_attention
     "paged_flex"      FlexAttention over the page pool with the page table as block mask; fused only
@@ -28,7 +32,7 @@ import generate as G
 import kernels
 from cache import SPKVCache
 
-PATHS = ("paged", "paged_compiled", "split", "paged_flex")
+PATHS = ("paged", "paged_compiled", "static", "static_compiled", "split", "paged_flex")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,8 +155,13 @@ def cache_class(path: str):
 
 
 def is_compiled(path: str, cuda: bool) -> bool:
-    """Whether the decode step runs under torch.compile: "paged_compiled" always, "paged_flex" on CUDA."""
-    return path == "paged_compiled" or (path == "paged_flex" and cuda)
+    """Whether the decode step runs under torch.compile: "*_compiled" always, "paged_flex" on CUDA."""
+    return path.endswith("_compiled") or (path == "paged_flex" and cuda)
+
+
+def is_static(path: str) -> bool:
+    """Whether the path decodes through cache.StaticSPKVCache and generate.static_step."""
+    return path.startswith("static")
 
 
 def describe(path: str, cuda: bool) -> str:
@@ -160,6 +169,9 @@ def describe(path: str, cuda: bool) -> str:
     how = "torch.compile" if is_compiled(path, cuda) else "eager"
     if path == "split":
         return "store gathered, one softmax across store, ring and new pair (eager)"
+    if is_static(path):
+        graph = "torch.compile fullgraph" + (" + CUDA graph" if cuda else "") if is_compiled(path, cuda) else "eager"
+        return f"static cache, no host sync, writes inside the step ({graph}; the dense step likewise)"
     if path == "paged_flex":
         return f"FlexAttention over the page pool, page table as block mask ({how}{'' if cuda else ', unfused: a checking path'})"
     return f"page pool read in place, kernels.paged_decode_attention ({how})"

@@ -54,14 +54,15 @@ def test_bench_decode_prints_a_row_per_path(tmp_path, capsys):
 
     path = tiny_checkpoint(tmp_path / "t.pt")
     bench_decode.main([f"--ckpt={path}", "--contexts=64", "--batch=2", "--densities=0.25", "--steps=1",
-                       "--repeats=2", "--impl=paged,split,paged_flex", "--device=cpu"])
+                       "--repeats=2", "--impl=paged,split,paged_flex,static", "--device=cpu"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("64 ")]
-    assert sorted(r[2] for r in rows) == ["paged", "paged", "paged_flex", "paged_flex", "split", "split"]  # 0.25, real
+    assert sorted(r[2] for r in rows) == ["paged", "paged", "paged_flex", "paged_flex", "split", "split",
+                                          "static", "static"]  # 0.25, real
     assert all(r[5].endswith("x") and float(r[5][:-1]) > 0 for r in rows)
     bench_decode.main([f"--ckpt={path}", "--contexts=64", "--batch=2", "--densities=0.25", "--steps=1",
-                       "--repeats=1", "--impl=paged,split", "--device=cpu", "--dtype=bfloat16"])
+                       "--repeats=1", "--impl=paged,split,static", "--device=cpu", "--dtype=bfloat16"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("64 ")]
-    assert sorted(r[2] for r in rows) == ["paged", "paged", "split", "split"]  # the GPU dtype, on CPU
+    assert sorted(r[2] for r in rows) == ["paged", "paged", "split", "split", "static", "static"]  # the GPU dtype, on CPU
     with pytest.raises(ValueError, match="unknown --impl"):
         bench_decode.main([f"--ckpt={path}", "--impl=fast"])
     with pytest.raises(ValueError, match="must be >= 1"):

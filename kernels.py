@@ -106,23 +106,27 @@ def compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_spkv_attention(q, k, v, lg, window, compiled: bool = False):
-    """SP-KV attention with FlexAttention; the causal block mask skips blocks above the diagonal."""
+def flex_spkv_attention(q, k, v, lg, window, compiled: bool = False, block_mask=None):
+    """SP-KV attention with FlexAttention; the causal block mask skips blocks above the diagonal.
+    block_mask: causal_block_mask(T, device), which GPT.forward builds once per forward, outside
+    the compiled blocks (built inside, it would be traced into every block's graph and rebuilt
+    each call, as an lru_cache does not hold under torch.compile); None = built here."""
     G = q.shape[1] // k.shape[1]
-    mask = causal_block_mask(q.shape[2], str(q.device))
+    mask = causal_block_mask(q.shape[2], str(q.device)) if block_mask is None else block_mask
     mod = None if lg is None else spkv_score_mod(lg.to(torch.float32), window, G)
     fn = compiled_flex() if compiled else flex_attention
     return fn(q, k, v, score_mod=mod, block_mask=mask, enable_gqa=G > 1)
 
 
-def attention(q, k, v, lg, window, impl: str):
-    """Run SP-KV attention (or plain causal attention when lg is None) on the chosen path."""
+def attention(q, k, v, lg, window, impl: str, block_mask=None):
+    """Run SP-KV attention (or plain causal attention when lg is None) on the chosen path;
+    block_mask: the flex paths' causal BlockMask when the caller built it (GPT.forward does)."""
     if impl == "sdpa":
         return sdpa_attention(q, k, v, lg, window)
     if impl == "flex":
-        return flex_spkv_attention(q, k, v, lg, window, compiled=False)
+        return flex_spkv_attention(q, k, v, lg, window, compiled=False, block_mask=block_mask)
     if impl == "flex_compiled":
-        return flex_spkv_attention(q, k, v, lg, window, compiled=True)
+        return flex_spkv_attention(q, k, v, lg, window, compiled=True, block_mask=block_mask)
     if impl == "reference":
         return spkv.reference_attention(q, k, v, lg, window)
     raise ValueError(f"unknown attention path {impl!r}; use one of {ATTN_IMPLS}")

@@ -131,6 +131,7 @@ class Pass:
     frozen: bool = False  # detach the gate logits: the predictor gets no gradient (train.py's anneal phase)
     cache: object = None  # decoding: attention is cache.update_and_attend(...), see cache.py
     gates: list = None  # a list: each SP-KV layer appends its gate logits (B, Hkv, T), in layer order
+    mask: object = None  # the flex paths' causal BlockMask, built once per forward outside the (compiled) blocks
 
 
 class Attention(nn.Module):
@@ -180,7 +181,7 @@ class Attention(nn.Module):
             y = p.cache.update_and_attend(self.layer, q, k, v, logit, p.pos)
         else:
             lg = None if logit is None else spkv.annealed_log_gate(logit, self.cfg.tau, p.a)  # (B, Hkv, T)
-            y = kernels.attention(q, k, v, lg, self.cfg.window, p.impl)  # (B, H, T, D)
+            y = kernels.attention(q, k, v, lg, self.cfg.window, p.impl, p.mask)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
@@ -308,7 +309,8 @@ class GPT(nn.Module):
         pos = torch.arange(T, device=idx.device) if pos is None else pos
         h, rope = self.embed_tokens(idx, pos)
         a = torch.tensor(float(a), device=idx.device)  # a tensor: compiled blocks see a value, so no recompile as a moves
-        p = Pass(pos=pos, rope=rope, impl=self.attn_impl, a=a, frozen=frozen, cache=cache, gates=gates)
+        mask = kernels.causal_block_mask(T, str(idx.device)) if cache is None and self.attn_impl.startswith("flex") else None
+        p = Pass(pos=pos, rope=rope, impl=self.attn_impl, a=a, frozen=frozen, cache=cache, gates=gates, mask=mask)
         for block in self.blocks:
             h = block(h, p)
         logits = self.lm_head(self.norm(h[:, -1:] if last_only else h))  # (B, T, V)

@@ -311,3 +311,22 @@ def test_rope_far_out_matches_a_float64_forward():
         fp32 = model(idx, pos=pos, a=1.0)[0]
         fp64 = model.double()(idx, pos=pos, a=1.0)[0]
     assert (fp32.double() - fp64).abs().max().item() <= 1e-4
+
+
+def test_the_causal_block_mask_is_built_once_per_forward_outside_the_blocks(monkeypatch):
+    """GPT.forward builds the flex paths' BlockMask once and hands it to every layer; the
+    attention of a layer builds none (so none is traced into a compiled block)."""
+    from model import GPT
+    from tiny import tiny_config
+    built = []
+    real = kernels.causal_block_mask.__wrapped__
+    monkeypatch.setattr(kernels, "causal_block_mask", lambda T, device: built.append(T) or real(T, device))
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_layer=3, window=4)).eval()
+    x = torch.randint(0, 257, (2, 24))
+    with torch.no_grad():
+        want = model(x, a=0.5)[0]
+        model.attn_impl = "flex"
+        got = model(x, a=0.5)[0]
+    assert built == [24]
+    close(got, want, 1e-5)

@@ -157,6 +157,37 @@ def compiled_static_step(cuda: bool):
     return torch.compile(static_step, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None)
 
 
+class GraphedStep:
+    """static_step recorded once as a CUDA graph and replayed (CUDA only; no compile needed).
+    The step has no host sync, so the eager kernels can be captured as they are: the first call
+    runs eagerly (it warms up the kernels and decodes a real token), the second records the graph
+    and every call replays it, with the tokens and positions copied into the graph's inputs. A
+    cache whose tensors were reallocated (a grown pool) is recorded again."""
+
+    def __init__(self, sampling: dict):
+        self.sampling, self.graph, self.key, self.warm = sampling, None, None, False
+
+    def __call__(self, model, cache, tokens, pos):
+        key = tuple(id(t) for t in vars(cache).values() if isinstance(t, torch.Tensor))
+        if key != self.key:  # a new cache, or new tensors in it: warm up again, then record
+            self.graph, self.key, self.warm = None, key, False
+        if not self.warm:  # on a side stream, as CUDA graph capture asks of a warm-up
+            self.warm, side = True, torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = static_step(model, cache, tokens, pos, self.sampling)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.graph is None:
+            self.tokens, self.pos, self.graph = tokens.clone(), pos.clone(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records only: nothing runs until replay
+                self.out = static_step(model, cache, self.tokens, self.pos, self.sampling)
+        self.tokens.copy_(tokens)
+        self.pos.copy_(pos)
+        self.graph.replay()
+        return tuple(t.clone() for t in self.out)  # the graph's outputs are overwritten by the next replay
+
+
 @torch.no_grad()
 def decode_static(model, cache, first_logits, lengths, n, sampling, compiled=False, eos_id=None, check_every=16):
     """decode_n_tokens over a cache whose decode steps never sync: the tokens stay on the device,

@@ -104,6 +104,8 @@ def sync(device):
 def step_for(impl: str, cuda: bool, dense: bool = False):
     """step(model, cache, tokens, pos): one decode step of every row on `impl`'s path; the dense
     cache beside a static path takes the same static step."""
+    if impl == "static_graph":
+        return G.GraphedStep({})  # one recording per cache (each side, each case)
     if DP.is_static(impl):
         run = G.compiled_static_step(cuda) if DP.is_compiled(impl, cuda) else G.static_step
         return lambda model, cache, tok, pos: run(model, cache, tok, pos, {})
@@ -183,6 +185,8 @@ def main(argv):
     bad = [i for i in impls if i not in DP.PATHS]
     if bad:
         raise cli.BadInput(f"unknown --impl {bad}; use a comma list of {DP.PATHS}")
+    if "static_graph" in impls and device != "cuda":
+        raise cli.BadInput("--impl=static_graph records CUDA graphs: run it on a CUDA device (static_compiled runs here)")
     if o["threads"]:
         torch.set_num_threads(o["threads"])
     if o["ckpt"]:

@@ -7,6 +7,8 @@ measured alternatives that generate.py does not carry.
                       whose step writes inside itself and never syncs with the host, eager
     "static_compiled" the same step compiled whole (fullgraph=True; a CUDA graph on CUDA), and the
                       dense cache's step likewise, so the two compare with the same treatment
+    "static_graph"    the eager static step recorded as a CUDA graph and replayed (generate.GraphedStep),
+                      the dense step likewise: no compile time (CUDA only)
     "split"           the store gathered into a padded buffer, then one softmax across the pieces
                       (store, ring, new pair) without concatenating them: split_cached_attention
     "paged_flex"      FlexAttention over the page pool with the page table as block mask; fused only
@@ -32,7 +34,7 @@ import generate as G
 import kernels
 from cache import SPKVCache
 
-PATHS = ("paged", "paged_compiled", "static", "static_compiled", "split", "paged_flex")
+PATHS = ("paged", "paged_compiled", "static", "static_compiled", "static_graph", "split", "paged_flex")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +171,8 @@ def describe(path: str, cuda: bool) -> str:
     how = "torch.compile" if is_compiled(path, cuda) else "eager"
     if path == "split":
         return "store gathered, one softmax across store, ring and new pair (eager)"
+    if path == "static_graph":
+        return "static cache, no host sync, the eager step recorded as a CUDA graph (the dense step likewise)"
     if is_static(path):
         graph = "torch.compile fullgraph" + (" + CUDA graph" if cuda else "") if is_compiled(path, cuda) else "eager"
         return f"static cache, no host sync, writes inside the step ({graph}; the dense step likewise)"

@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 import generate as G
 from cache import StaticSPKVCache
+from conftest import needs_cuda
 from test_generate import random_gate_model
 
 
@@ -109,3 +110,27 @@ def test_sampling_on_the_device_draws_from_the_filtered_distribution():
         freq = torch.bincount(G.sample_on_device(logits, **kw), minlength=5) / 4000
         assert (freq - want).abs().max() < 0.03, (kw, freq, want)
         assert (freq[want == 0] == 0).all()
+
+
+@needs_cuda
+@pytest.mark.parametrize("how", ["graph", "compiled"])
+def test_on_cuda_the_recorded_and_the_compiled_step_decode_as_the_eager_one(how):
+    """generate.GraphedStep (a CUDA graph of the eager step) and compiled_static_step (fullgraph,
+    reduce-overhead) give the eager static step's tokens, across page boundaries and a pool that grows."""
+    torch._dynamo.reset()
+    model = random_gate_model(4, window=8, tau=0.5, n_kv_head=2, n_head=4, block_size=512).cuda()
+    prompts = prompts_of([5, 20, 11])
+    want, want_logits, _ = G.generate(model, prompts, 120, chunk=6, page_size=2, impl="static", check_every=16)
+    cache = G.new_cache(model, 3, 140, dense=False, page_size=2)
+    first = G.prefill(model, cache, prompts, chunk=6)
+    cache = StaticSPKVCache.from_cache(cache, 140, room_steps=16)
+    step = G.GraphedStep({}) if how == "graph" else (lambda m, c, t, p: G.compiled_static_step(True)(m, c, t, p, {}))
+    tok, pos, got, logits = first.argmax(-1), torch.tensor([5, 20, 11], device="cuda"), [first.argmax(-1)], [first]
+    for i in range(119):
+        if i % 16 == 0:
+            cache.ensure_room(16)
+        tok, lg = step(model, cache, tok, pos + i)
+        got.append(tok)
+        logits.append(lg)
+    assert torch.equal(torch.stack(got, 1), want)
+    assert (torch.stack(logits, 1) - want_logits).abs().max().item() <= 1e-4

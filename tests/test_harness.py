@@ -1,18 +1,25 @@
 """experiments/harness.py: a finished run of other flags is refused, results are never replaced,
 --tiny=True has its own out folder, measure_against_dense retunes one model to each tau exactly as
-a reload at that tau would, and the sink diagnostic matches the hard view where it must."""
+a reload at that tau would, and the sink diagnostic matches the hard view where it must; each
+experiment script prints every flag with its meaning and refuses bad input in one line."""
 
+import importlib
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
+import cli
 import data as datalib
 import harness
 import tau as taulib
 from checkpoint import load_model
 from cli import BadInput
 from tiny import tiny_checkpoint, tiny_text_dir
+
+SCRIPTS = ("realtext", "ablate", "smollm2")
 
 
 def test_a_finished_run_with_other_flags_is_refused_not_reused(tmp_path):
@@ -71,3 +78,25 @@ def test_sink_diagnostic_matches_the_hard_view_when_every_pair_is_kept(tmp_path)
     assert harness.first_token_keep_rate(model, val, 1.0, 2, 2) == 0.0
     assert harness.loss_with_sinks(model, val, 1.0, 2, 2) != pytest.approx(
         taulib.hard_loss_and_density(model, val, 1.0, 2, 2)[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_every_flag_with_its_meaning(script, monkeypatch, capsys):
+    module = importlib.import_module(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--help"])
+    with pytest.raises(SystemExit) as stop:
+        cli.run(module.main, f"{script}.py")
+    out = capsys.readouterr().out
+    assert stop.value.code == 0
+    for name, meaning in cli.meanings(module.Flags).items():
+        assert meaning and any(line.strip().startswith(f"--{name}=") and line.rstrip().endswith(meaning)
+                               for line in out.splitlines()), name
+
+
+@pytest.mark.parametrize("script,flag", [("ablate", "--rows=lr7"), ("smollm2", "--recipes=x5")])
+def test_bad_input_is_one_line_and_exit_status_2(script, flag, tmp_path):
+    res = subprocess.run([sys.executable, os.path.join(harness.ROOT, "experiments", f"{script}.py"), flag,
+                          f"--out={tmp_path / 'rt'}"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "rt").exists()

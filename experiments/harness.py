@@ -66,13 +66,18 @@ def commit_stamp() -> str:
 
 
 def new_result_path(out: str, name: str, ext: str = "json") -> str:
-    """out/name-<date>-<commit>.<ext>, with -2, -3 ... when that exists: results are never replaced."""
+    """out/name-<date>-<commit>.<ext>, with -2, -3 ... when that exists: results are never replaced.
+    The name is reserved by creating the file exclusively (empty until its writer replaces it
+    atomically), so two processes never get the same one."""
     os.makedirs(out, exist_ok=True)
     base = os.path.join(out, f"{name}-{time.strftime('%Y-%m-%d')}-{commit_stamp()}")
     path, n = f"{base}.{ext}", 2
-    while os.path.exists(path):
-        path, n = f"{base}-{n}.{ext}", n + 1
-    return path
+    while True:
+        try:
+            with open(path, "x"):
+                return path
+        except FileExistsError:
+            path, n = f"{base}-{n}.{ext}", n + 1
 
 
 def out_folder(given: dict, name: str) -> str:

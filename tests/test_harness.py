@@ -100,3 +100,10 @@ def test_bad_input_is_one_line_and_exit_status_2(script, flag, tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not (tmp_path / "rt").exists()
+
+
+def test_two_reservations_of_a_result_name_never_get_the_same_file(tmp_path):
+    """new_result_path creates the file it returns, so a second caller (another process) that
+    asks before the first has written gets the next name, not the same one."""
+    first, second = harness.new_result_path(str(tmp_path), "x"), harness.new_result_path(str(tmp_path), "x")
+    assert first != second and os.path.exists(first) and second.endswith("-2.json")

@@ -1,0 +1,55 @@
+"""The gate's gradient outside the attention kernel: the formula, the pass that computes it, and
+the "flex_gategrad" attention path built on them.
+
+    dlg_s = sum_{h in group} sum_{t >= s + window} P_h[t, s] (dO_ht . v_s - Delta_ht),   Delta_ht = dO_ht . O_ht
+
+Oracle: autograd through spkv.reference_attention, in float64.
+"""
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import kernels
+import spkv
+from conftest import needs_cuda
+
+TOL = 1e-10  # float64
+
+
+@st.composite
+def problems(draw, max_t=150):
+    """A float64 problem: q (B, H, T, D), k, v (B, Hkv, T, D), log-gates lg (B, Hkv, T) with some
+    large negative (but finite) entries, and the gradient dout (B, H, T, D) of a random loss."""
+    B, Hkv, G = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    T, D = draw(st.integers(1, max_t)), draw(st.sampled_from([4, 8, 16]))
+    window = draw(st.integers(1, T))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    f64 = torch.float64
+    q = torch.randn(B, Hkv * G, T, D, generator=g, dtype=f64)
+    k, v = torch.randn(B, Hkv, T, D, generator=g, dtype=f64), torch.randn(B, Hkv, T, D, generator=g, dtype=f64)
+    lg = spkv.soft_log_gate(3 * torch.randn(B, Hkv, T, generator=g, dtype=f64))  # (B, Hkv, T) log u <= 0
+    closed = torch.rand(B, Hkv, T, generator=g, dtype=f64) < 0.2  # gates shut hard, but finite
+    lg = torch.where(closed, -1e4 * torch.rand(B, Hkv, T, generator=g, dtype=f64) - 30, lg)
+    dout = torch.randn(B, Hkv * G, T, D, generator=g, dtype=f64)
+    return dict(q=q, k=k, v=v, lg=lg, window=window, dout=dout)
+
+
+def autograd_grads(p, impl):
+    """Output and the gradients of <out, dout> w.r.t. q, k, v, lg through kernels.attention(impl)."""
+    leaves = [p[n].clone().requires_grad_() for n in ("q", "k", "v", "lg")]
+    out = kernels.attention(*leaves[:3], leaves[3], p["window"], impl)
+    return [out.detach()] + list(torch.autograd.grad(out, leaves, p["dout"]))
+
+
+def max_err(a, b):
+    assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
+    return (a - b).abs().max().item() if a.numel() else 0.0
+
+
+@given(problems(max_t=40))
+def test_gate_grad_formula_matches_autograd(p):
+    """spkv.reference_gate_grad (the formula in plain ops) is the autograd gradient w.r.t. lg."""
+    want = autograd_grads(p, "reference")[4]
+    got = spkv.reference_gate_grad(p["q"], p["k"], p["v"], p["lg"], p["window"], p["dout"])
+    assert max_err(got, want) <= TOL

@@ -53,3 +53,49 @@ def test_gate_grad_formula_matches_autograd(p):
     want = autograd_grads(p, "reference")[4]
     got = spkv.reference_gate_grad(p["q"], p["k"], p["v"], p["lg"], p["window"], p["dout"])
     assert max_err(got, want) <= TOL
+
+
+@given(problems())
+def test_gate_grad_pass_matches_formula(p):
+    """The FlexAttention pass (spkv::gate_grad) gives spkv.reference_gate_grad's dlg."""
+    q, k, v, lg, window, dout = (p[n] for n in ("q", "k", "v", "lg", "window", "dout"))
+    out = spkv.reference_attention(q, k, v, lg, window)  # (B, H, T, D)
+    lse = lse_of(q, k, lg, window)  # (B, H, T)
+    got = torch.ops.spkv.gate_grad(dout, q, k, v, lg, out, lse, window, False)
+    assert max_err(got, spkv.reference_gate_grad(q, k, v, lg, window, dout)) <= TOL
+
+
+def lse_of(q, k, lg, window):
+    """Log-sum-exp (B, H, T) of reference_attention's score rows, in plain ops."""
+    B, H, T, D = q.shape
+    G = H // k.shape[1]
+    pos = torch.arange(T)
+    scores = q @ k.repeat_interleave(G, 1).transpose(-1, -2) / D ** 0.5  # (B, H, T, S)
+    return (scores + spkv.gate_bias(lg, pos, pos, window).repeat_interleave(G, 1)).logsumexp(-1)
+
+
+@given(problems())
+def test_flex_gategrad_matches_reference_forward_and_backward(p):
+    """Output and the gradients w.r.t. q, k, v and lg of "flex_gategrad" equal autograd through
+    spkv.reference_attention, in float64."""
+    want, got = autograd_grads(p, "reference"), autograd_grads(p, "flex_gategrad")
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dlg"), got, want):
+        assert max_err(a, b) <= TOL, name
+
+
+@pytest.mark.parametrize("a", [0.7, 1.0])
+def test_flex_gategrad_with_shut_gates_matches_reference(a):
+    """Under the annealed view at a = 1 dropped keys have lg = -inf: the pass's empty rows give
+    dlg = 0, not NaN, and the gradient reaching the gate logits equals the reference's."""
+    g = torch.Generator().manual_seed(1)
+    B, Hkv, G, T, D, window = 2, 2, 2, 70, 8, 9
+    base = [torch.randn(*shape, generator=g, dtype=torch.float64) for shape in
+            ((B, Hkv * G, T, D), (B, Hkv, T, D), (B, Hkv, T, D), (B, Hkv, T))]  # q, k, v, gate logits
+    grads = {}
+    for impl in ("reference", "flex_gategrad"):
+        leaves = [x.clone().requires_grad_() for x in base]
+        lg = spkv.annealed_log_gate(3 * leaves[3], 0.5, torch.tensor(a, dtype=torch.float64))  # (B, Hkv, T)
+        out = kernels.attention(*leaves[:3], lg, window, impl)
+        grads[impl] = [out.detach()] + list(torch.autograd.grad(out.square().sum(), leaves))
+    for x, y in zip(grads["flex_gategrad"], grads["reference"]):
+        assert torch.isfinite(x).all() and max_err(x, y) <= TOL

@@ -13,6 +13,8 @@ from hypothesis import given, strategies as st
 import kernels
 import spkv
 from conftest import needs_cuda
+from model import GPT
+from tiny import tiny_config
 
 TOL = 1e-10  # float64
 
@@ -99,3 +101,94 @@ def test_flex_gategrad_with_shut_gates_matches_reference(a):
         grads[impl] = [out.detach()] + list(torch.autograd.grad(out.square().sum(), leaves))
     for x, y in zip(grads["flex_gategrad"], grads["reference"]):
         assert torch.isfinite(x).all() and max_err(x, y) <= TOL
+
+
+def small_problem(B=1, Hkv=2, G=2, T=40, D=8, dtype=torch.float64, device="cpu", seed=0):
+    """q (B, H, T, D), k, v (B, Hkv, T, D), gate logits (B, Hkv, T)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(*shape, generator=g, dtype=dtype, device=device) for shape in
+            ((B, Hkv * G, T, D), (B, Hkv, T, D), (B, Hkv, T, D), (B, Hkv, T))]
+
+
+def loss_and_grads(fn, base):
+    """The loss fn(q, k, v, logits) and its gradients w.r.t. the four."""
+    leaves = [x.clone().requires_grad_() for x in base]
+    loss = fn(*leaves)
+    return [loss.detach()] + list(torch.autograd.grad(loss, leaves))
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_flex_gategrad_traces_fullgraph_forward_and_backward(backend):
+    """The path traces into one graph (the custom ops through their fake implementations), and
+    under aot_eager the backward graph with spkv::gate_grad in it too; the reference's numbers."""
+    window = 5
+
+    def step(q, k, v, logit, impl="flex_gategrad"):
+        out = kernels.attention(q, k, v, spkv.soft_log_gate(logit), window, impl)
+        return out.square().sum()
+
+    base = small_problem()
+    want = loss_and_grads(lambda *x: step(*x, impl="reference"), base)
+    torch._dynamo.reset()
+    got = loss_and_grads(torch.compile(step, fullgraph=True, backend=backend), base)
+    for a, b in zip(got, want):
+        assert max_err(a, b) <= TOL
+
+
+def test_flex_gategrad_takes_the_block_mask_and_plain_layers():
+    """The caller's causal BlockMask is used as on the other flex paths; lg None is plain causal
+    attention; without gradients the output is FlexAttention's."""
+    q, k, v, logit = small_problem(T=30)
+    lg = spkv.soft_log_gate(logit)
+    mask = kernels.causal_block_mask(30, "cpu")
+    for gates in (lg, None):
+        want = spkv.reference_attention(q, k, v, gates, 4)
+        assert max_err(kernels.attention(q, k, v, gates, 4, "flex_gategrad", block_mask=mask), want) <= TOL
+    with torch.no_grad():
+        got = kernels.attention(q, k, v, lg.requires_grad_(), 4, "flex_gategrad", block_mask=mask)
+    assert max_err(got, spkv.reference_attention(q, k, v, lg, 4)) <= TOL
+
+
+def test_model_trains_the_predictor_through_flex_gategrad():
+    """GPT with attn_impl="flex_gategrad": loss and every parameter gradient (the predictors'
+    included, which reach them only through dlg) equal the "reference" path's. A float64 model,
+    but the predictor runs in fp32 (spkv.UtilityPredictor), so fp32 roundoff bounds the match."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(window=4)).double()
+    with torch.no_grad():  # gates that differ from key to key, so dlg is not ~0
+        for layer in model.modules():
+            if isinstance(layer, spkv.UtilityPredictor):
+                layer.proj.weight.normal_(0, 1.0)
+    x, y = torch.randint(0, 257, (2, 24)), torch.randint(0, 257, (2, 24))  # (B, T) tokens, targets
+    grads = {}
+    for impl in ("reference", "flex_gategrad"):
+        model.attn_impl = impl
+        model.zero_grad()
+        loss = model(x, y, a=0.3)[1]
+        loss.backward()
+        grads[impl] = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+    predictor = [p.grad for n, p in model.named_parameters() if "proj.weight" in n and p.grad is not None]
+    assert predictor and all(g.abs().max() > 0 for g in predictor)
+    for a, b in zip(grads["flex_gategrad"], grads["reference"]):
+        assert max_err(a, b) <= 1e-5 * b.abs().max().item()
+
+
+@needs_cuda
+@pytest.mark.parametrize("T,window", [(512, 64), (300, 37)])
+def test_flex_gategrad_on_cuda_matches_flex_compiled(T, window):
+    """On CUDA at bf16: output and the gradients w.r.t. q, k, v and the gate logits of
+    "flex_gategrad" (eager call, and inside torch.compile(fullgraph=True)) match its twin
+    "flex_compiled", whose dlg comes from FlexAttention's own backward."""
+    base = small_problem(B=2, Hkv=2, G=3, T=T, D=64, dtype=torch.float32, device="cuda")
+
+    def step(q, k, v, logit, impl="flex_gategrad"):
+        lg = spkv.soft_log_gate(3 * logit)  # (B, Hkv, T) fp32
+        out = kernels.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), lg, window, impl)
+        return out.float().square().mean()
+
+    twin = loss_and_grads(lambda *x: step(*x, impl="flex_compiled"), base)
+    torch._dynamo.reset()
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        for a, b in zip(loss_and_grads(fn, base), twin):
+            assert torch.isfinite(a).all()
+            assert (a - b).abs().max().item() <= 3e-2 * (b.abs().max().item() + 1e-6)

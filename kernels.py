@@ -8,6 +8,10 @@ Over a whole sequence (training, evaluation), kernels.attention(..., impl):
     "flex"           FlexAttention, eager: a score_mod adds log u to keys older than the window and
                      a causal block_mask lets the kernel skip blocks above the diagonal
     "flex_compiled"  the same under torch.compile: the fused kernel (the CUDA training path)
+    "flex_gategrad"  flex_compiled's kernel (compiled on CUDA, eager elsewhere) for the output and
+                     dq, dk, dv, with the log-gates' gradient computed outside it, by a pass of its
+                     own instead of the kernel's atomic scatter (gategrad_attention); flex_compiled
+                     is its twin
 choose_attention() decides once per program and returns the reason, which the caller prints.
 
 Over a decode cache (cache.py calls these): cached_attention attends to gathered keys with the
@@ -24,10 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+try:  # the log-sum-exp request of torch >= 2.9; older torch has only return_lse
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:
+    AuxRequest = None
+
 import cli
 import spkv
 
-ATTN_IMPLS = ("reference", "sdpa", "flex", "flex_compiled")
+ATTN_IMPLS = ("reference", "sdpa", "flex", "flex_compiled", "flex_gategrad")
 
 
 def choose_attention(device: torch.device, requested: str = "auto"):
@@ -118,6 +127,154 @@ def flex_spkv_attention(q, k, v, lg, window, compiled: bool = False, block_mask=
     return fn(q, k, v, score_mod=mod, block_mask=mask, enable_gqa=G > 1)
 
 
+# ---------------------------------------------------------------------------------------------
+# FlexAttention with the gate's gradient outside the kernel ("flex_gategrad").
+#
+# flex_compiled's backward scatters dlg from every (t, s) tile with atomics. Here the forward's
+# score_mod reads a detached lg, so FlexAttention's backward computes dq, dk, dv only, and a
+# custom op on the output path (spkv::gate_tap: identity forward) adds dlg in its backward with
+# one more FlexAttention pass over the old pairs (spkv::gate_grad). The pass is a custom op because
+# Dynamo refuses flex_attention inside a traced backward; torch.compile sees both ops as opaque
+# (their fake implementations give the shapes), and the pass compiles its own kernel when run.
+
+
+def flex_with_lse(fn, q, k, v, score_mod, block_mask, scale=None, enable_gqa=False):
+    """fn(q, k, v, ...) -> (out (B, Hq, Tq, Dv), lse (B, Hq, Tq), natural log): FlexAttention
+    (eager or compiled) with its log-sum-exp; return_aux where torch has it, else return_lse."""
+    kw = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    if AuxRequest is None:
+        return fn(q, k, v, return_lse=True, **kw)
+    out, aux = fn(q, k, v, return_aux=AuxRequest(lse=True), **kw)
+    return out, aux.lse
+
+
+def old_pair_mask(T: int, window: int):
+    """mask_mod of the gate pass, whose queries are keys s and whose keys are the G * T query rows
+    g * T + t of a group: the pair (t, s) is old when t - s >= window (so also causal)."""
+
+    def mask_mod(b, h, s_idx, gt_idx):
+        return gt_idx % T - s_idx >= window
+
+    return mask_mod
+
+
+@functools.lru_cache(maxsize=16)
+def old_pair_block_mask(T: int, G: int, window: int, device: str):
+    """Block mask of old_pair_mask over (T keys, G * T query rows); cached, built at run time."""
+    return create_block_mask(old_pair_mask(T, window), None, None, T, G * T, device=device)
+
+
+def gate_grad_pass(dout, q, k, v, lg, out, lse, window: int, compiled: bool):
+    """The gradient of the loss w.r.t. the log-gates, dlg (B, Hkv, T) in lg's dtype, by one FlexAttention
+    pass over the old pairs (the formula of spkv.reference_gate_grad):
+
+        dlg_s = sum_{h in group} sum_{t >= s + window} P_h[t, s] (dO_ht . v_s - Delta_ht)
+              = v_s . R_s - C_s,    [R_s, C_s] = sum_{h, t old} P_h[t, s] [dO_ht, Delta_ht],
+        Delta_ht = dO_ht . O_ht,    P_h[t, s] = exp(q_ht . k_s / sqrt(D) + lg_s - lse_ht).
+
+    Keys play the queries: query s of KV head j is k_s; its keys are the G * T query rows of j's
+    group, q viewed as (B, Hkv, G * T, D) (row g * T + t is query t of head j * G + g), so the sum
+    over the group happens inside the pass; its values are [dO_ht, Delta_ht] (D + 1). The score_mod
+    adds lg_s - lse_ht, which turns the score into log P_h[t, s] (every pair of the pass is old).
+    FlexAttention returns the softmax over the pass's keys and its log-sum-exp lse'_s =
+    log sum P_h[t, s]; out' * exp(lse') is the unnormalized sum [R_s, C_s]. A key with no old
+    query (s > T - 1 - window) or a shut gate (lg_s = -inf) has an empty sum: dlg_s = 0.
+    Shapes: dout, q, out (B, H, T, D); k, v (B, Hkv, T, D); lg (B, Hkv, T) and lse (B, H, T) fp32
+    (fp64 for fp64 inputs), the precision of the sums outside the pass.
+    """
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    acc = lg.dtype
+    delta = (dout.to(acc) * out.to(acc)).sum(-1, keepdim=True)  # (B, H, T, 1)
+    values = torch.cat([dout, delta.to(dout.dtype)], -1).to(q.dtype).reshape(B, Hkv, G * T, D + 1)
+    rows = q.reshape(B, Hkv, G * T, D)  # the pass's keys: a group's query rows
+    lse_rows = lse.reshape(B, Hkv, G * T)
+
+    def score_mod(score, b, h, s_idx, gt_idx):
+        return score + lg[b, h, s_idx] - lse_rows[b, h, gt_idx]
+
+    mask = old_pair_block_mask(T, G, window, str(q.device))
+    fn = compiled_flex() if compiled else flex_attention
+    avg, lse_pass = flex_with_lse(fn, k.to(q.dtype), rows, values, score_mod, mask, scale=1 / math.sqrt(D))
+    weight = torch.exp(lse_pass).nan_to_num(0.0)  # (B, Hkv, T): sum of P over the old pairs, 0 if none
+    total = torch.where(weight[..., None] > 0, avg.to(acc) * weight[..., None], 0.0)  # (B, Hkv, T, D + 1)
+    return (v.to(acc) * total[..., :D]).sum(-1) - total[..., D]
+
+
+@torch.library.custom_op("spkv::gate_grad", mutates_args=())
+def gate_grad_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lg: torch.Tensor,
+                 out: torch.Tensor, lse: torch.Tensor, window: int, compiled: bool) -> torch.Tensor:
+    """gate_grad_pass as an op torch.compile does not look into: dlg (B, Hkv, T), lg's dtype."""
+    return gate_grad_pass(dout, q, k, v, lg, out, lse, window, compiled)
+
+
+@gate_grad_op.register_fake
+def _gate_grad_fake(dout, q, k, v, lg, out, lse, window, compiled):
+    return torch.empty_like(lg)
+
+
+@torch.library.custom_op("spkv::gate_tap", mutates_args=())
+def gate_tap(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lg: torch.Tensor,
+             lse: torch.Tensor, window: int, compiled: bool) -> torch.Tensor:
+    """Identity on the attention output out (B, H, T, D) (a copy: an op's output may not alias its
+    input). Its backward passes dout through to out and gives lg the gradient of gate_grad_pass;
+    q, k, v, lse get none from here (out's own graph carries q, k, v's)."""
+    return out.clone()
+
+
+@gate_tap.register_fake
+def _gate_tap_fake(out, q, k, v, lg, lse, window, compiled):
+    return torch.empty_like(out)
+
+
+def _gate_tap_setup(ctx, inputs, output):
+    out, q, k, v, lg, lse, window, compiled = inputs
+    ctx.save_for_backward(out, q, k, v, lg, lse)
+    ctx.window, ctx.compiled = window, compiled
+
+
+def _gate_tap_backward(ctx, dout):
+    out, q, k, v, lg, lse = ctx.saved_tensors
+    dlg = torch.ops.spkv.gate_grad(dout, q, k, v, lg, out, lse, ctx.window, ctx.compiled)
+    return dout, None, None, None, dlg, None, None, None
+
+
+gate_tap.register_autograd(_gate_tap_backward, setup_context=_gate_tap_setup)
+
+FLEX_NO_BACKWARD = ("cpu", "mps")  # devices where torch refuses FlexAttention's backward
+
+
+def gate_free_attention(q, k, v, lg, window, compiled: bool, block_mask=None):
+    """(out (B, H, T, D), lse (B, H, T)) of SP-KV attention with lg (B, Hkv, T) detached:
+    autograd reaches q, k, v, not lg. FlexAttention; where torch has no FlexAttention backward
+    (CPU, MPS) and q, k or v needs a gradient, out comes from sdpa_attention and lse from a
+    gradient-free FlexAttention pass, so the path trains (slowly) there too."""
+    G = q.shape[1] // k.shape[1]
+    mask = causal_block_mask(q.shape[2], str(q.device)) if block_mask is None else block_mask
+    mod = spkv_score_mod(lg.detach(), window, G)
+    fn = compiled_flex() if compiled else flex_attention
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if not (needs_grad and q.device.type in FLEX_NO_BACKWARD):
+        return flex_with_lse(fn, q, k, v, mod, mask, enable_gqa=G > 1)
+    with torch.no_grad():
+        _, lse = flex_with_lse(fn, q.detach(), k.detach(), v.detach(), mod, mask, enable_gqa=G > 1)
+    return sdpa_attention(q, k, v, lg.detach(), window), lse
+
+
+def gategrad_attention(q, k, v, lg, window, compiled: bool, block_mask=None):
+    """SP-KV attention, the twin of flex_spkv_attention, whose gate gradient is not FlexAttention's:
+    dq, dk, dv come from FlexAttention's backward (gate_free_attention), dlg from spkv::gate_tap's
+    backward, the pass gate_grad_pass. lg None: plain causal attention (flex_spkv_attention)."""
+    if lg is None:
+        return flex_spkv_attention(q, k, v, None, window, compiled=compiled, block_mask=block_mask)
+    lg = lg.to(torch.promote_types(q.dtype, torch.float32))  # fp32 gates (fp64 for fp64 inputs)
+    out, lse = gate_free_attention(q, k, v, lg, window, compiled, block_mask)
+    if not (torch.is_grad_enabled() and lg.requires_grad):
+        return out
+    return torch.ops.spkv.gate_tap(out, q.detach(), k.detach(), v.detach(), lg, lse.detach(), window, compiled)
+
+
 def attention(q, k, v, lg, window, impl: str, block_mask=None):
     """Run SP-KV attention (or plain causal attention when lg is None) on the chosen path;
     block_mask: the flex paths' causal BlockMask when the caller built it (GPT.forward does)."""
@@ -127,6 +284,8 @@ def attention(q, k, v, lg, window, impl: str, block_mask=None):
         return flex_spkv_attention(q, k, v, lg, window, compiled=False, block_mask=block_mask)
     if impl == "flex_compiled":
         return flex_spkv_attention(q, k, v, lg, window, compiled=True, block_mask=block_mask)
+    if impl == "flex_gategrad":
+        return gategrad_attention(q, k, v, lg, window, compiled=q.device.type == "cuda", block_mask=block_mask)
     if impl == "reference":
         return spkv.reference_attention(q, k, v, lg, window)
     raise ValueError(f"unknown attention path {impl!r}; use one of {ATTN_IMPLS}")

@@ -136,6 +136,32 @@ def reference_attention(q, k, v, lg, window):
     return out.reshape(B, H, T, D)
 
 
+def reference_gate_grad(q, k, v, lg, window, dout):
+    """The gradient of a loss w.r.t. the log-gates lg (B, Hkv, T), given the gradient dout
+    (B, H, T, D) of reference_attention's output, in plain tensor ops (the oracle of the gate pass
+    in kernels.py):
+
+        dlg_s = sum_{h in group} sum_{t >= s + window} P_h[t, s] (dO_ht . v_s - Delta_ht),
+        Delta_ht = dO_ht . O_ht,
+
+    with P_h = softmax of head h's scores and O_h = P_h v. lg_s enters only the scores of the old
+    pairs (t - s >= window) of the G query heads that read KV head h // G, each with coefficient
+    1, and softmax's backward gives a score the gradient dS[t, s] = P[t, s] (dO_t . v_s - Delta_t).
+    """
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    pos = torch.arange(T, device=q.device)
+    qg = q.view(B, Hkv, G, T, D)  # (B, Hkv, G, T, D) query heads grouped by their KV head
+    scores = qg @ k.unsqueeze(2).transpose(-1, -2) / math.sqrt(D)  # (B, Hkv, G, T, S)
+    p = (scores + gate_bias(lg, pos, pos, window).unsqueeze(2).to(scores.dtype)).softmax(dim=-1)
+    do = dout.reshape(B, Hkv, G, T, D)
+    delta = (do * (p @ v.unsqueeze(2))).sum(-1, keepdim=True)  # (B, Hkv, G, T, 1)
+    ds = p * (do @ v.unsqueeze(2).transpose(-1, -2) - delta)  # (B, Hkv, G, T, S) score gradient
+    old = (pos[:, None] - pos[None, :]) >= window  # (T, S) the pairs the gate applies to
+    return (ds * old).sum(dim=(2, 3))  # (B, Hkv, S)
+
+
 # ---------------------------------------------------------------------------------------------
 # Density: the fraction of pairs older than the window that the hard gates keep.
 

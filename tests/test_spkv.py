@@ -206,14 +206,15 @@ def test_flex_on_cuda_forward_backward_matches_reference(dtype, tol):
 
     base = [make(B, Hkv * G, T, D), make(B, Hkv, T, D), make(B, Hkv, T, D), 3 * make(B, Hkv, T)]
     results = {}
-    for impl in ("reference", "flex_compiled"):
+    for impl in ("reference", "flex_compiled", "flex_gategrad"):
         leaves = [x.clone().to(dtype if i < 3 else torch.float32).requires_grad_() for i, x in enumerate(base)]
         out = kernels.attention(*leaves[:3], spkv.soft_log_gate(leaves[3]), window, impl)
         out.float().square().mean().backward()
         results[impl] = [out.float()] + [x.grad.float() for x in leaves]
-    for a, b in zip(results["flex_compiled"], results["reference"]):
-        scale = b.abs().max().item() + 1e-6
-        assert (a - b).abs().max().item() <= tol * scale
+    for impl in ("flex_compiled", "flex_gategrad"):
+        for a, b in zip(results[impl], results["reference"]):
+            scale = b.abs().max().item() + 1e-6
+            assert (a - b).abs().max().item() <= tol * scale, impl
 
 
 @given(problems())

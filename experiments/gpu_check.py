@@ -1,26 +1,36 @@
-"""Check and measure every GPU path in one command, and write a short report (markdown + JSON).
+"""Check and measure the GPU paths in one prepared command of about 8 minutes, and write a short
+report (markdown + JSON): what a session lent a GPU for a quarter of an hour runs once.
 
-    python experiments/gpu_check.py                          # every part, on one CUDA GPU (about 15 min)
-    python experiments/gpu_check.py --parts=tests,train      # some parts (each part is one --parts name)
+    python experiments/gpu_check.py --out=$OUT               # tests, decode, train: about 8 min on one GPU
+    python experiments/gpu_check.py --parts=decode           # some parts (each part is one --parts name)
+    python experiments/gpu_check.py --parts=dynamics,generate  # the longer extras, not in the default run
     python experiments/gpu_check.py --dry=True               # tiny shapes on the CPU, no compile: CI runs it (tests/test_gpu_check.py)
 
-Parts, each run in its own process with its own time limit, so one failure or hang never ends the
-report (its row says FAILED or TIMEOUT and the tail of what it printed):
-  tests     the test suite with the GPU visible (the CUDA-only tests run, the rest must still pass)
+Parts, in order, each run in its own process with its own time limit (LIMITS, capped by
+--limit_s), so one failure or hang never ends the report (its row says FAILED or TIMEOUT and the
+tail of what it printed); the environment (torch, triton, device) heads the report:
+  tests     the CUDA-only, compiled and graph tests with the GPU visible
+  decode    bench_decode.py: batch 16, bf16, contexts 8k and 32k, densities 10% and 25%: the
+            static step recorded as a CUDA graph on both sides (static_graph: SP-KV and the dense
+            cache, no host sync, no compile), and today's eager paged step beside it, with the
+            bytes ideal
   train     one training step at the gpu preset's shape (SmolLM2-135M shape, random weights, batch 8
-            x 4096, bf16, blocks compiled, FlexAttention): SP-KV vs dense, and SP-KV with the
-            gate gradient cut (what the gradient through the score_mod's captured log-gates costs);
-            MFU, compiled graphs and graph breaks
-  dynamics  a short train.py run from scratch on stdlib source (byte-level model) through soft,
-            anneal and hard gates
-  decode    bench_decode.py: batch 16, bf16, contexts 8k and 32k, densities 10/25/50%, each
-            compiled decode path, with both ideals
-  generate  generate.py end to end with the dynamics checkpoint on every decode path
+            x 4096, bf16, blocks compiled): dense, SP-KV (flex_compiled), and SP-KV with the gate
+            gradient computed outside the kernel (flex_gategrad); MFU, graphs, graph breaks
+  dynamics  (extra) a short train.py run from scratch on stdlib source (byte-level model) through
+            soft, anneal and hard gates
+  generate  (extra) generate.py end to end with the dynamics checkpoint on every decode path
 Needs nothing but this folder: random weights, a byte-level tokenizer, the interpreter's stdlib.
 Each run writes into a folder of its own under --out, named by the date and the commit
 (--out/<date>-<commit>, -2, -3 ... on a second run that day): report.md, report.json and each
-part's log, so no earlier run's results are ever replaced. The exit status is 1 when every part
-failed or timed out, 0 when at least one part reported its figures.
+part's log (5 files for the default parts; the parts' checkpoints, data and figures go to its
+work/ folder, or to --scratch), so no earlier run's results are ever replaced. On a lent GPU, where
+at most 8 files come back from $OUT:
+
+    python experiments/gpu_check.py --out=$OUT --scratch=/tmp/gpu_check_work
+
+The
+exit status is 1 when every part failed or timed out, 0 when at least one part reported its figures.
 """
 
 import dataclasses
@@ -35,15 +45,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import cli
 
-PARTS = ("tests", "train", "dynamics", "decode", "generate")
+PARTS = ("tests", "decode", "train", "dynamics", "generate")
+DEFAULT_PARTS = ("tests", "decode", "train")  # about 8 minutes in all on one H200, startup included
+LIMITS = {"tests": 150, "decode": 150, "train": 170, "dynamics": 540, "generate": 300}  # seconds per part
 
 
 @dataclass
 class Flags:
-    parts: str = ",".join(PARTS)  # comma list of parts to run, in this order
+    parts: str = ",".join(DEFAULT_PARTS)  # comma list of parts to run, in this order
     out: str = "runs/gpu_check"  # each run writes report.md, report.json and the parts' logs to a new folder in it
+    scratch: str = ""  # where the parts keep checkpoints, data and their figures; "" = <the run's folder>/work
     dry: bool = False  # tiny shapes on the CPU (CI): checks the plumbing, measures nothing
-    limit_s: int = 540  # time limit of each part, seconds
+    limit_s: int = 600  # the most any one part may take, seconds (each part's own limit is LIMITS)
     part: str = ""  # internal: run one part in this process, into --out as it is
 
 
@@ -53,7 +66,7 @@ class Flags:
 
 def part_tests(dry: bool) -> dict:
     # on the GPU, the CUDA-only tests (the CPU suite is what CI runs); dry, a few flex tests on the CPU
-    args = ["tests/test_spkv.py::test_flex_eager_forward_matches_reference_fp32"] if dry else ["tests", "-k", "cuda or compiled"]
+    args = ["tests/test_spkv.py::test_flex_eager_forward_matches_reference_fp32"] if dry else ["tests", "-k", "cuda or compiled or graph"]
     res = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", *args],
                          env={**os.environ, "CI": "true"}, capture_output=True, text=True)
     summary = [line for line in res.stdout.splitlines() if " passed" in line or " failed" in line]
@@ -84,12 +97,13 @@ def part_train(dry: bool) -> dict:
     cfg, B, T = train_shape(dry)
     steps = 2 if dry else 8
     out = {"shape": f"{cfg.n_layer} layers, d={cfg.n_embd}, {cfg.n_head}/{cfg.n_kv_head} heads, batch {B} x {T}"}
-    for name, dense, view in [("dense", True, "soft"), ("spkv", False, "soft"), ("spkv_no_gate_grad", False, "anneal")]:
+    for name, dense, impl in [("dense", True, "flex_compiled"), ("spkv", False, "flex_compiled"),
+                              ("spkv_gategrad", False, "flex_gategrad")]:
         torch._dynamo.reset()
         counters.clear()
         torch.manual_seed(0)
         c = dataclasses.replace(cfg, dense_layers=tuple(range(cfg.n_layer)) if dense else ())
-        model = GPT(c, attn_impl="sdpa" if dry else "flex_compiled").to(device)
+        model = GPT(c, attn_impl="sdpa" if dry and impl == "flex_compiled" else impl).to(device)
         if not dry:
             model.compile_blocks()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not dry)
@@ -102,7 +116,7 @@ def part_train(dry: bool) -> dict:
                 sync()
                 t0 = time.perf_counter()
             with autocast:
-                loss = model(x, x, a=0.0, frozen=view == "anneal")[1]  # frozen at a = 0: soft, predictor detached
+                loss = model(x, x, a=0.0)[1]  # soft gates: the predictor learns
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -121,7 +135,7 @@ def part_train(dry: bool) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
     out["spkv_over_dense"] = out["spkv"]["step_ms"] / out["dense"]["step_ms"]
-    out["gate_grad_share"] = 1 - out["spkv_no_gate_grad"]["step_ms"] / out["spkv"]["step_ms"]
+    out["spkv_gategrad_over_dense"] = out["spkv_gategrad"]["step_ms"] / out["dense"]["step_ms"]
     return out
 
 
@@ -157,12 +171,12 @@ def part_dynamics(dry: bool, out: str) -> dict:
 def part_decode(dry: bool, out: str) -> dict:
     """bench_decode.py, one process per path so that one failing path leaves the others' rows."""
     tiny = ["--contexts=64", "--batch=2", "--densities=0.25", "--steps=1", "--repeats=1", "--device=cpu",
-            f"--ckpt={os.path.join(out, 'dynamics', 'ckpt.pt')}"]  # the dry run's model: window 16
+            f"--ckpt={tiny_checkpoint(out) if dry else ''}"]
     args = (tiny if dry else
-            ["--contexts=8192,32768", "--batch=16", "--densities=0.1,0.25,0.5", "--steps=8", "--repeats=2",
+            ["--contexts=8192,32768", "--batch=16", "--densities=0.1,0.25", "--steps=8", "--repeats=2",
              "--dtype=bfloat16", "--device=cuda"])
     rows, problems = [], []
-    for impl in ("paged", "paged_flex") if dry else ("paged_compiled", "paged_flex", "paged"):  # dry: no compile
+    for impl in ("paged", "static") if dry else ("static_graph", "paged"):  # dry: no compile, no CUDA graph
         res = subprocess.run([sys.executable, "experiments/bench_decode.py", *args, f"--impl={impl}"], capture_output=True, text=True)
         print(res.stdout[-3000:], res.stderr[-2000:])
         rows += [line for line in res.stdout.splitlines() if line.strip()[:1].isdigit() and impl in line.split()]
@@ -172,6 +186,21 @@ def part_decode(dry: bool, out: str) -> dict:
         raise RuntimeError("; ".join(problems))
     header = "context density path dense_tok/s spkv_tok/s speedup ideal of_ideal ideal(t) of_it dense_KV_MB spkv_KV_MB compress"
     return {"columns": header.split(), "rows": [r.split() for r in rows], "problems": problems}
+
+
+def tiny_checkpoint(out: str) -> str:
+    """A 2-layer byte-level model with window 16 (random weights), for the dry decode part."""
+    import torch
+
+    from checkpoint import save_checkpoint
+    from model import GPT, GPTConfig
+    from tokenizer import byte_spec
+
+    path = os.path.join(out, "tiny.pt")
+    torch.manual_seed(0)
+    save_checkpoint(path, GPT(GPTConfig(vocab_size=257, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_hidden=64,
+                                        block_size=128, window=16)), byte_spec(), source="gpu_check.py --dry")
+    return path
 
 
 def part_generate(dry: bool, out: str) -> dict:
@@ -212,17 +241,18 @@ def run_part(name: str, dry: bool, out: str) -> dict:
 def drive(name: str, o: dict) -> dict:
     """Run one part in a child process; return {"status", "seconds", "figures" or "tail"}."""
     log = os.path.join(o["out"], f"{name}.log")
-    result = os.path.join(o["out"], f"{name}.json")
+    result = os.path.join(o["work"], f"{name}.json")
     if os.path.exists(result):
         os.remove(result)  # a stale result must never stand in for this run's
-    cmd = [sys.executable, "experiments/gpu_check.py", f"--part={name}", f"--out={o['out']}", f"--dry={o['dry']}"]
+    cmd = [sys.executable, "experiments/gpu_check.py", f"--part={name}", f"--out={o['work']}", f"--dry={o['dry']}"]
+    limit = min(LIMITS[name], o["limit_s"])
     t0 = time.time()
     with open(log, "w") as f:
         try:
-            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=o["limit_s"]).returncode
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=limit).returncode
             status = "ok" if code == 0 and os.path.exists(result) else "FAILED"
         except subprocess.TimeoutExpired:
-            status = f"TIMEOUT after {o['limit_s']} s"
+            status = f"TIMEOUT after {limit} s"
     row = {"status": status, "seconds": round(time.time() - t0, 1)}
     if status == "ok":
         with open(result) as f:
@@ -238,7 +268,13 @@ def environment() -> dict:
     import torch
 
     cuda = torch.cuda.is_available()
-    return {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "python": sys.version.split()[0],
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "triton": triton_version,
+            "python": sys.version.split()[0],
             "device": torch.cuda.get_device_name() if cuda else "cpu", "dry": not cuda}
 
 
@@ -304,7 +340,10 @@ def main(argv):
         raise cli.BadInput("no CUDA GPU is visible; run on a GPU machine, or --dry=True for the CPU plumbing check")
     env = environment()
     o["out"] = new_run_folder(o["out"])
-    print(f"gpu_check: {env['device']}, torch {env['torch']}; parts {names}; {o['limit_s']} s each; report in {o['out']}")
+    o["work"] = os.path.join(o["scratch"], os.path.basename(o["out"])) if o["scratch"] else os.path.join(o["out"], "work")
+    limits = {n: min(LIMITS[n], o["limit_s"]) for n in names}
+    print(f"gpu_check: {env['device']}, torch {env['torch']}, triton {env['triton']}; parts and limits {limits} "
+          f"({sum(limits.values())} s at most); report in {o['out']}")
     rows = {name: drive(name, o) for name in names}
     write_report(o, env, rows)
     report = os.path.join(o["out"], "report.md")

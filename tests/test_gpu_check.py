@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
-    res = subprocess.run([sys.executable, "experiments/gpu_check.py", "--dry=True", f"--out={out}"], cwd=ROOT,
+    res = subprocess.run([sys.executable, "experiments/gpu_check.py", "--dry=True", f"--out={out}",
+                          "--parts=tests,decode,train,dynamics,generate"], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     folder = run_folder(out)
@@ -33,15 +34,26 @@ def run_folder(out):
 def test_every_part_runs_and_reports(report):
     rep, out = report
     parts = rep["parts"]
-    assert list(parts) == ["tests", "train", "dynamics", "decode", "generate"]
+    assert list(parts) == ["tests", "decode", "train", "dynamics", "generate"]
     assert all(p["status"] == "ok" for p in parts.values()), {k: p.get("tail") for k, p in parts.items()}
     train = parts["train"]["figures"]
-    assert {"dense", "spkv", "spkv_no_gate_grad"} <= set(train) and train["spkv_over_dense"] > 0
+    assert {"dense", "spkv", "spkv_gategrad"} <= set(train) and train["spkv_gategrad_over_dense"] > 0
     dyn = parts["dynamics"]["figures"]
     assert dyn["views"] == ["anneal", "soft"] and 0 <= dyn["density"] <= 1
-    assert {r[2] for r in parts["decode"]["figures"]["rows"]} == {"paged", "paged_flex"}
+    assert {r[2] for r in parts["decode"]["figures"]["rows"]} == {"paged", "static"}
     assert parts["generate"]["figures"]["same_text_on_every_path"]
     assert (out / "report.md").read_text().count("## ") == 5
+    assert len([f for f in out.iterdir() if f.is_file()]) == 7  # report.md, report.json, 5 logs: what comes back
+    assert (out / "work" / "train.json").exists()  # the parts' own files stay in work/ (or --scratch)
+
+
+def test_the_default_run_fits_the_time_a_gpu_is_lent_for():
+    """The default parts' limits add up to at most 8 minutes (a lent GPU gives 15 in all, start included)."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import gpu_check
+
+    assert gpu_check.Flags().parts == "tests,decode,train"
+    assert sum(gpu_check.LIMITS[p] for p in gpu_check.DEFAULT_PARTS) <= 480
 
 
 def test_a_failing_part_is_reported_and_the_rest_still_run(tmp_path):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import cli
 import kernels
 import spkv
+from checkpoint import load_model
 from model import GPT
 
 
@@ -160,3 +161,14 @@ def report_against_base(r: dict, density: float, label: str):
     print(f"against {label} (dense, same val batches): full attention {r['base_full']:.4f}; "
           f"SP-KV hard {r['spkv_hard']:.4f} ({pct('spkv_hard'):+.2f}%) at density {density:.3f}; "
           f"StreamingLLM at that density {r['base_streaming']:.4f} ({pct('base_streaming'):+.2f}%)")
+
+
+def compare_with_base(model: GPT, base_path: str, batches, density: float, n_batches: int, batch_size: int,
+                      seed: int) -> dict:
+    """against_base with the dense model at base_path (loaded at model's window, on its device),
+    printed; returns the three losses."""
+    device = next(model.parameters()).device
+    base = load_model(base_path, dense=True, window=model.cfg.window)[0].to(device)
+    r = against_base(model, base, batches, density, n_batches, batch_size, seed)
+    report_against_base(r, density, f"the model it was adapted from ({base_path})")
+    return r

@@ -161,9 +161,8 @@ def build_model(cfg: TrainConfig, device):
     if cfg.init == "scratch":  # only the tokenizer and vocabulary size come from the checkpoint
         ckpt = read_checkpoint(path)
         try:
-            mc = GPTConfig(vocab_size=ckpt["config"]["vocab_size"], n_layer=cfg.n_layer, n_embd=cfg.n_embd,
-                           n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, n_hidden=4 * cfg.n_embd,
-                           block_size=max(cfg.seq_len, 1024), **knobs,
+            mc = GPTConfig(vocab_size=ckpt["config"]["vocab_size"], n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
+                           n_kv_head=cfg.n_kv_head, n_hidden=4 * cfg.n_embd, block_size=max(cfg.seq_len, 1024), **knobs,
                            dense_layers=tuple(range(cfg.n_layer)) if cfg.dense else ())
         except ValueError as e:  # the shape flags of --init=scratch
             raise cli.BadInput(f"--init=scratch: {e}") from None
@@ -182,8 +181,7 @@ def build_model(cfg: TrainConfig, device):
 
 
 def setup_device(model: GPT, cfg: TrainConfig, rank: int, world: int, device) -> tuple:
-    """(Proc, the attention path's reason): the attention path, checked against the device and the
-    bias it would build, and the precision (bf16 autocast on CUDA, fp32 on the CPU)."""
+    """(Proc, reason): the attention path checked against device and bias size; bf16 autocast on CUDA, else fp32."""
     cuda = device.type == "cuda"
     if not cuda and cfg.attn in ("flex", "flex_compiled"):
         raise cli.BadInput(f"--attn={cfg.attn} has no backward on the CPU; use --attn=sdpa (or auto) to train here")
@@ -225,9 +223,8 @@ def gate_schedule(cfg: TrainConfig) -> tuple:
 
 
 def gates_at(step: int, cfg: TrainConfig) -> tuple:
-    """(anneal weight a, frozen): (0.0, False) while the predictor learns; from the freeze, frozen
-    with a going 0 -> 1, then 1 (hard) to the end. Frozen, model.py detaches the gate logits, so the
-    predictor gets no gradient and AdamW skips it, its weight decay included."""
+    """(anneal weight a, frozen): (0.0, False) while the predictor learns; from the freeze, frozen with a going
+    0 -> 1, then 1 (hard). Frozen, the gate logits are detached: no gradient, and AdamW skips (and never decays) them."""
     freeze, length = gate_schedule(cfg)
     if cfg.dense or step < freeze:
         return 0.0, False
@@ -244,10 +241,9 @@ def evaluate(model: GPT, val: datalib.Batches, cfg: TrainConfig, proc: Proc) -> 
 
 
 def train_step(fwd, model, opt, batch, lr: float, cfg: TrainConfig, proc: Proc, a: float, frozen: bool) -> tuple:
-    """Forward/backward over the micro-batches of one global batch at learning rate lr; returns
-    (mean loss, grad norm), the update left to the caller. The global batch (grad_accum,
-    world * batch_size, T) is the same on every rank; rank r takes columns r * batch_size ... so
-    N processes see exactly what one process with N x the batch sees."""
+    """Forward/backward over the micro-batches of one global batch at learning rate lr; returns (mean loss, grad
+    norm), the update left to the caller. The global batch (grad_accum, world * batch_size, T) is the same on every
+    rank; rank r takes columns r * batch_size ..., so N processes see what one with N x the batch sees."""
     for g in opt.param_groups:
         g["lr"] = lr * g["lr_mult"]
     world = proc.world
@@ -287,9 +283,8 @@ def resumed_config(saved: dict, given: dict) -> TrainConfig:
 
 
 def cut_tau(model: GPT, train: datalib.Batches, cfg: TrainConfig, proc: Proc, step: int):
-    """--target_density, at the freeze: retune tau to keep that fraction of old pairs on training
-    batches (drawn with their own seed, so the data order is untouched, and at the global batch
-    size, so every DDP rank computes the same tau). Not in the paper's recipe (tau stays 0.5)."""
+    """--target_density, at the freeze: retune tau to keep that fraction of old pairs on training batches (their
+    own seed: the data order is untouched; the global batch: every DDP rank gets one tau). Not the paper's recipe."""
     model.eval()
     with proc.autocast:  # the precision training's gates are computed in
         model.retune(tau=spkv.calibrate(model, train, cfg.target_density, cfg.eval_batches, cfg.batch_size * proc.world))
@@ -326,10 +321,8 @@ def report_end(final: dict, cfg: TrainConfig, proc: Proc, ckpt: str, model: GPT,
     measure.report_density(final)
     if cfg.dense or cfg.init != "pretrained":
         return
-    base = load_model(source, dense=True, window=cfg.window)[0].to(proc.device)
-    r = measure.against_base(model, base, val, final["density"], cfg.eval_batches, cfg.batch_size, cfg.seed + 1)
-    measure.report_against_base(r, final["density"], f"the model it was adapted from ({source})")
-    final.update(against_base=r)
+    final["against_base"] = measure.compare_with_base(model, source, val, final["density"], cfg.eval_batches,
+                                                      cfg.batch_size, cfg.seed + 1)
     if final["density"] > 0.95:
         print(f"note: this run kept (almost) every old pair in {cfg.max_steps} steps (predictor LR x"
               f"{cfg.predictor_lr_mult:g}): gates that start open close only with more steps")

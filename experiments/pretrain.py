@@ -84,7 +84,7 @@ class Flags:
     bar_batch_size: int = 4
     ship: int = 0  # > 0: copy snapshot step_N.pt to --ship_to with its provenance (command, recipe, bar), train nothing
     ship_to: str = "models/stdlib_bytes.pt"  # where --ship writes (refused if it exists: move the old one away first)
-    init_from: str = ""  # a snapshot to go on from with a fresh optimizer (a later stage of a curriculum); "" = scratch
+    init_from: str = ""  # a snapshot (or a shipped model) to go on from with a fresh optimizer: a later stage; "" = scratch
     tiny: bool = False  # tests: a 2-layer d=32 model at 64 bytes on --data, to check the plumbing in seconds
     data: str = ""  # "" = the stdlib source; tests pass a small folder
 
@@ -262,6 +262,9 @@ def provenance(out: str, step: int) -> dict:
     stage = {"out": out, "step": step, "recipe": recipe, "bar": harness.read_json(os.path.join(out, f"bar_{step:06d}.json"))}
     if not recipe.get("init_from"):
         return {"stages": [stage]}
+    shipped = recipe["init_from"][:-len(".pt")] + ".json"
+    if os.path.isfile(shipped):  # a shipped model (--ship): its provenance lies beside it
+        return {"stages": harness.read_json(shipped)["stages"] + [stage]}
     parent = os.path.dirname(os.path.dirname(recipe["init_from"]))  # <out>/snapshots/step_N.pt
     parent_step = int(os.path.basename(recipe["init_from"])[len("step_"):-len(".pt")])
     return {"stages": provenance(parent, parent_step)["stages"] + [stage]}
@@ -277,9 +280,17 @@ def ship(o: dict):
     ckpt = torch.load(snap, map_location="cpu", weights_only=False)
     os.makedirs(os.path.dirname(os.path.abspath(o["ship_to"])), exist_ok=True)
     atomic_save({k: ckpt[k] for k in ("format", "config", "model", "tokenizer", "source", "step")}, o["ship_to"])
+    made = provenance(o["out"], o["ship"])
+    met = bar_met(made["stages"][-1]["bar"]["bar"]["stdlib"])
     harness.write_json(o["ship_to"][:-len(".pt")] + ".json", {"shipped": time.strftime("%Y-%m-%d"), "from": snap,
-                       **provenance(o["out"], o["ship"])})
-    print(f"shipped {snap} -> {o['ship_to']} ({os.path.getsize(o['ship_to']) / 1e6:.1f} MB) with its provenance (.json)")
+                       "needs_old_keys": met, **made})
+    print(f"shipped {snap} -> {o['ship_to']} ({os.path.getsize(o['ship_to']) / 1e6:.1f} MB) with its provenance (.json); "
+          f"the bar on held-out stdlib, per window: {met}")
+
+
+def bar_met(rows: dict) -> dict:
+    """{window: whether StreamingLLM at 0.25 costs >= +1.5% and the window alone >= +5%} from a bar's domain rows."""
+    return {w: r["streaming@0.25"] >= 1.5 and r["window"] >= 5.0 for w, r in rows.items() if w.startswith("w")}
 
 
 def main(argv):

@@ -81,3 +81,19 @@ def test_ship_copies_a_snapshot_with_its_provenance_and_never_replaces(tmp_path)
     with pytest.raises(BadInput, match="exists; move it away"):
         run(tmp_path, "b", "--ship=3", f"--ship_to={dest}")
     assert dest.read_bytes() == before
+
+
+def test_a_shipped_model_starts_a_later_stage_and_its_provenance_goes_on(tmp_path):
+    """--init_from a shipped model (its run folder gone): the next stage's ship lists the shipped
+    model's stages and then its own; the shipped file says per window whether the bar is met."""
+    run(tmp_path, "a", "--steps=3", "--stage_steps=3")
+    first = tmp_path / "models" / "first.pt"
+    run(tmp_path, "a", "--ship=3", f"--ship_to={first}")
+    assert set(json.loads(first.with_suffix(".json").read_text())["needs_old_keys"]) == {"w8"}
+    import shutil
+    shutil.rmtree(tmp_path / "a")
+    run(tmp_path, "c", "--steps=3", "--stage_steps=3", f"--init_from={first}")
+    second = tmp_path / "models" / "second.pt"
+    run(tmp_path, "c", "--ship=3", f"--ship_to={second}")
+    prov = json.loads(second.with_suffix(".json").read_text())
+    assert [s["out"] for s in prov["stages"]] == [str(tmp_path / "a"), str(tmp_path / "c")]

@@ -120,11 +120,15 @@ def load_model(path: str, device="cpu", attn_impl="sdpa", dense=False, **config_
     return model.to(device), tok, ckpt
 
 
+def mismatched_shapes(model: GPT, state: dict) -> list:
+    """'name (given shape) vs (model's shape)' for every tensor of state whose shape is not the model's."""
+    own = model.state_dict()
+    return [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+
+
 def check_shapes(model: GPT, state: dict, path: str):
     """Refuse a state dict whose tensors have other shapes than the model's, naming the first few."""
-    own = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-             if k in own and own[k].shape != v.shape]
+    wrong = mismatched_shapes(model, state)
     if wrong:
         raise cli.BadInput(f"{path} holds tensors of another model size ({'; '.join(wrong[:3])}: checkpoint vs model); "
                            "use the --ckpt (or model flags) this checkpoint was made with")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import cli
-from checkpoint import save_checkpoint
+from checkpoint import mismatched_shapes, save_checkpoint
 from model import GPT, GPTConfig
 import tokenizer as tk
 
@@ -283,12 +283,10 @@ def build_model(cfg: GPTConfig, sd: dict, sizes_from: str = "the config") -> GPT
     """Load converted tensors into a fresh GPT; predictors stay at their open initialization.
     Tensors of other sizes than the config makes (sizes_from names it) are refused, named."""
     model = GPT(cfg)
-    own = model.state_dict()
-    wrong = [f"{k} is {tuple(w.shape)} there, {tuple(own[k].shape)} by the config" for k, w in sd.items()
-             if k in own and own[k].shape != w.shape]
+    wrong = mismatched_shapes(model, sd)
     if wrong:
-        raise cli.BadInput(f"{sizes_from} does not match the weights: {'; '.join(wrong[:3])}; convert the weights "
-                           "with the config they came with")
+        raise cli.BadInput(f"{sizes_from} does not match the weights ({'; '.join(wrong[:3])}: weights vs config); "
+                           "convert the weights with the config they came with")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if ".predictor." not in k and not (k == "lm_head.weight" and cfg.tie_embeddings)]
     if missing or unexpected:

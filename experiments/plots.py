@@ -1,11 +1,12 @@
 """Pictures of what an SP-KV checkpoint keeps, written as PNG files by one command.
 
-    python experiments/plots.py --ckpt=out/spkv/ckpt.pt [--data=PATH] [--out=out/plots]
+    python experiments/plots.py --ckpt=out/spkv/ckpt.pt [--data=PATH] [--out=out/plots] [--batches=4 --batch_size=2]
 
   density_heatmap.png  density per layer x KV head (hard gates, held-out text)
   kept_tokens.png      a text, one row per layer: each token shaded by how many of that layer's
                        KV heads keep it once it leaves the window
-  tau_sweep.png        density and hard-gate val loss against tau (tau.py's sweep)
+  tau_sweep.png        density and hard-gate val loss against tau, side by side (tau.py's sweep: the same
+                       --batches and --batch_size give its figures)
 A picture already in --out is never replaced: the run is refused before any work, naming it (and
 each file is created exclusively, so a second run at the same moment cannot replace one either).
 Needs matplotlib (`pip install matplotlib`), used only here.
@@ -110,14 +111,28 @@ def kept_tokens(plt, model, tok, ids, path):
     return grid
 
 
-def tau_sweep(plt, model, batches, path, taus=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)):
-    rows = [taulib.hard_loss_and_density(model, batches, t, n_batches=2, batch_size=2) for t in taus]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(taus, [d for _, d in rows], "o-", color="tab:green")
-    ax.set(xlabel="tau", ylabel="density", title="tau sweep (hard gates)")
-    ax2 = ax.twinx()
-    ax2.plot(taus, [loss for loss, _ in rows], "s--", color="tab:blue")
-    ax2.set_ylabel("val loss")
+def tau_sweep_figure(plt, taus, rows, plain=None):
+    """Two panels side by side: density against tau, and hard-gate val loss against tau (with the
+    plain-attention loss of the same weights as a dashed line, where given)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    left.plot(taus, [d for _, d in rows], "o-", color="tab:green")
+    left.set(xlabel="tau", ylabel="density (old pairs kept)", ylim=(-0.03, 1.03), title="density")
+    right.plot(taus, [loss for loss, _ in rows], "s-", color="tab:blue", label="SP-KV, hard gates")
+    if plain is not None:
+        right.axhline(plain, color="k", lw=0.8, ls="--", label="plain attention, same weights")
+        right.legend(fontsize=8)
+    right.set(xlabel="tau", ylabel="val loss", title="hard-gate val loss")
+    fig.tight_layout()
+    return fig
+
+
+def tau_sweep(plt, model, batches, path, taus=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), n_batches=2,
+              batch_size=2, plain=None):
+    """[(hard val loss, density)] per tau (tau.py's sweep, on the same batches for the same sizes),
+    drawn as tau_sweep_figure into path."""
+    rows = [taulib.hard_loss_and_density(model, batches, t, n_batches=n_batches, batch_size=batch_size)
+            for t in taus]
+    fig = tau_sweep_figure(plt, taus, rows, plain)
     save_new(fig, path)
     plt.close(fig)
     return rows
@@ -129,11 +144,15 @@ class Flags:
     data: str = ""  # as train.py's --data; "" = Python stdlib source
     out: str = "out/plots"  # folder the three PNGs are written to (refused if it holds one already)
     seq_len: int = 512  # tokens per sequence
+    batches: int = 4  # held-out batches of the tau sweep, as tau.py's --batches (the same flags give its figures)
+    batch_size: int = 2  # sequences per batch of the tau sweep, as tau.py's --batch_size
 
 
 def main(argv):
     o = dataclasses.asdict(Flags())
     o.update(cli.parse(argv, Flags, "plots.py"))
+    if min(o["batches"], o["batch_size"]) < 1:
+        raise cli.BadInput("--batches and --batch_size must be >= 1")
     refuse_existing(o["out"])
     plt = plt_module()
     model, tok, _ = load_model(o["ckpt"] or default_checkpoint())
@@ -148,7 +167,8 @@ def main(argv):
     density_heatmap(plt, model, val, heatmap)
     ids = val.sample(1, torch.Generator().manual_seed(2))[0][0].tolist()
     kept_tokens(plt, model, tok, ids[: min(len(ids), 160 + model.cfg.window)], kept)
-    tau_sweep(plt, model, val, sweep)
+    plain = taulib.plain_loss(o["ckpt"] or default_checkpoint(), val, o["batches"], o["batch_size"])
+    tau_sweep(plt, model, val, sweep, n_batches=o["batches"], batch_size=o["batch_size"], plain=plain)
     print(f"plots: wrote {', '.join(PICTURES)} to {o['out']}")
 
 

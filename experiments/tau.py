@@ -40,6 +40,15 @@ def hard_loss_and_density(model, batches, tau, n_batches, batch_size, seed=1) ->
     return loss, stats["overall"]
 
 
+@torch.no_grad()
+def plain_loss(path: str, batches, n_batches, batch_size, seed=1) -> float:
+    """Val loss of the checkpoint at path under plain attention (no gates), on the batches that
+    hard_loss_and_density draws with the same seed."""
+    dense = load_model(path, dense=True)[0].eval()
+    gen = torch.Generator().manual_seed(seed)
+    return sum(dense(*batches.sample(batch_size, gen))[1].item() for _ in range(n_batches)) / n_batches
+
+
 @dataclass
 class Flags:
     ckpt: str = ""  # SP-KV checkpoint; "" = the embedded SmolLM2-135M
@@ -67,9 +76,7 @@ def main(argv):
     folder = datalib.prepare(o["data"], tok)
     train, val = datalib.Batches(folder, "train", o["seq_len"]), datalib.Batches(folder, "val", o["seq_len"])
     n, bs = o["batches"], o["batch_size"]
-    dense, _, _ = load_model(path, dense=True)
-    gen = torch.Generator().manual_seed(1)
-    dense_loss = sum(dense.eval()(*val.sample(bs, gen))[1].item() for _ in range(n)) / n
+    dense_loss = plain_loss(path, val, n, bs)
     print(f"plain attention (same weights): val loss {dense_loss:.4f}")
     if o["target_density"] > 0:
         tau = calibrate(model, train, o["target_density"], n, bs)  # calibrate on train, check on val

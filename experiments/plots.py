@@ -97,15 +97,33 @@ def token_label(tok, i: int) -> str:
     return f"<{i}>" if "\ufffd" in text else text.replace("\n", "\\n")
 
 
+def labelled_positions(grid, max_labels=64) -> list:
+    """The positions whose text kept_tokens writes: those some layer keeps (in at least one KV
+    head), every k-th of them when there are more than max_labels, so that labels never crowd."""
+    kept = (grid > 0).any(0).nonzero().flatten().tolist()
+    return kept[:: -(-len(kept) // max_labels)] if kept else []
+
+
+def kept_tokens_figure(plt, grid, labels):
+    """grid (L, T): the fraction of each layer's KV heads keeping each token. Token positions below
+    (every 16th), the text of the kept tokens above, and a colour bar for the shade."""
+    L, T = grid.shape
+    fig, ax = plt.subplots(figsize=(min(max(6.0, 0.06 * T + 2), 16), 1.6 + 0.3 * L))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="Greens", aspect="auto", interpolation="nearest")
+    ax.set(xlabel="token position", ylabel="layer", xticks=range(0, T, 16), yticks=range(L))
+    top = ax.secondary_xaxis("top")
+    shown = labelled_positions(grid)
+    top.set_xticks(shown, [labels[t] for t in shown], rotation=90, fontsize=9, family="monospace")
+    top.set_xlabel("text of the kept tokens")
+    fig.colorbar(im, ax=ax, label="KV heads keeping it", fraction=0.03, pad=0.01)
+    return fig
+
+
 def kept_tokens(plt, model, tok, ids, path):
     """Rows = layers, columns = tokens; shade = fraction of KV heads keeping the token."""
     masks = keep_masks(model, torch.tensor(ids)[None])
     grid = torch.stack([m[0].float().mean(0) for m in masks.values()])  # (L, T)
-    fig, ax = plt.subplots(figsize=(min(0.12 * len(ids) + 2, 40), 1 + 0.2 * grid.shape[0]))
-    ax.imshow(grid, vmin=0, vmax=1, cmap="Greens", aspect="auto")
-    labels = [token_label(tok, i) for i in ids]
-    ax.set_xticks(range(len(ids)), labels, rotation=90, fontsize=6, family="monospace")
-    ax.set(ylabel="layer", title="which tokens each layer keeps (dark = all KV heads keep it)")
+    fig = kept_tokens_figure(plt, grid, [token_label(tok, i) for i in ids])
     save_new(fig, path)
     plt.close(fig)
     return grid

@@ -179,7 +179,7 @@ def main(argv):
         raise cli.BadInput(f"--seq_len={o['seq_len']} is beyond the model's context of {model.cfg.block_size}; give "
                            f"--seq_len <= {model.cfg.block_size}")
     folder = datalib.prepare(o["data"], tok)
-    val = datalib.Batches(folder, "val", o["seq_len"])
+    val = taulib.windows(folder, "val", o["seq_len"])  # at sequence starts on the synthetic task's data
     os.makedirs(o["out"], exist_ok=True)
     heatmap, kept, sweep = (os.path.join(o["out"], name) for name in PICTURES)
     density_heatmap(plt, model, val, heatmap)

@@ -8,6 +8,7 @@ Options: --data=PATH (as train.py; default stdlib source), --seq_len, --batches,
 """
 
 import dataclasses
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -38,6 +39,18 @@ def hard_loss_and_density(model, batches, tau, n_batches, batch_size, seed=1) ->
             keeps.setdefault(layer, []).append(spkv.hard_keep(g, tau))
     stats = spkv.density_stats({k: torch.cat(v) for k, v in keeps.items()}, model.cfg.window)
     return loss, stats["overall"]
+
+
+def windows(folder: str, split: str, seq_len: int):
+    """Batches of one split of a prepared folder. On the synthetic recall task's data (its
+    meta.json gives the sequence length) each window starts at a sequence, as synthetic.py trains
+    and measures: a window begun mid-sequence would ask for facts it had cut off."""
+    with open(os.path.join(folder, "meta.json")) as f:
+        if "sequence_tokens" not in json.load(f):
+            return datalib.Batches(folder, split, seq_len)
+    from synthetic import DocumentWindows  # here, not at the top: synthetic imports harness, which imports tau
+
+    return DocumentWindows(folder, split, seq_len)
 
 
 @torch.no_grad()
@@ -74,7 +87,7 @@ def main(argv):
     model.eval()
     check_model(model, path, o["seq_len"])
     folder = datalib.prepare(o["data"], tok)
-    train, val = datalib.Batches(folder, "train", o["seq_len"]), datalib.Batches(folder, "val", o["seq_len"])
+    train, val = windows(folder, "train", o["seq_len"]), windows(folder, "val", o["seq_len"])
     n, bs = o["batches"], o["batch_size"]
     dense_loss = plain_loss(path, val, n, bs)
     print(f"plain attention (same weights): val loss {dense_loss:.4f}")

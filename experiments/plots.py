@@ -110,7 +110,8 @@ def kept_tokens_figure(plt, grid, labels):
     L, T = grid.shape
     fig, ax = plt.subplots(figsize=(min(max(6.0, 0.06 * T + 2), 16), 1.6 + 0.3 * L))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="Greens", aspect="auto", interpolation="nearest")
-    ax.set(xlabel="token position", ylabel="layer", xticks=range(0, T, 16), yticks=range(L))
+    ax.set(xlabel="token position", ylabel="layer", xticks=range(0, T, 16), yticks=range(L),
+           title="which tokens each layer keeps once they leave the window")
     top = ax.secondary_xaxis("top")
     shown = labelled_positions(grid)
     top.set_xticks(shown, [labels[t] for t in shown], rotation=90, fontsize=9, family="monospace")

@@ -116,7 +116,7 @@ def kept_tokens_figure(plt, grid, labels):
     shown = labelled_positions(grid)
     top.set_xticks(shown, [labels[t] for t in shown], rotation=90, fontsize=9, family="monospace")
     top.set_xlabel("text of the kept tokens")
-    fig.colorbar(im, ax=ax, label="KV heads keeping it", fraction=0.03, pad=0.01)
+    fig.colorbar(im, ax=ax, label="share of KV heads keeping it", fraction=0.03, pad=0.01)
     return fig
 
 

@@ -111,28 +111,50 @@ def print_table(results: list):
               f"{harness.pct(p['streaming'], ref):>8} {harness.pct(m['window'], ref):>8}")
 
 
+STYLES = {  # policy -> (marker and line, colour, legend label): one colour and one marker each
+    "spkv": ("o-", "C0", "SP-KV, tau sweep"),
+    "h2o": ("s-", "C1", "H2O (dense model)"),
+    "streaming": ("^-", "C2", "StreamingLLM (dense model)"),
+    "window": ("X", "C3", "window only"),
+}
+
+
+def loss_density_panel(ax, m: dict, title: str):
+    """One (flow, text)'s measure_against_dense result m on ax: SP-KV's tau sweep, H2O and
+    StreamingLLM at SP-KV's densities and over the budgets, the window alone, the dense line."""
+    sweep = sorted(m["points"], key=lambda p: p["density"])
+    style, color, label = STYLES["spkv"]
+    ax.plot([p["density"] for p in sweep], [p["loss"] for p in sweep], style, color=color, label=label)
+    for name in ("h2o", "streaming"):
+        style, color, label = STYLES[name]
+        ax.plot(*zip(*sorted((p["density"], p[name]) for p in m["points"] + m["budgets"])), style, color=color,
+                label=label)
+    style, color, label = STYLES["window"]
+    ax.plot([0], [m["window"]], style, color=color, ms=8, label=label)
+    ax.axhline(m["dense_full"], color="k", lw=0.8, ls="--", label="dense, full attention")
+    ax.set(title=title, xlabel="density (old pairs kept)", ylabel="val loss (hard)")
+
+
+def loss_density_figure(plt, results: list):
+    """Hard-gate loss against density, one panel per (flow, text), and one legend for them all
+    below the panels (every panel draws the same five entries)."""
+    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.6), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        loss_density_panel(ax, r["measured"], f"{r['flow']}, {r['text']}")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))  # the bottom tenth holds the legend
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=5, frameon=False)
+    return fig
+
+
 def plot(results: list, path: str):
-    """Hard-gate loss against density, one panel per (flow, text): SP-KV's tau sweep, H2O and
-    StreamingLLM on the dense twin at SP-KV's densities and over the budgets, the window alone and
-    the dense line."""
+    """loss_density_figure as a PNG at path."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.6), squeeze=False)
-    for ax, r in zip(axes[0], results):
-        m = r["measured"]
-        sweep = sorted(m["points"], key=lambda p: p["density"])
-        ax.plot([p["density"] for p in sweep], [p["loss"] for p in sweep], "o-", label="SP-KV, tau sweep")
-        for name, mark, color, label in (("h2o", "s", "C1", "H2O"), ("streaming", "^", "C2", "StreamingLLM")):
-            pts = sorted((p["density"], p[name]) for p in m["points"] + m["budgets"])
-            ax.plot(*zip(*pts), mark + "-", color=color, label=label + " (dense model)")
-        ax.plot([0], [m["window"]], "x", label="window only")
-        ax.axhline(m["dense_full"], color="k", lw=0.8, ls="--", label="dense, full attention")
-        ax.set(title=f"{r['flow']}, {r['text']}", xlabel="density (old pairs kept)", ylabel="val loss (hard)")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    fig = loss_density_figure(plt, results)
     fig.savefig(path)
+    plt.close(fig)
 
 
 def check(o: dict):

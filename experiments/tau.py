@@ -8,6 +8,7 @@ Options: --data=PATH (as train.py; default stdlib source), --seq_len, --batches,
 """
 
 import dataclasses
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -40,6 +41,27 @@ def hard_loss_and_density(model, batches, tau, n_batches, batch_size, seed=1) ->
     return loss, stats["overall"]
 
 
+def windows(folder: str, split: str, seq_len: int):
+    """Batches of one split of a prepared folder. On the synthetic recall task's data (its
+    meta.json gives the sequence length) each window starts at a sequence, as synthetic.py trains
+    and measures: a window begun mid-sequence would ask for facts it had cut off."""
+    with open(os.path.join(folder, "meta.json")) as f:
+        if "sequence_tokens" not in json.load(f):
+            return datalib.Batches(folder, split, seq_len)
+    from synthetic import DocumentWindows  # here, not at the top: synthetic imports harness, which imports tau
+
+    return DocumentWindows(folder, split, seq_len)
+
+
+@torch.no_grad()
+def plain_loss(path: str, batches, n_batches, batch_size, seed=1) -> float:
+    """Val loss of the checkpoint at path under plain attention (no gates), on the batches that
+    hard_loss_and_density draws with the same seed."""
+    dense = load_model(path, dense=True)[0].eval()
+    gen = torch.Generator().manual_seed(seed)
+    return sum(dense(*batches.sample(batch_size, gen))[1].item() for _ in range(n_batches)) / n_batches
+
+
 @dataclass
 class Flags:
     ckpt: str = ""  # SP-KV checkpoint; "" = the embedded SmolLM2-135M
@@ -65,11 +87,9 @@ def main(argv):
     model.eval()
     check_model(model, path, o["seq_len"])
     folder = datalib.prepare(o["data"], tok)
-    train, val = datalib.Batches(folder, "train", o["seq_len"]), datalib.Batches(folder, "val", o["seq_len"])
+    train, val = windows(folder, "train", o["seq_len"]), windows(folder, "val", o["seq_len"])
     n, bs = o["batches"], o["batch_size"]
-    dense, _, _ = load_model(path, dense=True)
-    gen = torch.Generator().manual_seed(1)
-    dense_loss = sum(dense.eval()(*val.sample(bs, gen))[1].item() for _ in range(n)) / n
+    dense_loss = plain_loss(path, val, n, bs)
     print(f"plain attention (same weights): val loss {dense_loss:.4f}")
     if o["target_density"] > 0:
         tau = calibrate(model, train, o["target_density"], n, bs)  # calibrate on train, check on val

@@ -56,3 +56,20 @@ def test_a_refusal_of_train_py_comes_back_as_one_line(tmp_path):
         realtext.main(["--out=", "--tiny=True"])
     with pytest.raises(BadInput, match="no finished run"):
         realtext.main([f"--out={tmp_path / 'empty'}", "--tiny=True", "--eval_only=True"])
+
+
+def test_the_figure_has_one_legend_and_a_colour_and_marker_per_policy():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = {"points": [{"density": 0.5, "loss": 5.0, "h2o": 5.2, "streaming": 5.1}],
+         "budgets": [{"density": 0.1, "h2o": 5.4, "streaming": 5.2}], "window": 5.3, "dense_full": 5.05}
+    results = [{"flow": flow, "text": text, "measured": m} for flow in realtext.FLOWS for text in ("stdlib", "prose")]
+    fig = realtext.loss_density_figure(plt, results)
+    assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in fig.axes)  # one, for the whole figure
+    assert len(fig.legends[0].get_texts()) == 5
+    for ax in fig.axes:
+        styles = [(line.get_color(), line.get_marker()) for line in ax.lines if line.get_marker() != "None"]
+        assert len(styles) == 4 and len({c for c, _ in styles}) == 4 and len({mk for _, mk in styles}) == 4
+    plt.close(fig)

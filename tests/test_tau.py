@@ -8,7 +8,8 @@ import spkv
 import synthetic as S
 import tau as taulib
 from model import GPT
-from tiny import tiny_config
+from tiny import tiny_config, tiny_text_dir
+from tokenizer import Tokenizer, byte_spec
 
 
 @given(st.floats(0.02, 0.98), st.integers(0, 10**6))
@@ -33,3 +34,11 @@ def test_calibrated_model_density_on_held_out_data(tmp_path):
         assert abs(density - target) <= 0.02, (target, tau, density)
     densities = [taulib.hard_loss_and_density(model, val, t, 2, 4)[1] for t in (0.1, 0.5, 0.9)]
     assert densities == sorted(densities, reverse=True)
+
+
+def test_windows_start_at_sequences_on_the_task_data_only(tmp_path):
+    S.prepare(str(tmp_path / "task"), 128, 20, 4, 3, 2)
+    x, y = taulib.windows(str(tmp_path / "task"), "train", 128).sample(16, torch.Generator().manual_seed(0))
+    assert (x[:, 0] != 256).all() and (y[:, -1] == 256).all()  # whole sequences, eos last
+    text = datalib.prepare(tiny_text_dir(tmp_path / "text"), Tokenizer(byte_spec()), str(tmp_path / "cache"))
+    assert type(taulib.windows(text, "val", 16)) is datalib.Batches  # any other text: windows start anywhere

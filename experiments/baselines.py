@@ -145,7 +145,7 @@ def main(argv):
     if o["seq_len"] > model.cfg.block_size:
         raise cli.BadInput(f"--seq_len={o['seq_len']} is beyond the model's context of {model.cfg.block_size}; give "
                            f"--seq_len <= {model.cfg.block_size}")
-    val = datalib.Batches(datalib.prepare(o["data"], tok), "val", o["seq_len"])
+    val = taulib.windows(datalib.prepare(o["data"], tok), "val", o["seq_len"])  # the synthetic task: windows start at a sequence
     n, bs = o["batches"], o["batch_size"]
     _, spkv_density = taulib.hard_loss_and_density(model, val, model.cfg.tau, n, bs)  # kept fraction of old pairs
     density = spkv_density if o["density"] < 0 else o["density"]

@@ -134,3 +134,18 @@ def test_on_cuda_the_recorded_and_the_compiled_step_decode_as_the_eager_one(how)
         logits.append(lg)
     assert torch.equal(torch.stack(got, 1), want)
     assert (torch.stack(logits, 1) - want_logits).abs().max().item() <= 1e-4
+
+
+def test_generate_py_static_prints_its_path_and_the_same_text_and_cache_figures_as_paged(tmp_path, capsys):
+    from tiny import tiny_checkpoint
+
+    path = tiny_checkpoint(tmp_path / "t.pt")
+    outs = {}
+    for impl in ("paged", "static"):
+        G.main([f"--ckpt={path}", "--prompt=hello world, " * 5, "--max_new_tokens=12", "--tau=0.5", "--device=cpu",
+                f"--impl={impl}", "--check_every=5"])
+        outs[impl] = capsys.readouterr().out.splitlines()
+    assert "SP-KV static" in outs["static"][0] and "without a host sync" in outs["static"][0]
+    text = lambda lines: lines[1:next(i for i, s in enumerate(lines) if s.startswith("--- "))]
+    figures = lambda lines: [s for s in lines if s.startswith(("density", "KV pairs held"))]
+    assert text(outs["static"]) == text(outs["paged"]) and figures(outs["static"]) == figures(outs["paged"])

@@ -171,6 +171,8 @@ def build_model(cfg: TrainConfig, device):
         model, tok, ckpt = load_model(path, dense=cfg.dense, dense_layers=(), **knobs)  # every layer adapted
     if tok is None:
         raise cli.BadInput(f"checkpoint {path} has no tokenizer; convert it with its tokenizer.json")
+    if cfg.seq_len > model.cfg.block_size:
+        raise cli.BadInput(f"--seq_len={cfg.seq_len} is beyond the model's context of {model.cfg.block_size}")
     stored = ckpt["config"].get("predictor_init_bias")
     if cfg.init == "pretrained" and not cfg.dense and any(".predictor." in k for k in ckpt["model"]) \
             and stored != cfg.predictor_init_bias:  # stored predictors made for another init
@@ -333,8 +335,7 @@ def report_end(final: dict, cfg: TrainConfig, proc: Proc, ckpt: str, model: GPT,
 
 
 def main(argv, batches=datalib.Batches):
-    """train.py's command line; `batches` is the class that draws the windows (data.Batches, or a
-    subclass with its own window_starts: a task whose documents must not be cut)."""
+    """train.py's command line; `batches` draws the windows (a data.Batches subclass may choose their starts)."""
     cfg, given = parse_flags(argv)
     rank, world, device, why_device = setup_processes(cfg)
     master = rank == 0
@@ -343,8 +344,6 @@ def main(argv, batches=datalib.Batches):
         cfg = resumed_config(saved, given) if cfg.resume else cfg
         torch.manual_seed(cfg.seed)
         model, tok, source = build_model(cfg, device)
-        if cfg.seq_len > model.cfg.block_size:
-            raise cli.BadInput(f"--seq_len={cfg.seq_len} is beyond the model's context of {model.cfg.block_size}")
         proc, why_attn = setup_device(model, cfg, rank, world, device)
         peak, why_peak = peak_flops(device, cfg.peak_tflops)
         folder = datalib.prepare(cfg.data, tok, cfg.data_cache or datalib.DEFAULT_CACHE)
@@ -363,8 +362,8 @@ def main(argv, batches=datalib.Batches):
             if cfg.target_density and step == freeze:
                 cut_tau(model, train, cfg, proc, step)
             lr, t_step = lr_at(step, cfg), time.time()
-            loss, norm = train_step(fwd, model, opt, train.sample(cfg.grad_accum * world * cfg.batch_size, gen), lr, cfg,
-                                    proc, a, frozen)
+            batch = train.sample(cfg.grad_accum * world * cfg.batch_size, gen)
+            loss, norm = train_step(fwd, model, opt, batch, lr, cfg, proc, a, frozen)
             run.check_finite(loss, norm, step)
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -259,7 +259,11 @@ def provenance(out: str, step: int) -> dict:
     """What made --out's snapshot at `step`: its recipe and bar, and the same for the run its
     --init_from snapshot came from (a curriculum's earlier stages), earliest first."""
     recipe = harness.read_json(os.path.join(out, "recipe.json"))
-    stage = {"out": out, "step": step, "recipe": recipe, "bar": harness.read_json(os.path.join(out, f"bar_{step:06d}.json"))}
+    defaults = dataclasses.asdict(Flags())
+    command = " ".join(["python experiments/pretrain.py", f"--out={out}"] +
+                       [f"--{k}={v}" for k, v in recipe.items() if v != defaults[k]])  # run to at least `step`
+    stage = {"out": out, "step": step, "command": command, "recipe": recipe,
+             "bar": harness.read_json(os.path.join(out, f"bar_{step:06d}.json"))}
     if not recipe.get("init_from"):
         return {"stages": [stage]}
     shipped = recipe["init_from"][:-len(".pt")] + ".json"

@@ -118,12 +118,12 @@ def test_predictor_init_bias_applies_to_a_checkpoints_stored_predictors(tmp_path
     raw = read_checkpoint(ckpt)
     raw["model"].update(stored)
     torch.save(raw, ckpt)
-    cfg, _ = train.parse_flags([f"--ckpt={ckpt}", "--device=cpu", "--predictor_init_bias=0"])
+    cfg, _ = train.parse_flags([f"--ckpt={ckpt}", "--device=cpu", "--predictor_init_bias=0", "--seq_len=64", "--window=8"])
     model = train.build_model(cfg, "cpu")[0]
     assert "fresh at init bias 0" in capsys.readouterr().out
     biases = [model.blocks[i].attn.predictor.proj.bias for i in model.cfg.spkv_layers()]
     assert biases and all(torch.equal(b, torch.zeros_like(b)) for b in biases)
-    cfg, _ = train.parse_flags([f"--ckpt={ckpt}", "--device=cpu"])
+    cfg, _ = train.parse_flags([f"--ckpt={ckpt}", "--device=cpu", "--seq_len=64", "--window=8"])
     state = train.build_model(cfg, "cpu")[0].state_dict()
     assert "fresh" not in capsys.readouterr().out
     assert all(torch.equal(state[k], v) for k, v in stored.items())

@@ -415,9 +415,10 @@ class StaticSPKVCache:
         self.overflow |= (need & ~got).any()
         self.n_free[layer] = (self.n_free[layer] - need.sum()).clamp(min=0)
         col = col.clamp(max=self.table.shape[2] - 1).long()
-        self.table[layer, self.streams, col] = torch.where(got, fresh, self.table[layer, self.streams, col])
+        held = torch.where(got, fresh, self.table[layer, self.streams, col])  # (S,) the page the pair goes to
+        self.table[layer, self.streams, col] = held
         stored = leaving & (got | ~need)  # (S,) has a page to go to
-        page = torch.where(stored, self.table[layer, self.streams, col].long(), self.trash)  # (S,)
+        page = torch.where(stored, held.long(), self.trash)  # (S,)
         offset = torch.where(stored, offset, 0).long()
         self.owner[layer].index_put_((torch.where(got, fresh.long(), self.trash),), torch.where(got, self.streams, -1))
         self.k[layer].index_put_((page, offset), self.ring_k[layer, rows, :, slot].flatten(0, 1))

@@ -190,16 +190,10 @@ def part_decode(dry: bool, out: str) -> dict:
 
 def tiny_checkpoint(out: str) -> str:
     """A 2-layer byte-level model with window 16 (random weights), for the dry decode part."""
-    import torch
-
-    from checkpoint import save_checkpoint
-    from model import GPT, GPTConfig
-    from tokenizer import byte_spec
+    import harness  # torch, only once this part runs
 
     path = os.path.join(out, "tiny.pt")
-    torch.manual_seed(0)
-    save_checkpoint(path, GPT(GPTConfig(vocab_size=257, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_hidden=64,
-                                        block_size=128, window=16)), byte_spec(), source="gpu_check.py --dry")
+    harness.byte_checkpoint(path, n_layer=2, n_head=4, n_kv_head=2, block_size=128, window=16)
     return path
 
 

@@ -50,11 +50,12 @@ def write_json(path: str, obj):
     os.replace(path + ".tmp", path)
 
 
-def byte_checkpoint(path: str):
-    """A tiny checkpoint whose only use is its byte-level tokenizer (train.py --init=scratch reads it)."""
+def byte_checkpoint(path: str, **shape):
+    """A tiny byte-level checkpoint (random weights, seed 0): for its tokenizer (train.py --init=scratch
+    reads it), or with `shape` (GPTConfig fields) as a small model to run."""
     torch.manual_seed(0)
-    save_checkpoint(path, GPT(GPTConfig(vocab_size=257, n_layer=1, n_head=2, n_kv_head=1, n_embd=32, n_hidden=64,
-                                        block_size=64)), byte_spec(), source="experiments/harness.py")
+    cfg = {**dict(vocab_size=257, n_layer=1, n_head=2, n_kv_head=1, n_embd=32, n_hidden=64, block_size=64), **shape}
+    save_checkpoint(path, GPT(GPTConfig(**cfg)), byte_spec(), source="experiments/harness.py")
 
 
 def commit_stamp() -> str:

@@ -69,8 +69,11 @@ def writer_alive(tmp: str) -> bool:
     return True
 
 
-def save_checkpoint(path: str, model: GPT, tokenizer_spec, source: str, **extra):
-    atomic_save({"format": FORMAT, "config": asdict(model.cfg), "model": model.state_dict(),
+def save_checkpoint(path: str, model: GPT, tokenizer_spec, source: str, predictors: bool = True, **extra):
+    """predictors=False leaves the utility predictors out (converted weights: they were never
+    trained, so load_model makes fresh ones at the init bias asked for)."""
+    state = {k: v for k, v in model.state_dict().items() if predictors or ".predictor." not in k}
+    atomic_save({"format": FORMAT, "config": asdict(model.cfg), "model": state,
                  "tokenizer": tokenizer_spec, "source": source, **extra}, path)
 
 

@@ -2,7 +2,7 @@
 
     with RunDir(out_dir, master) as run:      # locks out_dir (a lock file holding the pid)
         saved = run.open(resume)              # fresh or resume: refuses to replace a run's results
-        step = run.restore(model, opt, gen)   # a resume: model, optimizer, data position; the log cut back
+        step = run.restore(model, opt, gen, max_steps)   # a resume: model, optimizer, data position; the log cut back
         run.begin(model, start_eval)          # the save guard's baseline
         ... run.log(rec); run.save(...); run.stop_requested; run.interrupted(step)
         run.finish(record)                    # final.json, atomically
@@ -176,8 +176,8 @@ class RunDir:
                                f"resume; adapt it with --ckpt={self.ckpt} and a new --out_dir")
         return ckpt["train_config"]
 
-    def restore(self, model, opt, gen, max_steps: int) -> tuple:
-        """Load the saved run into model, opt and gen, cut the log back to it; (its step, its model's tau).
+    def restore(self, model, opt, gen, max_steps: int) -> int:
+        """Load the saved run into model, opt and gen, cut the log back to it; returns its step.
         A run past max_steps, or finished at it, is refused: going on would only rewrite its final
         record. (At max_steps without final.json it was stopped before writing one: that is written.)"""
         ckpt = read_checkpoint(self.ckpt)
@@ -198,7 +198,7 @@ class RunDir:
             dropped = self.truncate_log(self.saved_step)
             print(f"resumed from step {self.saved_step} of {self.ckpt}"
                   + (f"; dropped {dropped} log records past it" if dropped else ""))
-        return ckpt["step"], ckpt["config"]["tau"]
+        return ckpt["step"]
 
     def truncate_log(self, step: int) -> int:
         """Drop the records past step (steps done), which a resume writes again, and a line torn by a

@@ -199,8 +199,8 @@ def density_stats(keeps, window: int, lengths=None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Calibration: the tau that keeps a target fraction of old pairs (a deployment knob; train.py's
-# --target_density and generate.py's use it)
+# Calibration: the tau that keeps a target fraction of old pairs (a deployment knob: generate.py's
+# --target_density and experiments/tau.py use it)
 
 
 def tau_for_density(u: torch.Tensor, target: float) -> float:

@@ -25,7 +25,6 @@ import cli
 import data as datalib
 import kernels
 import measure
-import spkv
 from checkpoint import load_model, read_checkpoint
 from model import GPT, GPTConfig, peak_flops
 from run import RunDir, progress
@@ -58,7 +57,6 @@ class TrainConfig:
     anneal_steps: int = 500  # soft -> hard over this many steps (capped at half the frozen phase)
     window: int = 128  # the most recent keys every query sees; older ones are gated (must be < seq_len)
     tau: float = 0.5  # hard-gate threshold: an old key is kept when its gate u >= tau
-    target_density: float = 0.0  # in (0, 1]: at the freeze, tau is reset to keep this fraction of old pairs; 0 = --tau throughout
     predictor_init_bias: float = 5.0  # output bias of fresh predictors: 5 = open (METHOD.md), < 0 leans closed
     eval_every: int = 20  # steps between evaluations on the val split
     eval_batches: int = 4  # batches per evaluation
@@ -110,12 +108,9 @@ def validate(cfg: TrainConfig):
                  "peak_tflops", "warmup_steps", "seed") if not (math.isfinite(v[k]) and v[k] >= 0)]
     if not math.isfinite(cfg.predictor_init_bias):
         problems.append(f"--predictor_init_bias={cfg.predictor_init_bias} must be a finite number")
-    problems += [f"--{k}={v[k]} must be in [0, 1]" for k in ("min_lr_frac", "freeze_frac", "tau", "target_density")
-                 if not 0 <= v[k] <= 1]
+    problems += [f"--{k}={v[k]} must be in [0, 1]" for k in ("min_lr_frac", "freeze_frac", "tau") if not 0 <= v[k] <= 1]
     if cfg.seed >= 2 ** 63:
         problems.append(f"--seed={cfg.seed} must be below 2**63")
-    if cfg.dense and cfg.target_density:
-        problems.append(f"--target_density={cfg.target_density} sets SP-KV's tau; a --dense=True run has no gates, drop it")
     if cfg.warmup_steps >= cfg.max_steps:
         problems.append(f"--warmup_steps={cfg.warmup_steps} must be below --max_steps={cfg.max_steps}")
     if not 1 <= cfg.window < cfg.seq_len:
@@ -175,10 +170,10 @@ def build_model(cfg: TrainConfig, device):
         raise cli.BadInput(f"--seq_len={cfg.seq_len} is beyond the model's context of {model.cfg.block_size}")
     stored = ckpt["config"].get("predictor_init_bias")
     if cfg.init == "pretrained" and not cfg.dense and any(".predictor." in k for k in ckpt["model"]) \
-            and stored != cfg.predictor_init_bias:  # stored predictors made for another init
-        model.reset_predictors()
-        print(f"predictors: fresh at init bias {cfg.predictor_init_bias:g} (--predictor_init_bias; the checkpoint's "
-              f"were made at {stored})")
+            and stored != cfg.predictor_init_bias:
+        raise cli.BadInput(f"--predictor_init_bias={cfg.predictor_init_bias:g} sets fresh predictors, but {path} stores "
+                           f"its own (made at init bias {stored:g}); adapt weights without predictors (convert.py's "
+                           f"output; convert again if yours is older), or drop the flag")
     return model.to(device), tok, "scratch" if cfg.init == "scratch" else path
 
 
@@ -265,14 +260,6 @@ def train_step(fwd, model, opt, batch, lr: float, cfg: TrainConfig, proc: Proc, 
     return loss_sum.item(), norm.item()
 
 
-def restore(run: RunDir, model: GPT, opt, gen, cfg: TrainConfig) -> int:
-    """Load the run to resume; returns its step. A run cut by --target_density goes on at its tau."""
-    step, saved_tau = run.restore(model, opt, gen, cfg.max_steps)
-    if cfg.target_density and step > gate_schedule(cfg)[0]:
-        model.retune(tau=saved_tau)
-    return step
-
-
 def resumed_config(saved: dict, given: dict) -> TrainConfig:
     """The saved recipe with the flags given now on top (e.g. a longer --max_steps), validated."""
     unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(TrainConfig)})
@@ -282,16 +269,6 @@ def resumed_config(saved: dict, given: dict) -> TrainConfig:
     cfg = TrainConfig(**{**saved, **given, "resume": True})
     validate(cfg)
     return cfg
-
-
-def cut_tau(model: GPT, train: datalib.Batches, cfg: TrainConfig, proc: Proc, step: int):
-    """--target_density, at the freeze: retune tau to keep that fraction of old pairs on training batches (their
-    own seed: the data order is untouched; the global batch: every DDP rank gets one tau). Not the paper's recipe."""
-    model.eval()
-    with proc.autocast:  # the precision training's gates are computed in
-        model.retune(tau=spkv.calibrate(model, train, cfg.target_density, cfg.eval_batches, cfg.batch_size * proc.world))
-    model.train()
-    print(f"\nstep {step}: tau {model.cfg.tau:.4f} keeps {cfg.target_density:g} of old pairs") if proc.rank == 0 else None
 
 
 def prepare_forward(model: GPT, cfg: TrainConfig, proc: Proc):
@@ -312,8 +289,7 @@ def report_setup(cfg: TrainConfig, proc: Proc, model: GPT, source: str, why: lis
     if not cfg.dense:
         freeze, length = gate_schedule(cfg)
         print(f"schedule: soft gates to step {freeze}, then predictor frozen and gates annealed to hard over "
-              f"{length} steps (hard from step {freeze + length})"
-              + (f"; at step {freeze} tau is retuned (--target_density={cfg.target_density:g})" if cfg.target_density else ""))
+              f"{length} steps (hard from step {freeze + length})")
 
 
 def report_end(final: dict, cfg: TrainConfig, proc: Proc, ckpt: str, model: GPT, val: datalib.Batches, source: str):
@@ -350,7 +326,7 @@ def main(argv, batches=datalib.Batches):
         train, val = batches(folder, "train", cfg.seq_len), batches(folder, "val", cfg.seq_len)
         opt = make_optimizer(model, cfg, fused=device.type == "cuda")
         gen = torch.Generator().manual_seed(cfg.seed)  # the data position: saved and restored
-        step, freeze = restore(run, model, opt, gen, cfg) if cfg.resume else 0, gate_schedule(cfg)[0]
+        step = run.restore(model, opt, gen, cfg.max_steps) if cfg.resume else 0
         fwd = prepare_forward(model, cfg, proc)
         if master:
             report_setup(cfg, proc, model, source, [why_device, why_attn, why_peak])
@@ -359,8 +335,6 @@ def main(argv, batches=datalib.Batches):
         t0, first = time.time(), step
         while step < cfg.max_steps:
             a, frozen = gates_at(step, cfg)
-            if cfg.target_density and step == freeze:
-                cut_tau(model, train, cfg, proc, step)
             lr, t_step = lr_at(step, cfg), time.time()
             batch = train.sample(cfg.grad_accum * world * cfg.batch_size, gen)
             loss, norm = train_step(fwd, model, opt, batch, lr, cfg, proc, a, frozen)

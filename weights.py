@@ -297,7 +297,7 @@ def build_model(cfg: GPTConfig, sd: dict, sizes_from: str = "the config") -> GPT
 def convert(source: str, kind: str, out: str) -> str:
     cfg, sd, spec = from_gguf(source) if kind == "gguf" else from_hf_dir(source)
     model = build_model(cfg, sd, os.path.join(source, "config.json") if kind == "hf" else f"{source}'s llama.* fields")
-    save_checkpoint(out, model, spec, source=f"{kind}:{source}")
+    save_checkpoint(out, model, spec, source=f"{kind}:{source}", predictors=False)  # pretrained weights only
     print(f"convert: {kind} {source} -> {out} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params)")
     return out
 

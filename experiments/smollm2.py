@@ -1,7 +1,7 @@
 """SmolLM2-135M, a pretrained model that uses its old keys, adapted to SP-KV on 2 CPU cores with
 several predictor recipes, against the same steps of dense training.
 
-    python experiments/smollm2.py                     # every recipe, ~3 h in all on 2 cores (estimated)
+    python experiments/smollm2.py                     # every recipe, ~2 h in all on 2 cores (estimated)
     python experiments/smollm2.py --recipes=neutral   # one recipe, ~35 min
     python experiments/smollm2.py --eval_only=True    # measure the finished runs again
 
@@ -30,20 +30,15 @@ import torch
 import cli
 import harness
 
-NEUTRAL = {"predictor_lr_mult": 100, "predictor_init_bias": 0.0}
 RECIPES = {  # name -> (train.py flags of the SP-KV run on top of the shared ones, why)
     "x100": ({"predictor_lr_mult": 100},
              "open gates (bias 5), otherwise the paper's recipe (predictor weight decay 0.1)"),
     "wd10": ({"predictor_lr_mult": 100, "predictor_weight_decay": 10},
              "open gates, with predictor decay 10 pulling the output bias toward u = 0.5"),
-    "neutral": (NEUTRAL,
+    "neutral": ({"predictor_lr_mult": 100, "predictor_init_bias": 0.0},
                 "init bias 0 (u = 0.5): the gate's slope u(1 - u) is 0.25 there, 0.007 at u = 0.993"),
     "closed": ({"predictor_lr_mult": 100, "predictor_init_bias": -2.0},
                "init bias -2 (u = 0.12): old keys start down-weighted by log u = -2.1"),
-    "neutral_cut": ({**NEUTRAL, "target_density": 0.25},
-                    "neutral, trained under the cut it is measured at: tau reset at the freeze to keep a quarter"),
-    "neutral_cut_long": ({**NEUTRAL, "target_density": 0.25, "freeze_frac": 0.5},
-                         "the same with half the decay frozen: more steps, at a higher LR, under the cut"),
 }
 
 

@@ -84,7 +84,8 @@ def test_hf_tokenizer_json_round_trip_matches_tokenizers(tmp_path):
     hf_tok = write_bpe_tokenizer(tmp_path)
     perturb(tiny_hf("llama")).save_pretrained(tmp_path)
     out = weights.convert(str(tmp_path), "hf", str(tmp_path / "ckpt.pt"))
-    _, tok, _ = load_model(out)
+    _, tok, raw = load_model(out)
+    assert not any(".predictor." in k for k in raw["model"])  # never trained: made fresh where they are used
     texts = [open(os.__file__).read()[:3000], "x  =  1234\n\n\tdef f(a):  return 'it''s'", "héllo wörld 😀"]
     for t in texts:
         assert tok.encode(t) == hf_tok.encode(t).ids

@@ -12,7 +12,7 @@ from tiny import tiny_checkpoint, tiny_text_dir
 
 
 def test_recipes_adapt_the_checkpoint_against_dense_and_each_run_writes_a_new_file(tmp_path):
-    ckpt = tiny_checkpoint(tmp_path / "bytes.pt")
+    ckpt = tiny_checkpoint(tmp_path / "bytes.pt", predictors=False)  # pretrained weights, as convert.py stores them
     out = tmp_path / "rt"
     flags = [f"--out={out}", "--tiny=True", "--steps=2", "--eval_batches=1", "--threads=1",
              "--target_density=0.5", f"--ckpt={ckpt}", f"--data={tiny_text_dir(tmp_path / 'text')}"]

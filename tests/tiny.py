@@ -16,10 +16,11 @@ def tiny_config(**overrides) -> GPTConfig:
     return GPTConfig(**{**cfg, **overrides})
 
 
-def tiny_checkpoint(path, seed=0, **overrides) -> str:
+def tiny_checkpoint(path, seed=0, predictors=True, **overrides) -> str:
+    """A random tiny model; predictors=False stores none, as convert.py's pretrained weights."""
     torch.manual_seed(seed)
     model = GPT(tiny_config(**overrides))
-    save_checkpoint(str(path), model, byte_spec(), source="tests/tiny.py")
+    save_checkpoint(str(path), model, byte_spec(), source="tests/tiny.py", predictors=predictors)
     return str(path)
 
 

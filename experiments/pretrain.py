@@ -83,7 +83,7 @@ class Flags:
     bar_batches: int = 4  # held-out batches of bar_batch_size sequences for the bar
     bar_batch_size: int = 4
     ship: int = 0  # > 0: copy snapshot step_N.pt to --ship_to with its provenance (command, recipe, bar), train nothing
-    ship_to: str = "models/stdlib_bytes.pt"  # where --ship writes (refused if it exists: move the old one away first)
+    ship_to: str = "models/stdlib_bytes.pt"  # where --ship writes, with .json and _heldout.bin beside it (never replaced)
     init_from: str = ""  # a snapshot (or a shipped model) to go on from with a fresh optimizer: a later stage; "" = scratch
     tiny: bool = False  # tests: a 2-layer d=32 model at 64 bytes on --data, to check the plumbing in seconds
     data: str = ""  # "" = the stdlib source; tests pass a small folder
@@ -279,17 +279,43 @@ def ship(o: dict):
     snap = os.path.join(o["out"], "snapshots", f"step_{o['ship']:06d}.pt")
     if not os.path.isfile(snap):
         raise cli.BadInput(f"--ship={o['ship']}: {snap} does not exist; ship a step this run has snapshotted")
-    if os.path.exists(o["ship_to"]):
-        raise cli.BadInput(f"--ship_to={o['ship_to']} exists; move it away first (it is someone's model), or give another path")
+    stem = o["ship_to"][:-len(".pt")] if o["ship_to"].endswith(".pt") else ""
+    if not stem:
+        raise cli.BadInput(f"--ship_to={o['ship_to']} must end in .pt (its provenance goes beside it as .json)")
+    there = [p for p in (o["ship_to"], stem + ".json", stem + "_heldout.bin") if os.path.exists(p)]
+    if there:
+        raise cli.BadInput(f"--ship_to: {there[0]} exists; move it away first (it is someone's model), or give another path")
     ckpt = torch.load(snap, map_location="cpu", weights_only=False)
     os.makedirs(os.path.dirname(os.path.abspath(o["ship_to"])), exist_ok=True)
     atomic_save({k: ckpt[k] for k in ("format", "config", "model", "tokenizer", "source", "step")}, o["ship_to"])
     made = provenance(o["out"], o["ship"])
     met = bar_met(made["stages"][-1]["bar"]["bar"]["stdlib"])
+    pair = ship_heldout_pair(o, snap)
     harness.write_json(o["ship_to"][:-len(".pt")] + ".json", {"shipped": time.strftime("%Y-%m-%d"), "from": snap,
-                       "needs_old_keys": met, **made})
+                       "needs_old_keys": met, "heldout_pair": pair, **made})
     print(f"shipped {snap} -> {o['ship_to']} ({os.path.getsize(o['ship_to']) / 1e6:.1f} MB) with its provenance (.json); "
           f"the bar on held-out stdlib, per window: {met}")
+
+
+@torch.no_grad()
+def ship_heldout_pair(o: dict, snap: str) -> dict:
+    """<ship_to>_heldout.bin: two plain held-out stdlib sequences of seq_len + 1 bytes (uint16), the
+    first two of the bar's first batch, so that a test can check the shipped model on them without
+    this machine's stdlib; and its losses on them per bar window: full attention, the window alone
+    and StreamingLLM at 0.25 (% over full)."""
+    val = datalib.Batches(os.path.join(o["out"], "data_mix"), "val", o["seq_len"])
+    x, y = val.sample(o["bar_batch_size"], torch.Generator().manual_seed(1))  # baselines.policy_losses' first batch
+    rows = torch.cat([x[:2], y[:2, -1:]], 1)  # (2, seq_len + 1)
+    path = o["ship_to"][:-len(".pt")] + "_heldout.bin"
+    rows.numpy().astype(np.uint16).tofile(path + ".tmp")
+    os.replace(path + ".tmp", path)
+    out = {"file": os.path.basename(path), "shape": list(rows.shape), "dtype": "uint16"}
+    for window in (BAR_WINDOWS if not o["tiny"] else (8,)):
+        model = load_model(snap, dense=True, window=window)[0].eval()
+        losses = baselines.policy_losses_on(model, rows[:, :-1], rows[:, 1:], ["full", "window", "streaming"], 0.25)
+        out[f"w{window}"] = {"full": losses["full"], "window": 100 * (losses["window"] / losses["full"] - 1),
+                             "streaming@0.25": 100 * (losses["streaming"] / losses["full"] - 1)}
+    return out
 
 
 def bar_met(rows: dict) -> dict:

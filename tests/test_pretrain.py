@@ -7,9 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 import pretrain
+from checkpoint import load_model
 from cli import BadInput
 from tiny import tiny_text_dir
 
@@ -77,6 +79,12 @@ def test_ship_copies_a_snapshot_with_its_provenance_and_never_replaces(tmp_path)
     shipped = torch.load(dest, weights_only=False)
     snap = torch.load(tmp_path / "b" / "snapshots" / "step_000003.pt", weights_only=False)
     assert all(torch.equal(shipped["model"][k], snap["model"][k]) for k in snap["model"])
+    pair = prov["heldout_pair"]  # two held-out sequences beside the model, and its losses on them
+    rows = torch.from_numpy(np.fromfile(dest.parent / pair["file"], dtype=np.uint16).astype(np.int64)).view(2, 65)
+    model = load_model(str(dest), dense=True, window=8)[0].eval()
+    with torch.no_grad():
+        full = F.cross_entropy(model(rows[:, :-1])[0].flatten(0, 1), rows[:, 1:].flatten()).item()
+    assert pair["shape"] == [2, 65] and abs(pair["w8"]["full"] - full) < 1e-6
     before = dest.read_bytes()
     with pytest.raises(BadInput, match="exists; move it away"):
         run(tmp_path, "b", "--ship=3", f"--ship_to={dest}")

@@ -4,6 +4,7 @@
     python generate.py --prompt="..." --dense=True          # plain KV cache, same model
     python generate.py --prompt="..." --compile=True        # the decode step under torch.compile
     python generate.py --prompt="..." --target_density=0.2  # tau calibrated to keep 20% of old pairs
+    python generate.py --prompt_file=some.py                # a prompt longer than the window, from a file
 Defaults to the embedded SmolLM2-135M, so it runs offline. The steps, as in gpt-fast: prefill
 (chunks that evict as they go, so a long prompt never needs a dense cache), decode_one_token,
 decode_n_tokens, sample. Attention is the cache's business (cache.py): the model hands each
@@ -307,6 +308,7 @@ def cache_report(cache, lengths, dense_bytes_per_pair, n_layer, Hkv) -> dict:
 class Flags:
     ckpt: str = ""  # checkpoint to decode with; "" = the embedded SmolLM2-135M
     prompt: str = "Write a Python function that checks whether a number is prime."  # the text to continue
+    prompt_file: str = ""  # read the prompt from this text file instead (e.g. source longer than the window)
     max_new_tokens: int = 64  # tokens to generate at most (decoding stops at end-of-text)
     tau: float = -1.0  # hard-gate threshold in [0, 1]; -1 = the checkpoint's own
     dense: bool = False  # plain KV cache instead of SP-KV, same model
@@ -366,7 +368,22 @@ def parse_flags(argv) -> dict:
         problems.append(f"--check_every={o['check_every']} must be >= 1")
     if problems:
         raise cli.BadInput("; ".join(problems))
+    if o["prompt_file"]:
+        o["prompt"] = read_prompt(o["prompt_file"])
     return o
+
+
+def read_prompt(path: str) -> str:
+    """--prompt_file's text (UTF-8), refused in one line if it cannot be read as such or is empty."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise cli.BadInput(f"--prompt_file={path}: cannot read it as UTF-8 text ({type(e).__name__}: "
+                           f"{getattr(e, 'strerror', None) or e.reason}); give a text file") from None
+    if not text:
+        raise cli.BadInput(f"--prompt_file={path} is empty; give a file with the prompt in it")
+    return text
 
 
 def check_model(model, o: dict):

@@ -162,6 +162,9 @@ def test_cli_prints_text_and_cache_figures(tmp_path, capsys):
     line = next(s for s in out.splitlines() if s.startswith("KV pairs held"))
     held, dense = (int(x.replace(",", "")) for x in re.search(r"in use ([\d,]+) vs dense ([\d,]+)", line).groups())
     assert ("no compression" in line) == (held > dense), line  # never "compression 0.5x" for a bigger cache
+    (tmp_path / "prompt.txt").write_text("hello world, " * 15)
+    G.main([f"--ckpt={path}", f"--prompt_file={tmp_path / 'prompt.txt'}", "--max_new_tokens=2", "--device=cpu"])
+    assert "--- 195 prompt + 2 new tokens" in capsys.readouterr().out  # the file's 195 bytes, not --prompt
 
 
 @given(setups())

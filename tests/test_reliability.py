@@ -151,6 +151,8 @@ CASES = [
     ("generate", "--ckpt={b}/skew.pt", "{b}/skew.pt was made by another version of this code"),
     ("generate", "--ckpt={b}/nan.pt", "{b}/nan.pt holds non-finite weights (blocks.0.mlp.up_proj.weight)"),
     ("generate", "--ckpt={b}/dense.pt --tau=0.9", "{b}/dense.pt has no SP-KV layers"),
+    ("generate", "--ckpt={b}/tiny.pt --prompt_file={b}/nope.txt", "--prompt_file={b}/nope.txt: cannot read it as UTF-8 text"),
+    ("generate", "--ckpt={b}/tiny.pt --prompt_file={b}/tiny.pt", "--prompt_file={b}/tiny.pt: cannot read it as UTF-8 text"),
     ("generate", "--ckpt={b}/tiny.pt --dense=True --target_density=0.5", "--dense=True has no gates"),
     ("generate", "--ckpt={b}/tiny.pt --temperature=1e-40", "--temperature=1e-40 must be 0 (greedy) or"),
     ("generate", "--ckpt={b}/tiny.pt --page_size=1000000000000", "--page_size=1000000000000 is larger than"),

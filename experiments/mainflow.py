@@ -3,6 +3,8 @@
     python experiments/mainflow.py                          # the shipped model, the paper's recipe, seed 1337
     python experiments/mainflow.py --recipes=paper,lr20 --seeds=1337,1338,1339
     python experiments/mainflow.py --eval_only=True         # measure finished runs again
+    python experiments/mainflow.py --spkv_base=out/pretrain_spkv/snapshots/step_N.pt --base=<dense snapshot at N>
+                                                            # the from-scratch flow's last leg
 
 The base is models/stdlib_bytes.pt (experiments/pretrain.py made it; models/stdlib_bytes.json
 says how). Every run is train.py on plain stdlib source: SP-KV adapted from the base with open
@@ -45,6 +47,7 @@ TAUS = (0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 class Flags:
     out: str = "out/mainflow"  # a folder per run, and results/
     base: str = ""  # the dense model to adapt; "" = models/stdlib_bytes.pt
+    spkv_base: str = ""  # where the SP-KV runs start instead: a pretrain.py --spkv_window snapshot (the from-scratch flow); "" = --base
     recipes: str = "paper"  # comma list of RECIPES
     seeds: str = "1337"  # comma list; each seed has its own dense twin
     steps: int = 300  # steps of each adaptation and of its dense twin
@@ -61,7 +64,7 @@ class Flags:
 
 def train_flags(o: dict, seed: int, dense: bool, recipe: dict) -> dict:
     seq_len = 64 if o["tiny"] else 1024
-    flags = dict(init="pretrained", ckpt=o["base"], dense=dense, data=o["data"], data_cache=os.path.join(o["out"], "data_cache"),
+    flags = dict(init="pretrained", ckpt=o["base"] if dense else o["spkv_base"] or o["base"], dense=dense, data=o["data"], data_cache=os.path.join(o["out"], "data_cache"),
                  seq_len=seq_len, batch_size=o["batch_size"], max_steps=o["steps"], lr=o["lr"],
                  warmup_steps=max(1, o["steps"] // 15), weight_decay=0.1, window=o["window"], seed=seed,
                  eval_every=max(1, o["steps"] // 5), eval_batches=2, ckpt_every=max(1, min(50, o["steps"] // 2)),
@@ -143,6 +146,8 @@ def main(argv):
     o["base"] = o["base"] or BASE
     if not os.path.isfile(o["base"]):
         raise cli.BadInput(f"--base={o['base']} does not exist; give a dense checkpoint (experiments/pretrain.py makes one)")
+    if o["spkv_base"] and not os.path.isfile(o["spkv_base"]):
+        raise cli.BadInput(f"--spkv_base={o['spkv_base']} does not exist; give a pretrain.py --spkv_window snapshot")
     if min(o["steps"], o["batch_size"], o["eval_batches"], o["eval_batch_size"], o["threads"]) < 1:
         raise cli.BadInput("--steps, --batch_size, --eval_batches, --eval_batch_size and --threads must be >= 1")
     torch.set_num_threads(o["threads"])

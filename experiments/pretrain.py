@@ -23,6 +23,12 @@ under full attention, the window alone, StreamingLLM (4 sinks + recency) and H2O
 and 0.25 of the old keys, at windows 32, 64 and 128. A model needs its old keys when StreamingLLM at
 0.25 costs >= +1.5% and the window alone >= +5%.
 
+The from-scratch flow (--spkv_window=W): the same curriculum with SP-KV attention from step 0, so
+that SP-KV and dense are both trained from scratch on the same bytes. Every stage trains soft
+gates (the LR is constant: there is no decay to freeze the predictor in); each stage is measured
+under hard gates instead of the bar; and the paper's freeze-and-anneal is the last leg, run by
+experiments/mainflow.py --spkv_base=<its snapshot>, against the dense pretraining at the same step.
+
 Folders under --out: bytes.pt (the byte tokenizer), data/ (plain memmaps), data_mix/ (the planted
 stream and the plain val split), run/ (train.py's out_dir), snapshots/, bar_N.json. A --out made
 with other recipe flags is refused. Seeds are fixed (--seed); train.py and the measurements run
@@ -49,6 +55,7 @@ import baselines
 import cli
 import harness
 import data as datalib
+import measure
 from checkpoint import atomic_save, load_model
 from tokenizer import Tokenizer, byte_spec
 
@@ -85,6 +92,7 @@ class Flags:
     ship: int = 0  # > 0: copy snapshot step_N.pt to --ship_to with its provenance (command, recipe, bar), train nothing
     ship_to: str = "models/stdlib_bytes.pt"  # where --ship writes, with .json and _heldout.bin beside it (never replaced)
     init_from: str = ""  # a snapshot (or a shipped model) to go on from with a fresh optimizer: a later stage; "" = scratch
+    spkv_window: int = 0  # > 0: the from-scratch flow, SP-KV from step 0 at this window (open gates, train.py's predictor recipe, soft gates throughout); 0 = dense
     tiny: bool = False  # tests: a 2-layer d=32 model at 64 bytes on --data, to check the plumbing in seconds
     data: str = ""  # "" = the stdlib source; tests pass a small folder
 
@@ -93,7 +101,8 @@ TINY = dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, seq_len=64, batch_size=
             dist_min=8, dist_max=48, plant_every=32, bar_batches=1, bar_batch_size=2)  # --tiny's overrides
 
 RECIPE = ("seed", "n_layer", "n_embd", "n_head", "n_kv_head", "seq_len", "batch_size", "lr", "warmup_steps",
-          "weight_decay", "plant_every", "span_min", "span_max", "dist_min", "dist_max", "init_from", "tiny", "data")
+          "weight_decay", "plant_every", "span_min", "span_max", "dist_min", "dist_max", "init_from", "spkv_window", "tiny",
+          "data")
 
 
 def validate(o: dict):
@@ -106,6 +115,10 @@ def validate(o: dict):
                         f"{o['span_max']}, {o['dist_min']}, {o['dist_max']}): a span is copied from text that has ended")
     if o["plant_every"] and o["dist_max"] >= o["seq_len"]:
         problems.append(f"--dist_max={o['dist_max']} must be below --seq_len={o['seq_len']}, or no window holds both copies")
+    if not 0 <= o["spkv_window"] < o["seq_len"]:
+        problems.append(f"--spkv_window={o['spkv_window']} must be in [0, --seq_len={o['seq_len']}) (0: dense)")
+    if o["ship"] and o["spkv_window"]:
+        problems.append("--ship ships a dense pretraining; this --spkv_window run's snapshots are for mainflow.py --spkv_base")
     if o["steps"] <= o["warmup_steps"]:
         problems.append(f"--steps={o['steps']} must be above --warmup_steps={o['warmup_steps']}")
     if problems:
@@ -119,7 +132,8 @@ def check_recipe(o: dict):
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        differ = [f"--{k}={saved.get(k)} (now {v})" for k, v in recipe.items() if saved.get(k) != v]
+        default = dataclasses.asdict(Flags())  # a recipe saved before a flag existed ran at its default
+        differ = [f"--{k}={saved.get(k, default[k])} (now {v})" for k, v in recipe.items() if saved.get(k, default[k]) != v]
         if differ:
             raise cli.BadInput(f"{o['out']} holds a pretraining run with other flags: {', '.join(differ)}; "
                                "give a new --out to train these")
@@ -172,10 +186,12 @@ def prepare_mix(o: dict, tok: Tokenizer) -> str:
 def train_flags(o: dict, data: str, tok_ckpt: str, max_steps: int) -> list:
     shape = {k: o[k] for k in ("n_layer", "n_embd", "n_head", "n_kv_head", "seq_len", "batch_size")}
     start = dict(init="pretrained", ckpt=o["init_from"]) if o["init_from"] else dict(init="scratch", ckpt=tok_ckpt)
-    flags = dict(**shape, **start, dense=True, data=data, seed=o["seed"], lr=o["lr"],
+    spkv = o["spkv_window"] > 0  # the LR never decays here, so there is nothing to freeze in: soft gates throughout
+    flags = dict(**shape, **start, dense=not spkv, data=data, seed=o["seed"], lr=o["lr"],
                  min_lr_frac=1.0, warmup_steps=o["warmup_steps"], weight_decay=o["weight_decay"], max_steps=max_steps,
-                 window=min(64, shape["seq_len"] // 2), eval_every=o["stage_steps"], eval_batches=4,
-                 ckpt_every=min(50, o["stage_steps"]), device="cpu", preset="cpu", out_dir=os.path.join(o["out"], "run"))
+                 window=o["spkv_window"] if spkv else min(64, shape["seq_len"] // 2), eval_every=o["stage_steps"],
+                 eval_batches=4, ckpt_every=min(50, o["stage_steps"]), device="cpu", preset="cpu",
+                 out_dir=os.path.join(o["out"], "run"), **({"freeze_frac": 0.0} if spkv else {}))
     return [f"--{k}={v}" for k, v in flags.items()]
 
 
@@ -226,6 +242,22 @@ def measure_bar(path: str, folders: dict, o: dict) -> dict:
                         if 2 * COPY_SPAN + g <= o["seq_len"] and len(tokens) > 2 * COPY_SPAN + g}
         out[domain] = rows
     return out
+
+
+@torch.no_grad()
+def measure_spkv(path: str, folders: dict, o: dict) -> dict:
+    """An SP-KV run's stage (--spkv_window): {domain: its loss under soft and hard gates and the
+    density the hard gates keep} on the bar's fixed val batches."""
+    model = load_model(path)[0]
+    off = torch.autocast("cpu", enabled=False)
+    return {domain: measure.evaluate(model, datalib.Batches(folder, "val", o["seq_len"]), o["bar_batches"],
+                                     o["bar_batch_size"], 1, "cpu", off) for domain, folder in folders.items()}
+
+
+def print_spkv(step: int, tokens: int, bar: dict):
+    for domain, m in bar.items():
+        print(f"stage step {step} ({tokens / 1e6:.1f}M bytes) {domain}: SP-KV soft {m['val_soft']:.4f} hard "
+              f"{m['val_hard']:.4f} density {m['density']:.3f} (tau {m['tau']})", flush=True)
 
 
 @torch.no_grad()
@@ -349,11 +381,11 @@ def main(argv):
         t0 = time.time()
         train_to(o, step, data, tok_ckpt)
         snap = snapshot(o, step)
-        bar = measure_bar(snap, folders, o)
+        bar = measure_spkv(snap, folders, o) if o["spkv_window"] else measure_bar(snap, folders, o)
         harness.write_json(bar_path, {"step": step, "tokens": step * tokens_per_step, "snapshot": snap, "bar": bar,
                               "stage_s": round(time.time() - t0, 1), "threads": o["threads"],
                               "date": time.strftime("%Y-%m-%d"), "commit": harness.commit_stamp()})
-        print_bar(step, step * tokens_per_step, bar)
+        (print_spkv if o["spkv_window"] else print_bar)(step, step * tokens_per_step, bar)
     print(f"done: {o['steps']} steps; snapshots in {os.path.join(o['out'], 'snapshots')}, the bar in bar_*.json")
 
 

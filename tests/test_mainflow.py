@@ -4,8 +4,10 @@ figure is measured at every tau on both, finished runs are kept, and each result
 import json
 
 import pytest
+import torch
 
 import mainflow
+from checkpoint import load_model
 from cli import BadInput
 from tiny import tiny_checkpoint, tiny_text_dir
 
@@ -35,3 +37,30 @@ def test_flow_measures_every_tau_and_never_replaces_results(tmp_path, capsys):
     assert len(list((tmp_path / "mf" / "results").glob("mainflow-*.json"))) == 2  # a new file, the first kept
     with pytest.raises(BadInput, match="unknown recipe"):
         mainflow.main(argv + ["--recipes=nope"])
+
+
+def test_the_from_scratch_flow_trains_spkv_from_step_0_and_its_last_leg_starts_from_it(tmp_path):
+    """pretrain.py --spkv_window: the curriculum with SP-KV from scratch, soft gates in every stage,
+    each stage measured under hard gates; mainflow.py --spkv_base then runs its last leg (the
+    freeze-and-anneal) from that snapshot, against the dense twin from the dense pretraining."""
+    import pretrain
+    text = tiny_text_dir(tmp_path / "text")
+    common = ["--tiny=True", f"--data={text}", "--warmup_steps=2", "--threads=1", "--steps=3", "--stage_steps=3"]
+    pretrain.main([f"--out={tmp_path / 'dense'}", *common])
+    pretrain.main([f"--out={tmp_path / 'spkv'}", "--spkv_window=8", *common])
+    stage = json.loads((tmp_path / "spkv" / "bar_000003.json").read_text())["bar"]["stdlib"]
+    assert 0 <= stage["density"] <= 1 and stage["val_hard"] > 0
+    snap = tmp_path / "spkv" / "snapshots" / "step_000003.pt"
+    run = json.loads((tmp_path / "spkv" / "run" / "final.json").read_text())["train_config"]
+    assert not run["dense"] and run["window"] == 8 and run["freeze_frac"] == 0.0 and run["init"] == "scratch"
+    trained = load_model(str(snap))[0]
+    biases = [b.attn.predictor.proj.bias for b in trained.blocks]
+    assert all(not torch.equal(b, torch.full_like(b, 5.0)) for b in biases)  # the predictors learned in the stage
+    base = tmp_path / "dense" / "snapshots" / "step_000003.pt"
+    mainflow.main([f"--out={tmp_path / 'mf'}", "--tiny=True", f"--base={base}", f"--spkv_base={snap}", f"--data={text}",
+                   "--steps=4", "--window=8", "--batch_size=2", "--eval_batches=1", "--eval_batch_size=2", "--threads=1"])
+    cfg = {r: json.loads((tmp_path / "mf" / r / "final.json").read_text())["train_config"]
+           for r in ("dense_s1337", "spkv_paper_s1337")}
+    assert cfg["dense_s1337"]["ckpt"] == str(base) and cfg["spkv_paper_s1337"]["ckpt"] == str(snap)
+    with pytest.raises(BadInput, match="--ship ships a dense pretraining"):
+        pretrain.main([f"--out={tmp_path / 'spkv'}", "--spkv_window=8", "--ship=3", *common])

@@ -79,12 +79,14 @@ def test_ship_copies_a_snapshot_with_its_provenance_and_never_replaces(tmp_path)
     shipped = torch.load(dest, weights_only=False)
     snap = torch.load(tmp_path / "b" / "snapshots" / "step_000003.pt", weights_only=False)
     assert all(torch.equal(shipped["model"][k], snap["model"][k]) for k in snap["model"])
-    pair = prov["heldout_pair"]  # two held-out sequences beside the model, and its losses on them
-    rows = torch.from_numpy(np.fromfile(dest.parent / pair["file"], dtype=np.uint16).astype(np.int64)).view(2, 65)
+    held = prov["heldout"]  # the bar's held-out sequences beside the model, and its losses on them
+    rows = torch.from_numpy(np.fromfile(dest.parent / held["file"], dtype=np.uint16).astype(np.int64)).view(2, 65)
     model = load_model(str(dest), dense=True, window=8)[0].eval()
     with torch.no_grad():
         full = F.cross_entropy(model(rows[:, :-1])[0].flatten(0, 1), rows[:, 1:].flatten()).item()
-    assert pair["shape"] == [2, 65] and abs(pair["w8"]["full"] - full) < 1e-6
+    assert held["shape"] == [2, 65] and abs(held["w8"]["full"] - full) < 1e-6
+    bar = prov["stages"][-1]["bar"]["bar"]["stdlib"]  # the same sequences as the bar's: the same figures
+    assert abs(bar["full"] - full) < 1e-6 and abs(bar["w8"]["window"] - held["w8"]["window"]) < 1e-6
     before = dest.read_bytes()
     with pytest.raises(BadInput, match="exists; move it away"):
         run(tmp_path, "b", "--ship=3", f"--ship_to={dest}")

@@ -1,0 +1,62 @@
+"""The shipped byte model (models/stdlib_bytes_stage_b.pt, the pretraining's latest stage) is what
+its provenance says: on the held-out stdlib sequences of its bar, shipped beside it (16 x 1024
+bytes), its losses under full attention, the window alone and StreamingLLM at a quarter of the old
+pairs are the recorded ones, and the window alone loses at least the margin the README states.
+(StreamingLLM's +1.5% bar is not met yet, so no margin is claimed for it.) A deterministic eval of
+the file in the repo, not a timed run."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import measure
+from checkpoint import load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = os.path.join(ROOT, "models", "stdlib_bytes_stage_b.pt")
+WINDOW = 32  # the window the README states the margins at
+MARGINS = {"window": 5.0}  # % over full attention, as the README states it
+RECORDED = ("window", "streaming@0.25")
+
+
+@pytest.fixture(scope="module")
+def losses():
+    """({policy: loss} of the shipped model on its held-out sequences, what was recorded when it shipped)."""
+    meta = json.load(open(MODEL[:-len(".pt")] + ".json"))
+    held = meta["heldout"]
+    rows = np.fromfile(os.path.join(os.path.dirname(MODEL), held["file"]), dtype=np.uint16).astype(np.int64)
+    rows = torch.from_numpy(rows).view(*held["shape"])  # (16, T + 1)
+    x, y = rows[:, :-1], rows[:, 1:]
+    T = x.shape[1]
+    model = load_model(MODEL, dense=True, window=WINDOW)[0].eval()
+    masks = {"full": measure.causal_visible(T), "window": measure.window_visible(T, WINDOW),
+             "streaming@0.25": measure.streaming_visible(T, WINDOW, 0.25, n_sink=4)}
+    out = {}
+    with torch.no_grad():
+        for name, mask in masks.items():
+            logits = measure.forward_with_masks(model, x, lambda layer, q, k, logit: mask)
+            out[name] = F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
+    return out, held[f"w{WINDOW}"]
+
+
+@pytest.mark.parametrize("policy", sorted(MARGINS))
+def test_the_shipped_model_loses_more_than_the_stated_margin_without_its_old_keys(losses, policy):
+    got, _ = losses
+    assert 100 * (got[policy] / got["full"] - 1) >= MARGINS[policy], got
+
+
+def test_the_losses_are_those_recorded_when_it_was_shipped(losses):
+    got, recorded = losses
+    assert abs(got["full"] - recorded["full"]) < 1e-4
+    for policy in RECORDED:
+        assert abs(100 * (got[policy] / got["full"] - 1) - recorded[policy]) < 1e-2
+
+
+def test_the_readme_states_these_margins():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    for policy, margin in MARGINS.items():
+        assert f"the window alone costs at least +{margin:g}%" in readme, policy

@@ -172,7 +172,7 @@ def build_model(cfg: TrainConfig, device):
     if cfg.init == "pretrained" and not cfg.dense and any(".predictor." in k for k in ckpt["model"]) \
             and stored != cfg.predictor_init_bias:
         raise cli.BadInput(f"--predictor_init_bias={cfg.predictor_init_bias:g} sets fresh predictors, but {path} stores "
-                           f"its own (made at init bias {stored:g}); adapt weights without predictors (convert.py's "
+                           f"its own (made at init bias {stored}); adapt weights without predictors (convert.py's "
                            f"output; convert again if yours is older), or drop the flag")
     return model.to(device), tok, "scratch" if cfg.init == "scratch" else path
 

@@ -110,22 +110,14 @@ def policy_losses(model, batches, names, density, n_batches, batch_size, n_sink=
     """Mean val loss per policy on the same fixed batches."""
     out = {}
     for name in names:
+        policy = make_policy(name, model.cfg.window, model.cfg.tau, density, n_sink)
         gen = torch.Generator().manual_seed(seed)
         total = 0.0
         for _ in range(n_batches):
             x, y = batches.sample(batch_size, gen)
-            total += policy_losses_on(model, x, y, [name], density, n_sink)[name] / n_batches
+            logits = forward_with_policy(model, x, policy)
+            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item() / n_batches
         out[name] = total
-    return out
-
-
-@torch.no_grad()
-def policy_losses_on(model, x, y, names, density, n_sink=4) -> dict:
-    """Loss per policy on one batch: x, y (B, T), y shifted by one."""
-    out = {}
-    for name in names:
-        logits = forward_with_policy(model, x, make_policy(name, model.cfg.window, model.cfg.tau, density, n_sink))
-        out[name] = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item()
     return out
 
 

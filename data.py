@@ -11,7 +11,8 @@ The cache folder's name hashes the tokenizer and the source path; meta.json reco
 tokenizer's identity and a fingerprint of the source's contents (each file's size, mtime and a
 hash of its head), so a cache made with another tokenizer, or from a file since rewritten or
 deleted, is never reused. A rewritten source is tokenized again into the same folder. A token
-file whose length disagrees with its meta.json (cut short) is refused.
+file whose length disagrees with its meta.json (cut short) is refused. One process tokenizes into
+a cache folder at a time (its .lock, lockfile.py); another that needs it waits, then reuses it.
 """
 
 import glob
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 import cli
+import lockfile
 
 VAL_EVERY = 10  # every 10th file (sorted) goes to the validation split
 DEFAULT_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_cache")
@@ -173,6 +175,20 @@ def prepare(data: str, tok, cache_root: str = DEFAULT_CACHE) -> str:
     key = hashlib.sha256(f"{tid}|{os.path.abspath(data) if data else 'stdlib'}".encode()).hexdigest()[:12]
     folder = os.path.join(cache_root, key)
     files = source_files(data, cache_root)
+    os.makedirs(cache_root, exist_ok=True)
+    try:  # a dead holder's pid needs no word: it left no meta.json, so its folder is tokenized again
+        fd, _ = lockfile.acquire(folder + ".lock")
+    except lockfile.Busy as busy:
+        print(f"data: waiting for process {busy.holder}, which is tokenizing into {folder}")
+        fd, _ = lockfile.acquire(folder + ".lock", wait=True)
+    try:
+        return tokenize_once(data, tok, tid, folder, files)
+    finally:
+        lockfile.release(fd, folder + ".lock")
+
+
+def tokenize_once(data: str, tok, tid: str, folder: str, files: list) -> str:
+    """The cache folder for files, tokenized into it unless its meta.json matches their fingerprint."""
     content = fingerprint(files)
     meta_path = os.path.join(folder, "meta.json")
     if os.path.isfile(meta_path):

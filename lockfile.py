@@ -1,6 +1,7 @@
 """An exclusive lock on a path, held by one process at a time: the one writer of a run folder or file.
 
     fd, stale = acquire(path)   # flock path and write our pid into it; Busy(holder) if a live process holds it
+    fd, stale = acquire(path, wait=True)  # or wait until its holder releases it
     ... write what the lock guards ...
     release(fd, path)           # unlink it while holding it, then close
 
@@ -22,12 +23,12 @@ class Busy(Exception):
         self.holder = holder
 
 
-def acquire(path: str) -> tuple:
-    """(open file descriptor holding the lock, pid of a dead holder or ""), or raise Busy."""
+def acquire(path: str, wait: bool = False) -> tuple:
+    """(open file descriptor holding the lock, pid of a dead holder or ""), or raise Busy (wait=False)."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ import torch
 import cli
 import data as datalib
 import generate as G
+import lockfile
 import run
 import train
 from checkpoint import atomic_save, read_checkpoint, save_checkpoint
@@ -358,6 +360,25 @@ def test_a_token_file_shorter_than_its_meta_is_refused(tmp_path):
         f.truncate(os.path.getsize(path) // 2)
     with pytest.raises(cli.BadInput, match="train.bin holds .* tokens but its meta.json says"):
         datalib.Batches(folder, "train", 32)
+
+
+def test_one_process_tokenizes_into_a_cache_folder_and_another_waits_for_it(tmp_path, capsys):
+    """While the cache folder's lock is held (as by a process tokenizing into it), prepare waits and
+    writes nothing; once it is released, prepare tokenizes and returns the folder."""
+    tok, src, cache = Tokenizer(byte_spec()), tmp_path / "corpus.txt", tmp_path / "cache"
+    src.write_text("text two processes want at once. " * 40)
+    os.makedirs(cache)
+    key = hashlib.sha256(f"{datalib.tokenizer_id(tok.spec)}|{os.path.abspath(src)}".encode()).hexdigest()[:12]
+    fd, _ = lockfile.acquire(str(cache / key) + ".lock")
+    done = []
+    waiter = threading.Thread(target=lambda: done.append(datalib.prepare(str(src), tok, str(cache))))
+    waiter.start()
+    waiter.join(timeout=2)
+    assert waiter.is_alive() and not os.path.exists(cache / key / "meta.json")
+    assert "data: waiting for process" in capsys.readouterr().out
+    lockfile.release(fd, str(cache / key) + ".lock")
+    waiter.join(timeout=60)
+    assert done == [str(cache / key)] and os.path.isfile(cache / key / "meta.json")
 
 
 def test_leftover_and_failed_cache_writes_are_removed(tmp_path):

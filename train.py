@@ -365,7 +365,8 @@ def main(argv, batches=datalib.Batches):
             final = evaluate(model, val, cfg, proc)
             report_end(final, cfg, proc, run.ckpt, model, val, source)
             run.finish({"step": step, **final, "train_config": dataclasses.asdict(cfg)})
-    if world > 1:
+    if world > 1:  # every rank waits for rank 0's last eval and save, then all leave the group together
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

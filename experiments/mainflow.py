@@ -11,7 +11,9 @@ says how). Every run is train.py on plain stdlib source: SP-KV adapted from the 
 predictors (u = 0.993) and next-token loss only, through the freeze-and-anneal schedule; its
 baseline, the dense twin, is the base trained on densely for the same steps, batches and seed.
 Then, on held-out stdlib source and licence prose, under hard gates: SP-KV's loss against density
-over a tau sweep, with the first-token (sink) keep rate; the dense twin's loss under full
+over a tau sweep and at the tau that keeps --target_density of old pairs on training text
+(spkv.calibrate: it asks whether the gates rank pairs well where none fell below 0.5), with the
+first-token (sink) keep rate; the dense twin's loss under full
 attention and the window alone; and H2O and StreamingLLM on the dense twin at each density SP-KV
 reached. The result is a new dated JSON and PNG in --out/results (stamped with the commit), never
 merged into an earlier one. Recipes are named train.py overrides (RECIPES), each with its reason.
@@ -60,6 +62,7 @@ class Flags:
     eval_batches: int = 4  # held-out batches of eval_batch_size sequences for every figure
     eval_batch_size: int = 4
     threads: int = 2
+    target_density: float = 0.25  # also measured at the tau that keeps this fraction of old pairs on training text
     eval_only: bool = False  # measure the finished runs in --out, train nothing
     tiny: bool = False  # tests: --base is a tiny model, 64-byte sequences, a few steps
     data: str = ""  # training and held-out text, as train.py's --data; "" = the stdlib source
@@ -90,15 +93,17 @@ def plan(o: dict) -> list:
     return rows
 
 
-def held_out(o: dict) -> dict:
-    """{domain: Batches}: plain stdlib val (files the base never saw) and licence prose."""
+def held_out(o: dict) -> tuple:
+    """({domain: Batches}, stdlib train Batches): plain stdlib val (files the base never saw) and
+    licence prose to measure on; the training text to calibrate tau on."""
     tok = load_model(o["base"])[1]
     cache = os.path.join(o["out"], "data_cache")
     T = 64 if o["tiny"] else 1024
-    domains = {"stdlib": datalib.Batches(datalib.prepare(o["data"], tok, cache), "val", T)}
+    stdlib = datalib.prepare(o["data"], tok, cache)
+    domains = {"stdlib": datalib.Batches(stdlib, "val", T)}
     if not o["tiny"]:
         domains["prose"] = datalib.Batches(datalib.prepare(PROSE, tok, cache), "val", T)
-    return domains
+    return domains, datalib.Batches(stdlib, "train", T)
 
 
 def print_rows(results: list):
@@ -107,12 +112,12 @@ def print_rows(results: list):
     for r in results:
         for domain, m in r["measured"].items():
             for p in m["points"]:
-                mark = "*" if p["tau"] == m["trained_tau"] else " "
+                mark = "*" if p["tau"] == m["trained_tau"] else "c" if p["tau"] == m.get("calibrated_tau") else " "
                 print(f"{r['run']:<18} {domain:<7} {p['tau']:>4g}{mark} {p['density']:>8.3f} {p['loss']:>8.4f} "
                       f"{harness.pct(p['loss'], m['dense_full']):>9} {harness.pct(p['h2o'], m['dense_full']):>8} "
                       f"{harness.pct(p['streaming'], m['dense_full']):>8} {harness.pct(m['window'], m['dense_full']):>8} "
                       f"{p['first_token_kept']:>9.2f}")
-    print("(* the trained tau; every % is against the dense twin under full attention, on the same batches)")
+    print("(* the trained tau, c the tau calibrated on training text; every % is against the dense twin under full attention, on the same batches)")
 
 
 def plot(results: list, path: str):
@@ -153,6 +158,8 @@ def main(argv):
         raise cli.BadInput(f"--spkv_base={o['spkv_base']} does not exist; give a pretrain.py --spkv_window snapshot")
     if min(o["steps"], o["batch_size"], o["eval_batches"], o["eval_batch_size"], o["threads"]) < 1:
         raise cli.BadInput("--steps, --batch_size, --eval_batches, --eval_batch_size and --threads must be >= 1")
+    if not 0 < o["target_density"] <= 1:
+        raise cli.BadInput(f"--target_density={o['target_density']} must be in (0, 1] (the fraction of old pairs kept)")
     torch.set_num_threads(o["threads"])
     rows = plan(o)
     t0 = time.time()
@@ -161,12 +168,13 @@ def main(argv):
         if o["eval_only"] and not harness.finished(folder, o["flags"][run]):
             raise cli.BadInput(f"--eval_only=True, but {folder} holds no finished run; drop --eval_only to train it")
         harness.run_train(folder, o["flags"][run], o["threads"])
-    domains = held_out(o)
+    domains, train = held_out(o)
     results = []
     for run, dense, recipe, seed in rows:
         ckpt = lambda name: os.path.join(o["out"], name, "ckpt.pt")  # noqa: E731
-        measured = {d: harness.measure_against_dense(ckpt(run), ckpt(dense), b, TAUS, o["eval_batches"],
-                                                     o["eval_batch_size"]) for d, b in domains.items()}
+        measured = {d: harness.measure_against_dense(ckpt(run), ckpt(dense), b, TAUS, o["eval_batches"], o["eval_batch_size"],
+                                                     target_density=o["target_density"], calibrate_on=train)
+                    for d, b in domains.items()}
         results.append({"run": run, "dense": dense, "recipe": recipe, "why": RECIPES[recipe][1], "seed": seed,
                         "train_flags": o["flags"][run], "measured": measured})
     print_rows(results)

@@ -23,7 +23,8 @@ def test_flow_measures_every_tau_and_never_replaces_results(tmp_path, capsys):
     (r,) = res["results"]
     assert r["run"] == "spkv_paper_s1337" and r["dense"] == "dense_s1337" and res["commit"]
     m = r["measured"]["stdlib"]
-    assert [p["tau"] for p in m["points"]] == sorted({0.5, *mainflow.TAUS})
+    assert [p["tau"] for p in m["points"]] == sorted({0.5, m["calibrated_tau"], *mainflow.TAUS})
+    assert 0 < m["calibrated_tau"] <= 1  # the tau that keeps --target_density of old pairs on training text
     assert all(0 <= p["density"] <= 1 and p["h2o"] > 0 and p["streaming"] > 0 and 0 <= p["first_token_kept"] <= 1
                for p in m["points"])
     assert m["dense_full"] > 0 and m["window"] > 0
@@ -37,6 +38,8 @@ def test_flow_measures_every_tau_and_never_replaces_results(tmp_path, capsys):
     assert len(list((tmp_path / "mf" / "results").glob("mainflow-*.json"))) == 2  # a new file, the first kept
     with pytest.raises(BadInput, match="unknown recipe"):
         mainflow.main(argv + ["--recipes=nope"])
+    with pytest.raises(BadInput, match="target_density"):
+        mainflow.main(argv + ["--target_density=0"])
 
 
 def test_the_from_scratch_flow_trains_spkv_from_step_0_and_its_last_leg_starts_from_it(tmp_path):

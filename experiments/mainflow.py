@@ -1,7 +1,7 @@
 """The paper's main flow on a small model that needs its old keys: adapt it to SP-KV, against dense.
 
     python experiments/mainflow.py                          # the shipped model, the paper's recipe, seed 1337
-    python experiments/mainflow.py --recipes=paper,lr20,lr100,neutral --seeds=1337,1338,1339
+    python experiments/mainflow.py --recipes=paper,lr20,lr100,neutral,closed --seeds=1337,1338,1339
     python experiments/mainflow.py --eval_only=True         # measure finished runs again
     python experiments/mainflow.py --spkv_base=out/pretrain_spkv/snapshots/step_N.pt --base=<dense snapshot at N>
                                                             # the from-scratch flow's last leg
@@ -44,6 +44,8 @@ RECIPES = {  # name -> (train.py flags on top of the shared ones, why)
     "lr100": ({"predictor_lr_mult": 100}, "predictor LR x100: at x5 the output bias moved 5.00 -> 4.75 in 300 steps"),
     "neutral": ({"predictor_lr_mult": 20, "predictor_init_bias": 0.0},
                 "x20 and init bias 0 (u = 0.5), not open: the sigmoid's slope there is 35x that at u = 0.993"),
+    "closed": ({"predictor_lr_mult": 20, "predictor_init_bias": -2.0},
+               "x20 and init bias -2 (u = 0.12), not open: old keys start masked, and the loss must open the ones it needs"),
 }
 TAUS = (0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 

@@ -196,6 +196,16 @@ def test_bad_flags_are_refused_with_the_valid_keys(argv, message):
         train.parse_flags(argv)
 
 
+def test_the_cpu_preset_adapts_the_shipped_model_and_explicit_flags_win():
+    cfg, _ = train.parse_flags(["--preset=cpu"])
+    assert cfg.ckpt == train.SHIPPED and os.path.isfile(cfg.ckpt)  # models/stdlib_bytes.pt, in the repo
+    assert (cfg.window, cfg.seq_len) == (32, 1024)  # the context and window its bar was measured at
+    with open(cfg.ckpt[:-len(".pt")] + ".json") as f:
+        assert json.load(f)["needs_old_keys"]["w32"]
+    cfg, given = train.parse_flags(["--preset=cpu", "--ckpt=other.pt", "--window=8"])
+    assert (cfg.ckpt, cfg.window, cfg.seq_len) == ("other.pt", 8, 1024) and set(given) == {"preset", "ckpt", "window"}
+
+
 def test_missing_checkpoint_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train.main(flags(tmp_path, str(tmp_path / "nope.pt")))

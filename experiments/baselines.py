@@ -76,6 +76,37 @@ def h2o_visible(q: torch.Tensor, k: torch.Tensor, window: int, density: float) -
     return visible
 
 
+@torch.no_grad()
+def hindsight_visible(q: torch.Tensor, k: torch.Tensor, window: int, density: float, rank_by: str = "sum",
+                      n_sink: int = 0) -> torch.Tensor:
+    """(B, Hkv, T, T) a write-time keep set chosen with hindsight: the ceiling of SP-KV's class.
+    q (B, H, T, D), k (B, Hkv, T, D).
+
+    SP-KV decides once per (key, KV head) whether an old key stays, for every later query. This
+    oracle makes the same kind of decision, but from the future: per sequence and KV head, it keeps
+    the round(density * (T - window)) keys that full attention weighs most from the queries they are
+    old to (t - s >= window), summed over those queries and the G query heads of the group
+    (rank_by="sum") or at their largest (rank_by="max"); the first n_sink keys are kept first.
+    Not a policy a decoder could run (it reads queries that come later): it bounds what a gate
+    that reads one token at write time could pick, at the same final density.
+    """
+    if rank_by not in ("sum", "max"):
+        raise ValueError(f"rank_by={rank_by!r}; use 'sum' or 'max'")
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    pos = torch.arange(T, device=q.device)
+    rel = pos[:, None] - pos[None, :]  # (T, S) distance t - s
+    scores = q.view(B, Hkv, H // Hkv, T, D).float() @ k.float()[:, :, None].transpose(-1, -2) / math.sqrt(D)
+    p = scores.masked_fill(rel < 0, float("-inf")).softmax(-1) * (rel >= window)  # (B, Hkv, G, T, S) old pairs only
+    weight = p.sum((2, 3)) if rank_by == "sum" else p.amax((2, 3))  # (B, Hkv, S)
+    weight[..., :n_sink] = float("inf")
+    weight = weight.masked_fill(pos > T - 1 - window, float("-inf"))  # never old: nothing to decide
+    n_keep = int(density * max(0, T - window) + 0.5)
+    keep = torch.zeros(B, Hkv, T, dtype=torch.bool, device=q.device)
+    keep.scatter_(-1, weight.topk(n_keep, dim=-1).indices, True)
+    return window_visible(T, window, q.device) | (causal_visible(T, q.device) & keep[:, :, None, :])
+
+
 def make_policy(name: str, window: int, tau: float, density: float, n_sink: int = 4):
     """policy(q, k, logit) -> visible mask, for one of POLICIES."""
     if name not in POLICIES:

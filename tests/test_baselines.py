@@ -120,3 +120,40 @@ def test_bad_policy_and_density():
         bl.make_policy("kvzap", 8, 0.5, 0.2)
     with pytest.raises(ValueError, match="density"):
         bl.old_budget(10, 2, 1.5)
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(2, 40), st.integers(1, 12), st.floats(0.0, 1.0),
+       st.integers(1, 2), st.integers(1, 2), st.sampled_from(["sum", "max"]), st.integers(0, 3))
+def test_the_hindsight_oracle_keeps_the_old_keys_full_attention_weighs_most(seed, T, window, density, Hkv, G,
+                                                                           rank_by, n_sink):
+    """A write-time keep set: one decision per (sequence, KV head, key) for every later query, of the
+    budgeted size, and no dropped key weighs more than a kept one (sinks aside), the weights
+    recomputed here query by query."""
+    g = torch.Generator().manual_seed(seed)
+    B, D = 2, 8
+    q = 2 * torch.randn(B, Hkv * G, T, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hkv, T, D, generator=g, dtype=torch.float64)
+    vis = bl.hindsight_visible(q, k, window, density, rank_by, n_sink)
+    assert_window_and_causal(vis, window)
+    n_keep = int(density * max(0, T - window) + 0.5)
+    assert torch.equal(old_counts(vis, window)[..., -1], torch.full((B, Hkv), n_keep))
+    pos = torch.arange(T)
+    for b in range(B):
+        for h in range(Hkv):
+            kept = {s for s in range(T - window) if vis[b, h, T - 1, s]}
+            for t in range(T):  # the same decision for every query the key is old to
+                assert {s for s in range(t - window + 1) if vis[b, h, t, s]} == {s for s in kept if s <= t - window}
+            weight = torch.zeros(T, dtype=torch.float64)
+            for j in range(G):
+                for t in range(window, T):
+                    p = (q[b, h * G + j, t] @ k[b, h, :t + 1].T / math.sqrt(D)).softmax(-1)  # (t + 1,)
+                    old = p[:max(0, t - window + 1)]
+                    part = weight[:len(old)]
+                    weight[:len(old)] = part + old if rank_by == "sum" else torch.maximum(part, old)
+            sinks = set(range(min(n_sink, T - window)))
+            assert sinks <= kept or len(kept) < len(sinks) and kept <= sinks
+            rest = [s for s in range(max(0, T - window)) if s not in sinks]
+            free = [s for s in rest if s in kept]
+            dropped = [s for s in rest if s not in kept]
+            if free and dropped:
+                assert weight[free].min() >= weight[dropped].max() - 1e-9

@@ -1,0 +1,46 @@
+"""experiments/ceiling.py at tiny size: every policy is measured at every window and density on a
+shipped model's held-out rows, and at density 1 every keep set is full attention."""
+
+import json
+
+import numpy as np
+import pytest
+
+import ceiling
+from cli import BadInput
+from tiny import tiny_checkpoint
+
+
+def shipped_tiny(tmp_path, T=48, n=3):
+    """A tiny dense checkpoint with a .json and held-out rows beside it, as pretrain.py ships one."""
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", predictors=False, dense_layers=(0, 1))
+    rows = np.random.default_rng(0).integers(0, 257, size=(n, T + 1)).astype(np.uint16)
+    rows.tofile(tmp_path / "m_heldout.bin")
+    (tmp_path / "m.json").write_text(json.dumps({"heldout": {"file": "m_heldout.bin", "shape": [n, T + 1]}}))
+    return ckpt
+
+
+def test_every_policy_at_every_window_and_density_and_full_attention_at_density_1(tmp_path, capsys):
+    ckpt = shipped_tiny(tmp_path)
+    ceiling.main([f"--ckpt={ckpt}", "--windows=4,8", "--densities=0.25,1.0", "--batch_size=2", "--threads=1",
+                  f"--out={tmp_path / 'out'}"])
+    (path,) = (tmp_path / "out" / "results").glob("ceiling-*.json")
+    full, *rows = json.loads(path.read_text())["results"]
+    assert [r["window"] for r in rows] == [4, 8]
+    for r in rows:
+        assert r["window_alone"] > 0 and [p["density"] for p in r["points"]] == [0.25, 1.0]
+        names = ["streaming", "h2o", *ceiling.ORACLES]
+        at_one = r["points"][1]
+        assert all(abs(at_one[n] - full["full"]) < 1e-5 for n in names), at_one  # every key kept
+        assert all(r["points"][0][n] > 0 for n in names)
+    assert "oracle_sum" in capsys.readouterr().out
+
+
+def test_bad_input_is_one_line(tmp_path):
+    ckpt = shipped_tiny(tmp_path)
+    with pytest.raises(BadInput, match="densities"):
+        ceiling.main([f"--ckpt={ckpt}", "--densities=1.5", f"--out={tmp_path / 'o'}"])
+    with pytest.raises(BadInput, match="sequence length"):
+        ceiling.main([f"--ckpt={ckpt}", "--windows=48", f"--out={tmp_path / 'o'}"])
+    with pytest.raises(BadInput, match="does not exist"):
+        ceiling.main([f"--ckpt={tmp_path / 'none.pt'}", f"--out={tmp_path / 'o'}"])

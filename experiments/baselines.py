@@ -77,6 +77,22 @@ def h2o_visible(q: torch.Tensor, k: torch.Tensor, window: int, density: float) -
 
 
 @torch.no_grad()
+def hindsight_weight(q: torch.Tensor, k: torch.Tensor, window: int, rank_by: str = "sum") -> torch.Tensor:
+    """(B, Hkv, S) how much full attention weighs each key from the queries it is old to
+    (t - s >= window), summed over those queries and the G query heads of its group
+    (rank_by="sum") or at their largest (rank_by="max"). q (B, H, T, D), k (B, Hkv, T, D).
+    A key that is never old (s > T - 1 - window) weighs 0."""
+    if rank_by not in ("sum", "max"):
+        raise ValueError(f"rank_by={rank_by!r}; use 'sum' or 'max'")
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    rel = torch.arange(T, device=q.device)[:, None] - torch.arange(T, device=q.device)[None, :]  # (T, S) t - s
+    scores = q.view(B, Hkv, H // Hkv, T, D).float() @ k.float()[:, :, None].transpose(-1, -2) / math.sqrt(D)
+    p = scores.masked_fill(rel < 0, float("-inf")).softmax(-1) * (rel >= window)  # (B, Hkv, G, T, S) old pairs only
+    return p.sum((2, 3)) if rank_by == "sum" else p.amax((2, 3))
+
+
+@torch.no_grad()
 def hindsight_visible(q: torch.Tensor, k: torch.Tensor, window: int, density: float, rank_by: str = "sum",
                       n_sink: int = 0) -> torch.Tensor:
     """(B, Hkv, T, T) a write-time keep set chosen with hindsight: the ceiling of SP-KV's class.
@@ -84,21 +100,13 @@ def hindsight_visible(q: torch.Tensor, k: torch.Tensor, window: int, density: fl
 
     SP-KV decides once per (key, KV head) whether an old key stays, for every later query. This
     oracle makes the same kind of decision, but from the future: per sequence and KV head, it keeps
-    the round(density * (T - window)) keys that full attention weighs most from the queries they are
-    old to (t - s >= window), summed over those queries and the G query heads of the group
-    (rank_by="sum") or at their largest (rank_by="max"); the first n_sink keys are kept first.
-    Not a policy a decoder could run (it reads queries that come later): it bounds what a gate
-    that reads one token at write time could pick, at the same final density.
+    the round(density * (T - window)) keys of the largest hindsight_weight (the first n_sink keys
+    first). Not a policy a decoder could run (it reads queries that come later): it bounds what a
+    gate that reads one token at write time could pick, at the same final density.
     """
-    if rank_by not in ("sum", "max"):
-        raise ValueError(f"rank_by={rank_by!r}; use 'sum' or 'max'")
-    B, H, T, D = q.shape
-    Hkv = k.shape[1]
+    B, Hkv, T = k.shape[:3]
     pos = torch.arange(T, device=q.device)
-    rel = pos[:, None] - pos[None, :]  # (T, S) distance t - s
-    scores = q.view(B, Hkv, H // Hkv, T, D).float() @ k.float()[:, :, None].transpose(-1, -2) / math.sqrt(D)
-    p = scores.masked_fill(rel < 0, float("-inf")).softmax(-1) * (rel >= window)  # (B, Hkv, G, T, S) old pairs only
-    weight = p.sum((2, 3)) if rank_by == "sum" else p.amax((2, 3))  # (B, Hkv, S)
+    weight = hindsight_weight(q, k, window, rank_by)  # (B, Hkv, S)
     weight[..., :n_sink] = float("inf")
     weight = weight.masked_fill(pos > T - 1 - window, float("-inf"))  # never old: nothing to decide
     n_keep = int(density * max(0, T - window) + 0.5)

@@ -17,10 +17,21 @@ gates exist: on the shipped model's held-out sequences (models/stdlib_bytes_held
                 queries they are old to
     oracle_max  the same, ranked by the largest weight one query gives the key
     oracle_sink oracle_sum with the first 4 tokens kept first
-all at the same final density of old pairs. No gate that reads one token can beat the oracle's
-choice by much; where the oracle loses to StreamingLLM, so will SP-KV on this model at that window.
+    learned     (--distill_seqs=N) a write-time gate: SP-KV's own predictor (the same MLP, reading
+                the same normalized input) fitted to the log of oracle_max's weight on N training
+                sequences, the model frozen; then one tau, calibrated on training text to the
+                density, as SP-KV deploys (spkv.calibrate)
+all at the same final density of old pairs (learned: at the density its tau keeps on training
+text; the held-out density is printed beside it). No gate that reads one token can beat the
+oracle's choice by much; where the oracle loses to StreamingLLM, so will SP-KV on this model at
+that window. Where the learned gate falls short of the oracle, the token alone does not tell what
+the future will need; where it comes close, a gate that can be learned exists, and what stands
+between it and SP-KV is the training signal.
 Each figure is a deterministic eval (fp32, fixed sequences); the result is a new dated JSON in
---out, never merged into an earlier one.
+--out/results, never merged into an earlier one. With --distill_seqs, each window's learned gates
+are also saved as a checkpoint (--out/learned/learned_w<window>-<date>-<commit>.pt): the model with
+its fitted predictors, their output bias shifted so that the default tau of 0.5 keeps
+--save_density of old pairs on training text. mainflow.py --spkv_base=<it> adapts SP-KV from there.
 """
 
 import dataclasses
@@ -38,8 +49,10 @@ import torch.nn.functional as F
 
 import baselines
 import cli
+import data as datalib
 import harness
-from checkpoint import load_model
+import spkv
+from checkpoint import load_model, save_checkpoint
 
 MODEL = os.path.join(harness.ROOT, "models", "stdlib_bytes.pt")
 ORACLES = {"oracle_sum": dict(rank_by="sum"), "oracle_max": dict(rank_by="max"),
@@ -54,6 +67,11 @@ class Flags:
     densities: str = "0.1,0.25"  # comma list of kept fractions of old pairs
     batch_size: int = 4  # sequences a forward
     h2o: bool = True  # also H2O (a step-by-step loop: the slowest policy)
+    distill_seqs: int = 0  # > 0: also the learned write-time gate, fitted on this many training sequences
+    distill_steps: int = 400  # full-batch Adam steps of each layer's predictor fit
+    data: str = ""  # the training text of the learned gate, as train.py's --data; "" = the stdlib source
+    data_cache: str = ""  # where that text is tokenized; "" = data_cache/ beside train.py
+    save_density: float = 0.25  # each window's learned gates are saved (--out/learned/) shifted so that tau 0.5 keeps this
     threads: int = 2
     out: str = "out/ceiling"  # results/ceiling-<date>-<commit>.json
 
@@ -90,21 +108,114 @@ def loss_of(model, rows: torch.Tensor, visible, batch_size: int) -> float:
     return total / (n * (rows.shape[1] - 1))
 
 
-def measure(model, rows, windows, densities, batch_size, with_h2o) -> list:
-    """[{window, full, window_alone, points: [{density, policy: loss}]}], printed as it goes."""
+@torch.no_grad()
+def oracle_targets(model, x: torch.Tensor, window: int) -> list:
+    """Per layer, (inputs (N, d), targets (N, Hkv)): the attention's normalized input at every
+    position that becomes old in a sequence of x (B, T), and the log of its hindsight weight
+    (rank_by="max", floored at 1e-6), all under full attention."""
+    inputs, weights, T = {}, {}, x.shape[1]
+    hooks = [b.attn.register_forward_pre_hook(lambda m, args, layer=i: inputs.__setitem__(layer, args[0]))
+             for i, b in enumerate(model.blocks)]
+
+    def visible(layer, q, k, logit):
+        weights[layer] = baselines.hindsight_weight(q, k, window, "max")  # (B, Hkv, T)
+        return baselines.causal_visible(T, q.device)
+
+    try:
+        baselines.forward_with_masks(model, x, visible)
+    finally:
+        for h in hooks:
+            h.remove()
+    n_old = T - window  # positions 0 .. T - 1 - window become old
+    return [(inputs[i][:, :n_old].reshape(-1, inputs[i].shape[-1]),  # (B * n_old, d)
+             weights[i][:, :, :n_old].clamp_min(1e-6).log().transpose(1, 2).reshape(-1, weights[i].shape[1]))
+            for i in range(len(model.blocks))]
+
+
+def fit_predictors(model, train: datalib.Batches, window: int, n_seqs: int, steps: int, batch_size: int):
+    """Fit every layer's utility predictor (model weights frozen) to oracle_targets on n_seqs
+    training sequences (seed 0): mean squared error, full-batch Adam. Prints each layer's fit."""
+    gen = torch.Generator().manual_seed(0)
+    parts = [oracle_targets(model, train.sample(min(batch_size, n_seqs - i), gen)[0], window)
+             for i in range(0, n_seqs, batch_size)]
+    for i, block in enumerate(model.blocks):
+        x, y = (torch.cat([p[i][j] for p in parts]) for j in (0, 1))  # (N, d), (N, Hkv)
+        pred = block.attn.predictor
+        torch.manual_seed(i)
+        pred.reset_open()
+        with torch.no_grad():
+            pred.proj.bias.copy_(y.mean(0))
+        opt = torch.optim.Adam(pred.parameters(), lr=3e-3)
+        for _ in range(steps):
+            loss = F.mse_loss(pred(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        print(f"  learned gate, layer {i}: MSE {loss.item():.3f} against the variance {y.var().item():.3f} "
+              f"of log oracle weight, {x.shape[0]:,} positions", flush=True)
+
+
+@torch.no_grad()
+def learned_loss(model, rows, window: int, tau: float, batch_size: int) -> tuple:
+    """(loss, held-out density) of the model's own gates at tau (hard), every layer."""
+    kept = old = 0
+
+    def visible(layer, q, k, logit):
+        nonlocal kept, old
+        k_, o_ = spkv.kept_counts(spkv.hard_keep(logit, tau), window)
+        kept, old = kept + k_.sum().item(), old + o_.sum().item()
+        return baselines.spkv_visible(logit, window, tau)
+
+    return loss_of(model, rows, visible, batch_size), kept / max(old, 1)
+
+
+def save_learned(gated, tok, out: str, window: int, tau: float, density: float) -> str:
+    """The fitted gates as a checkpoint whose tau 0.5 keeps what tau keeps now (density of old
+    pairs on training text): each predictor's output bias moves by -logit(tau). A new file, never
+    an earlier one."""
+    shift = torch.logit(torch.tensor(tau, dtype=torch.float64)).item()
+    path = harness.new_result_path(os.path.join(out, "learned"), f"learned_w{window}", "pt")
+    saved = {i: b.attn.predictor.proj.bias.detach().clone() for i, b in enumerate(gated.blocks)}
+    with torch.no_grad():
+        for b in gated.blocks:
+            b.attn.predictor.proj.bias -= shift
+        save_checkpoint(path, gated, tok.spec, source="experiments/ceiling.py",
+                        learned_gates={"window": window, "density_on_training_text": density, "commit": harness.commit_stamp()})
+        for i, b in enumerate(gated.blocks):
+            b.attn.predictor.proj.bias.copy_(saved[i])
+    return path
+
+
+def measure(model, rows, windows, densities, batch_size, with_h2o, learned=None) -> list:
+    """[{window, full, window_alone, points: [{density, policy: loss}]}], printed as it goes.
+    learned: (SP-KV model to fit per window, its tokenizer, training Batches, n_seqs, steps, out,
+    save_density), or None."""
     full = loss_of(model, rows, policy("full", 1, 1.0), batch_size)
     names = ["streaming", *(["h2o"] if with_h2o else []), *ORACLES]
     pct = lambda v: f"{100 * (v / full - 1):+.2f}%"  # noqa: E731
     print(f"full attention {full:.4f} nats a token on {rows.shape[0]} x {rows.shape[1] - 1} held-out tokens")
-    print(f"{'window':>6} {'density':>7} {'alone':>8} " + " ".join(f"{n:>11}" for n in names), flush=True)
+    print(f"{'window':>6} {'density':>7} {'alone':>8} " + " ".join(f"{n:>11}" for n in names)
+          + ("     learned (held-out density)" if learned else ""), flush=True)
     out = []
     for w in windows:
         alone = loss_of(model, rows, policy("window", w, 0.0), batch_size)
+        if learned:
+            gated, tok, train, n_seqs, steps, out_dir, save_density = learned
+            gated.retune(window=w)
+            fit_predictors(gated, train, w, n_seqs, steps, batch_size)
+            tau = spkv.calibrate(gated, train, save_density, n_batches=4, batch_size=batch_size)
+            print(f"  saved: {save_learned(gated, tok, out_dir, w, tau, save_density)} (tau 0.5 keeps {save_density:g})")
         points = []
         for d in densities:
             losses = {n: loss_of(model, rows, policy(n, w, d), batch_size) for n in names}
+            line = f"{w:>6} {d:>7g} {pct(alone):>8} " + " ".join(f"{pct(losses[n]):>11}" for n in names)
+            if learned:
+                tau = spkv.calibrate(gated, train, d, n_batches=4, batch_size=batch_size) if d > 0 else 1.0
+                losses["learned"], losses["learned_density"] = learned_loss(gated, rows, w, tau, batch_size)
+                losses["learned_tau"] = tau
+                line += f" {pct(losses['learned']):>11} ({losses['learned_density']:.3f})"
             points.append({"density": d, **losses})
-            print(f"{w:>6} {d:>7g} {pct(alone):>8} " + " ".join(f"{pct(losses[n]):>11}" for n in names), flush=True)
+            print(line, flush=True)
         out.append({"window": w, "window_alone": alone, "points": points})
     print("(every % is over full attention on the same sequences)")
     return [{"full": full}, *out]
@@ -118,15 +229,27 @@ def main(argv):
         raise cli.BadInput(f"--ckpt={ckpt} does not exist; give a dense checkpoint shipped with its held-out .bin")
     windows = cli.number_list("windows", o["windows"], int)
     densities = cli.number_list("densities", o["densities"], float)
-    if min(o["batch_size"], o["threads"]) < 1 or min(windows) < 1 or not all(0 <= d <= 1 for d in densities):
-        raise cli.BadInput("--batch_size and --threads must be >= 1, --windows >= 1, --densities in [0, 1]")
+    if min(o["batch_size"], o["threads"], o["distill_steps"]) < 1 or o["distill_seqs"] < 0 or not 0 < o["save_density"] < 1 or min(windows) < 1 or not all(0 <= d <= 1 for d in densities):
+        raise cli.BadInput("--batch_size, --threads and --distill_steps must be >= 1, --distill_seqs >= 0, "
+                           "--save_density in (0, 1), --windows >= 1, --densities in [0, 1]")
     torch.set_num_threads(o["threads"])
     rows = heldout_rows(ckpt, o["heldout"])
     if max(windows) >= rows.shape[1] - 1:
         raise cli.BadInput(f"--windows: {max(windows)} is not below the sequence length {rows.shape[1] - 1}")
     model = load_model(ckpt, dense=True)[0].eval()
+    learned = None
+    if o["distill_seqs"] > 0:
+        torch.manual_seed(0)
+        gated, tok, _ = load_model(ckpt, dense_layers=())  # the same weights, every layer with a predictor, fitted per window
+        for p in gated.parameters():
+            p.requires_grad_(False)
+        for p in gated.predictor_parameters():
+            p.requires_grad_(True)
+        folder = datalib.prepare(o["data"], tok, o["data_cache"] or datalib.DEFAULT_CACHE)
+        learned = (gated.eval(), tok, datalib.Batches(folder, "train", rows.shape[1] - 1), o["distill_seqs"],
+                   o["distill_steps"], o["out"], o["save_density"])
     t0 = time.time()
-    results = measure(model, rows, windows, densities, o["batch_size"], o["h2o"])
+    results = measure(model, rows, windows, densities, o["batch_size"], o["h2o"], learned)
     path = harness.save_result(o["out"], "ceiling", {**o, "ckpt": ckpt}, results, t0)
     print(f"results: {path}")
 

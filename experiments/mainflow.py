@@ -5,6 +5,8 @@
     python experiments/mainflow.py --eval_only=True         # measure finished runs again
     python experiments/mainflow.py --spkv_base=out/pretrain_spkv/snapshots/step_N.pt --base=<dense snapshot at N>
                                                             # the from-scratch flow's last leg
+    python experiments/mainflow.py --window=128 --spkv_base=out/ceiling/learned/learned_w128-<date>-<commit>.pt
+                                                            # SP-KV from gates fitted to the hindsight oracle
 
 The base is models/stdlib_bytes.pt (experiments/pretrain.py made it; models/stdlib_bytes.json
 says how). Every run is train.py on plain stdlib source: SP-KV adapted from the base with open
@@ -54,7 +56,7 @@ TAUS = (0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 class Flags:
     out: str = "out/mainflow"  # a folder per run, and results/
     base: str = ""  # the dense model to adapt; "" = models/stdlib_bytes.pt
-    spkv_base: str = ""  # where the SP-KV runs start instead: a pretrain.py --spkv_window snapshot (the from-scratch flow); "" = --base
+    spkv_base: str = ""  # where the SP-KV runs start instead: a pretrain.py --spkv_window snapshot (the from-scratch flow) or ceiling.py's learned gates; "" = --base
     recipes: str = "paper"  # comma list of RECIPES
     seeds: str = "1337"  # comma list; each seed has its own dense twin
     steps: int = 300  # steps of each adaptation and of its dense twin
@@ -89,7 +91,8 @@ def plan(o: dict) -> list:
         for name in o["recipes"].split(","):
             if name not in RECIPES:
                 raise cli.BadInput(f"--recipes: unknown recipe {name!r}; use a comma list of {sorted(RECIPES)}")
-            run = f"spkv_{name}_s{seed}"
+            start = f"_from_{os.path.splitext(os.path.basename(o['spkv_base']))[0]}" if o["spkv_base"] else ""
+            run = f"spkv_{name}{start}_s{seed}"  # runs from another start have folders of their own beside the twin
             o["flags"][run] = train_flags(o, seed, False, RECIPES[name][0])
             rows.append((run, dense, name, seed))
     return rows
@@ -157,7 +160,8 @@ def main(argv):
     if not os.path.isfile(o["base"]):
         raise cli.BadInput(f"--base={o['base']} does not exist; give a dense checkpoint (experiments/pretrain.py makes one)")
     if o["spkv_base"] and not os.path.isfile(o["spkv_base"]):
-        raise cli.BadInput(f"--spkv_base={o['spkv_base']} does not exist; give a pretrain.py --spkv_window snapshot")
+        raise cli.BadInput(f"--spkv_base={o['spkv_base']} does not exist; give a pretrain.py --spkv_window snapshot "
+                           "or a ceiling.py learned-gates checkpoint")
     if min(o["steps"], o["batch_size"], o["eval_batches"], o["eval_batch_size"], o["threads"]) < 1:
         raise cli.BadInput("--steps, --batch_size, --eval_batches, --eval_batch_size and --threads must be >= 1")
     if not 0 < o["target_density"] <= 1:
@@ -165,7 +169,7 @@ def main(argv):
     torch.set_num_threads(o["threads"])
     rows = plan(o)
     t0 = time.time()
-    for run in dict.fromkeys(name for row in rows for name in row[:2]):  # dense twins first, each once
+    for run in dict.fromkeys(name for row in rows for name in row[:2]):  # each run once, its seed's dense twin after the first
         folder = os.path.join(o["out"], run)
         if o["eval_only"] and not harness.finished(folder, o["flags"][run]):
             raise cli.BadInput(f"--eval_only=True, but {folder} holds no finished run; drop --eval_only to train it")

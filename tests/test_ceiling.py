@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import ceiling
 from cli import BadInput
@@ -44,3 +45,29 @@ def test_bad_input_is_one_line(tmp_path):
         ceiling.main([f"--ckpt={ckpt}", "--windows=48", f"--out={tmp_path / 'o'}"])
     with pytest.raises(BadInput, match="does not exist"):
         ceiling.main([f"--ckpt={tmp_path / 'none.pt'}", f"--out={tmp_path / 'o'}"])
+
+
+def test_the_learned_gate_is_fitted_per_window_and_saved_to_keep_its_density_at_tau_half(tmp_path):
+    """--distill_seqs: SP-KV's predictors fitted to the oracle, measured at each density, and saved
+    per window with the output bias moved so that tau 0.5 keeps --save_density on training text."""
+    import data as datalib
+    import spkv
+    from checkpoint import load_model
+    from tiny import tiny_text_dir
+
+    ckpt = shipped_tiny(tmp_path)
+    text = tiny_text_dir(tmp_path / "text")
+    ceiling.main([f"--ckpt={ckpt}", "--windows=8", "--densities=0.25,0.5", "--h2o=False", "--distill_seqs=4",
+                  "--distill_steps=20", f"--data={text}", f"--data_cache={tmp_path / 'cache'}", "--batch_size=2",
+                  "--threads=1", "--save_density=0.5", f"--out={tmp_path / 'out'}"])
+    (path,) = (tmp_path / "out" / "results").glob("ceiling-*.json")
+    _, row = json.loads(path.read_text())["results"]
+    for p in row["points"]:
+        assert p["learned"] > 0 and 0 <= p["learned_density"] <= 1 and 0 < p["learned_tau"] <= 1
+    (saved,) = (tmp_path / "out" / "learned").glob("learned_w8-*.pt")
+    model, tok, raw = load_model(str(saved))
+    assert model.cfg.window == 8 and raw["learned_gates"]["window"] == 8
+    assert all(b.attn.is_spkv for b in model.blocks)
+    train = datalib.Batches(datalib.prepare(text, tok, str(tmp_path / "cache")), "train", 48)
+    u = spkv.old_gate_values(model, train, 4, 2, torch.Generator().manual_seed(0))  # calibrate's batches
+    assert abs((u >= 0.5).float().mean().item() - 0.5) < 0.01

@@ -63,7 +63,7 @@ def test_the_from_scratch_flow_trains_spkv_from_step_0_and_its_last_leg_starts_f
     mainflow.main([f"--out={tmp_path / 'mf'}", "--tiny=True", f"--base={base}", f"--spkv_base={snap}", f"--data={text}",
                    "--steps=4", "--window=8", "--batch_size=2", "--eval_batches=1", "--eval_batch_size=2", "--threads=1"])
     cfg = {r: json.loads((tmp_path / "mf" / r / "final.json").read_text())["train_config"]
-           for r in ("dense_s1337", "spkv_paper_s1337")}
-    assert cfg["dense_s1337"]["ckpt"] == str(base) and cfg["spkv_paper_s1337"]["ckpt"] == str(snap)
+           for r in ("dense_s1337", "spkv_paper_from_step_000003_s1337")}
+    assert cfg["dense_s1337"]["ckpt"] == str(base) and cfg["spkv_paper_from_step_000003_s1337"]["ckpt"] == str(snap)
     with pytest.raises(BadInput, match="--ship ships a dense pretraining"):
         pretrain.main([f"--out={tmp_path / 'spkv'}", "--spkv_window=8", "--ship=3", *common])

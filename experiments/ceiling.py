@@ -71,6 +71,7 @@ class Flags:
     distill_steps: int = 400  # full-batch Adam steps of each layer's predictor fit
     data: str = ""  # the training text of the learned gate, as train.py's --data; "" = the stdlib source
     data_cache: str = ""  # where that text is tokenized; "" = data_cache/ beside train.py
+    replot: str = ""  # draw the PNG of an earlier result JSON beside it (never over one) and measure nothing
     save_density: float = 0.25  # each window's learned gates are saved (--out/learned/) shifted so that tau 0.5 keeps this
     threads: int = 2
     out: str = "out/ceiling"  # results/ceiling-<date>-<commit>.json
@@ -221,9 +222,48 @@ def measure(model, rows, windows, densities, batch_size, with_h2o, learned=None)
     return [{"full": full}, *out]
 
 
+def plot(results: list, path: str):
+    """Loss over full attention against density, one panel per window: StreamingLLM, H2O (where
+    measured), the hindsight oracle (its best ranking), the learned write-time gate (where
+    measured, at its held-out density) and the window alone."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full, rows = results[0]["full"], results[1:]
+    rel = lambda v: 100 * (v / full - 1)  # noqa: E731
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.6 * len(rows), 3.4), squeeze=False, sharey=True)
+    for ax, r in zip(axes[0], rows):
+        pts = r["points"]
+        d = [p["density"] for p in pts]
+        ax.plot(d, [rel(p["streaming"]) for p in pts], "^:", color="C8", label="StreamingLLM")
+        if "h2o" in pts[0]:
+            ax.plot(d, [rel(p["h2o"]) for p in pts], "s--", color="C7", label="H2O")
+        ax.plot(d, [rel(min(p[n] for n in ORACLES)) for p in pts], "o-", color="C2", label="hindsight oracle (best)")
+        if "learned" in pts[0]:
+            ax.plot([p["learned_density"] for p in pts], [rel(p["learned"]) for p in pts], "D-", color="C0",
+                    label="learned write-time gate")
+        ax.axhline(rel(r["window_alone"]), color="C3", lw=1, ls="-.", label="window alone")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set(title=f"window {r['window']}", xlabel="density (old pairs kept)", xscale="log")
+    axes[0][0].set_ylabel("loss vs full attention (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def main(argv):
     given = cli.parse(argv, Flags, "ceiling.py")
     o = {**dataclasses.asdict(Flags()), **given}
+    if o["replot"]:
+        if not os.path.isfile(o["replot"]):
+            raise cli.BadInput(f"--replot={o['replot']} does not exist; give a ceiling-*.json of an earlier run")
+        png = o["replot"].removesuffix(".json") + ".png"
+        if os.path.exists(png):
+            raise cli.BadInput(f"{png} exists; move it away to draw it again")
+        plot(harness.read_json(o["replot"])["results"], png)
+        print(f"picture: {png}")
+        return
     ckpt = o["ckpt"] or MODEL
     if not os.path.isfile(ckpt):
         raise cli.BadInput(f"--ckpt={ckpt} does not exist; give a dense checkpoint shipped with its held-out .bin")
@@ -251,7 +291,8 @@ def main(argv):
     t0 = time.time()
     results = measure(model, rows, windows, densities, o["batch_size"], o["h2o"], learned)
     path = harness.save_result(o["out"], "ceiling", {**o, "ckpt": ckpt}, results, t0)
-    print(f"results: {path}")
+    plot(results, path[:-len(".json")] + ".png")
+    print(f"results: {path} and its .png")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,13 @@ def test_every_policy_at_every_window_and_density_and_full_attention_at_density_
         assert all(abs(at_one[n] - full["full"]) < 1e-5 for n in names), at_one  # every key kept
         assert all(r["points"][0][n] > 0 for n in names)
     assert "oracle_sum" in capsys.readouterr().out
+    png = path.with_suffix(".png")
+    assert png.stat().st_size > 1000
+    with pytest.raises(BadInput, match="exists"):
+        ceiling.main([f"--replot={path}"])
+    png.unlink()
+    ceiling.main([f"--replot={path}"])
+    assert png.stat().st_size > 1000
 
 
 def test_bad_input_is_one_line(tmp_path):

@@ -232,7 +232,7 @@ def plot(results: list, path: str):
 
     full, rows = results[0]["full"], results[1:]
     rel = lambda v: 100 * (v / full - 1)  # noqa: E731
-    fig, axes = plt.subplots(1, len(rows), figsize=(3.6 * len(rows), 3.4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.6 * len(rows), 3.4), squeeze=False)
     for ax, r in zip(axes[0], rows):
         pts = r["points"]
         d = [p["density"] for p in pts]
@@ -245,7 +245,10 @@ def plot(results: list, path: str):
                     label="learned write-time gate")
         ax.axhline(rel(r["window_alone"]), color="C3", lw=1, ls="-.", label="window alone")
         ax.axhline(0, color="k", lw=0.8)
-        ax.set(title=f"window {r['window']}", xlabel="density (old pairs kept)", xscale="log")
+        ax.set(title=f"window {r['window']} (window alone {rel(r['window_alone']):+.1f}%)", xlabel="density (old pairs kept)", xscale="log", xticks=d,
+               ylim=(min(-0.5, ax.get_ylim()[0]), 2 * max(rel(p["streaming"]) for p in pts) + 0.5))
+        ax.set_xticklabels([f"{x:g}" for x in d])
+        ax.minorticks_off()
     axes[0][0].set_ylabel("loss vs full attention (%)")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()

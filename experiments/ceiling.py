@@ -72,6 +72,7 @@ class Flags:
     data: str = ""  # the training text of the learned gate, as train.py's --data; "" = the stdlib source
     data_cache: str = ""  # where that text is tokenized; "" = data_cache/ beside train.py
     replot: str = ""  # draw the PNG of an earlier result JSON beside it (never over one) and measure nothing
+    seed: int = 0  # the learned gate's training and calibration sequences, and its init
     save_density: float = 0.25  # each window's learned gates are saved (--out/learned/) shifted so that tau 0.5 keeps this
     threads: int = 2
     out: str = "out/ceiling"  # results/ceiling-<date>-<commit>.json
@@ -133,16 +134,16 @@ def oracle_targets(model, x: torch.Tensor, window: int) -> list:
             for i in range(len(model.blocks))]
 
 
-def fit_predictors(model, train: datalib.Batches, window: int, n_seqs: int, steps: int, batch_size: int):
+def fit_predictors(model, train: datalib.Batches, window: int, n_seqs: int, steps: int, batch_size: int, seed: int):
     """Fit every layer's utility predictor (model weights frozen) to oracle_targets on n_seqs
-    training sequences (seed 0): mean squared error, full-batch Adam. Prints each layer's fit."""
-    gen = torch.Generator().manual_seed(0)
+    training sequences drawn with seed: mean squared error, full-batch Adam. Prints each layer's fit."""
+    gen = torch.Generator().manual_seed(seed)
     parts = [oracle_targets(model, train.sample(min(batch_size, n_seqs - i), gen)[0], window)
              for i in range(0, n_seqs, batch_size)]
     for i, block in enumerate(model.blocks):
         x, y = (torch.cat([p[i][j] for p in parts]) for j in (0, 1))  # (N, d), (N, Hkv)
         pred = block.attn.predictor
-        torch.manual_seed(i)
+        torch.manual_seed(seed + i)
         pred.reset_open()
         with torch.no_grad():
             pred.proj.bias.copy_(y.mean(0))
@@ -190,7 +191,7 @@ def save_learned(gated, tok, out: str, window: int, tau: float, density: float) 
 def measure(model, rows, windows, densities, batch_size, with_h2o, learned=None) -> list:
     """[{window, full, window_alone, points: [{density, policy: loss}]}], printed as it goes.
     learned: (SP-KV model to fit per window, its tokenizer, training Batches, n_seqs, steps, out,
-    save_density), or None."""
+    save_density, seed), or None."""
     full = loss_of(model, rows, policy("full", 1, 1.0), batch_size)
     names = ["streaming", *(["h2o"] if with_h2o else []), *ORACLES]
     pct = lambda v: f"{100 * (v / full - 1):+.2f}%"  # noqa: E731
@@ -201,17 +202,17 @@ def measure(model, rows, windows, densities, batch_size, with_h2o, learned=None)
     for w in windows:
         alone = loss_of(model, rows, policy("window", w, 0.0), batch_size)
         if learned:
-            gated, tok, train, n_seqs, steps, out_dir, save_density = learned
+            gated, tok, train, n_seqs, steps, out_dir, save_density, seed = learned
             gated.retune(window=w)
-            fit_predictors(gated, train, w, n_seqs, steps, batch_size)
-            tau = spkv.calibrate(gated, train, save_density, n_batches=4, batch_size=batch_size)
+            fit_predictors(gated, train, w, n_seqs, steps, batch_size, seed)
+            tau = spkv.calibrate(gated, train, save_density, n_batches=4, batch_size=batch_size, seed=seed)
             print(f"  saved: {save_learned(gated, tok, out_dir, w, tau, save_density)} (tau 0.5 keeps {save_density:g})")
         points = []
         for d in densities:
             losses = {n: loss_of(model, rows, policy(n, w, d), batch_size) for n in names}
             line = f"{w:>6} {d:>7g} {pct(alone):>8} " + " ".join(f"{pct(losses[n]):>11}" for n in names)
             if learned:
-                tau = spkv.calibrate(gated, train, d, n_batches=4, batch_size=batch_size) if d > 0 else 1.0
+                tau = spkv.calibrate(gated, train, d, n_batches=4, batch_size=batch_size, seed=seed) if d > 0 else 1.0
                 losses["learned"], losses["learned_density"] = learned_loss(gated, rows, w, tau, batch_size)
                 losses["learned_tau"] = tau
                 line += f" {pct(losses['learned']):>11} ({losses['learned_density']:.3f})"
@@ -272,8 +273,8 @@ def main(argv):
         raise cli.BadInput(f"--ckpt={ckpt} does not exist; give a dense checkpoint shipped with its held-out .bin")
     windows = cli.number_list("windows", o["windows"], int)
     densities = cli.number_list("densities", o["densities"], float)
-    if min(o["batch_size"], o["threads"], o["distill_steps"]) < 1 or o["distill_seqs"] < 0 or not 0 < o["save_density"] < 1 or min(windows) < 1 or not all(0 <= d <= 1 for d in densities):
-        raise cli.BadInput("--batch_size, --threads and --distill_steps must be >= 1, --distill_seqs >= 0, "
+    if min(o["batch_size"], o["threads"], o["distill_steps"]) < 1 or min(o["distill_seqs"], o["seed"]) < 0 or not 0 < o["save_density"] < 1 or min(windows) < 1 or not all(0 <= d <= 1 for d in densities):
+        raise cli.BadInput("--batch_size, --threads and --distill_steps must be >= 1, --distill_seqs and --seed >= 0, "
                            "--save_density in (0, 1), --windows >= 1, --densities in [0, 1]")
     torch.set_num_threads(o["threads"])
     rows = heldout_rows(ckpt, o["heldout"])
@@ -290,7 +291,7 @@ def main(argv):
             p.requires_grad_(True)
         folder = datalib.prepare(o["data"], tok, o["data_cache"] or datalib.DEFAULT_CACHE)
         learned = (gated.eval(), tok, datalib.Batches(folder, "train", rows.shape[1] - 1), o["distill_seqs"],
-                   o["distill_steps"], o["out"], o["save_density"])
+                   o["distill_steps"], o["out"], o["save_density"], o["seed"])
     t0 = time.time()
     results = measure(model, rows, windows, densities, o["batch_size"], o["h2o"], learned)
     path = harness.save_result(o["out"], "ceiling", {**o, "ckpt": ckpt}, results, t0)

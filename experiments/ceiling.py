@@ -182,16 +182,29 @@ def save_learned(gated, tok, out: str, window: int, tau: float, density: float) 
         for b in gated.blocks:
             b.attn.predictor.proj.bias -= shift
         save_checkpoint(path, gated, tok.spec, source="experiments/ceiling.py",
-                        learned_gates={"window": window, "density_on_training_text": density, "commit": harness.commit_stamp()})
+                        learned_gates={"window": window, "density_on_training_text": density,
+                                       "commit": harness.commit_stamp()})
         for i, b in enumerate(gated.blocks):
             b.attn.predictor.proj.bias.copy_(saved[i])
     return path
 
 
+@dataclass
+class LearnedGate:
+    """What the learned write-time gate is fitted with, once per window."""
+    model: object  # the dense model's weights with an SP-KV predictor in every layer, only those trainable
+    tok: object  # its tokenizer, saved with the fitted gates
+    train: datalib.Batches  # training text: the fit's and the calibration's sequences
+    n_seqs: int  # sequences the fit reads
+    steps: int  # full-batch Adam steps per layer
+    out: str  # the fitted gates go to out/learned/
+    save_density: float  # saved so that tau 0.5 keeps this fraction on training text
+    seed: int  # the fit's and the calibration's sequences, and the fit's init
+
+
 def measure(model, rows, windows, densities, batch_size, with_h2o, learned=None) -> list:
-    """[{window, full, window_alone, points: [{density, policy: loss}]}], printed as it goes.
-    learned: (SP-KV model to fit per window, its tokenizer, training Batches, n_seqs, steps, out,
-    save_density, seed), or None."""
+    """[{window, full, window_alone, points: [{density, policy: loss}]}], printed as it goes;
+    learned: a LearnedGate to fit and measure at every window, or None."""
     full = loss_of(model, rows, policy("full", 1, 1.0), batch_size)
     names = ["streaming", *(["h2o"] if with_h2o else []), *ORACLES]
     pct = lambda v: f"{100 * (v / full - 1):+.2f}%"  # noqa: E731
@@ -202,18 +215,19 @@ def measure(model, rows, windows, densities, batch_size, with_h2o, learned=None)
     for w in windows:
         alone = loss_of(model, rows, policy("window", w, 0.0), batch_size)
         if learned:
-            gated, tok, train, n_seqs, steps, out_dir, save_density, seed = learned
-            gated.retune(window=w)
-            fit_predictors(gated, train, w, n_seqs, steps, batch_size, seed)
-            tau = spkv.calibrate(gated, train, save_density, n_batches=4, batch_size=batch_size, seed=seed)
-            print(f"  saved: {save_learned(gated, tok, out_dir, w, tau, save_density)} (tau 0.5 keeps {save_density:g})")
+            g = learned
+            g.model.retune(window=w)
+            fit_predictors(g.model, g.train, w, g.n_seqs, g.steps, batch_size, g.seed)
+            tau = spkv.calibrate(g.model, g.train, g.save_density, n_batches=4, batch_size=batch_size, seed=g.seed)
+            print(f"  saved: {save_learned(g.model, g.tok, g.out, w, tau, g.save_density)} "
+                  f"(tau 0.5 keeps {g.save_density:g})")
         points = []
         for d in densities:
             losses = {n: loss_of(model, rows, policy(n, w, d), batch_size) for n in names}
             line = f"{w:>6} {d:>7g} {pct(alone):>8} " + " ".join(f"{pct(losses[n]):>11}" for n in names)
             if learned:
-                tau = spkv.calibrate(gated, train, d, n_batches=4, batch_size=batch_size, seed=seed) if d > 0 else 1.0
-                losses["learned"], losses["learned_density"] = learned_loss(gated, rows, w, tau, batch_size)
+                tau = spkv.calibrate(g.model, g.train, d, n_batches=4, batch_size=batch_size, seed=g.seed) if d > 0 else 1.0
+                losses["learned"], losses["learned_density"] = learned_loss(g.model, rows, w, tau, batch_size)
                 losses["learned_tau"] = tau
                 line += f" {pct(losses['learned']):>11} ({losses['learned_density']:.3f})"
             points.append({"density": d, **losses})
@@ -246,7 +260,8 @@ def plot(results: list, path: str):
                     label="learned write-time gate")
         ax.axhline(rel(r["window_alone"]), color="C3", lw=1, ls="-.", label="window alone")
         ax.axhline(0, color="k", lw=0.8)
-        ax.set(title=f"window {r['window']} (window alone {rel(r['window_alone']):+.1f}%)", xlabel="density (old pairs kept)", xscale="log", xticks=d,
+        ax.set(title=f"window {r['window']} (window alone {rel(r['window_alone']):+.1f}%)",
+               xlabel="density (old pairs kept)", xscale="log", xticks=d,
                ylim=(min(-0.5, ax.get_ylim()[0]), 2 * max(rel(p["streaming"]) for p in pts) + 0.5))
         ax.set_xticklabels([f"{x:g}" for x in d])
         ax.minorticks_off()
@@ -273,7 +288,8 @@ def main(argv):
         raise cli.BadInput(f"--ckpt={ckpt} does not exist; give a dense checkpoint shipped with its held-out .bin")
     windows = cli.number_list("windows", o["windows"], int)
     densities = cli.number_list("densities", o["densities"], float)
-    if min(o["batch_size"], o["threads"], o["distill_steps"]) < 1 or min(o["distill_seqs"], o["seed"]) < 0 or not 0 < o["save_density"] < 1 or min(windows) < 1 or not all(0 <= d <= 1 for d in densities):
+    if (min(o["batch_size"], o["threads"], o["distill_steps"], *windows) < 1 or min(o["distill_seqs"], o["seed"]) < 0
+            or not 0 < o["save_density"] < 1 or not all(0 <= d <= 1 for d in densities)):
         raise cli.BadInput("--batch_size, --threads and --distill_steps must be >= 1, --distill_seqs and --seed >= 0, "
                            "--save_density in (0, 1), --windows >= 1, --densities in [0, 1]")
     torch.set_num_threads(o["threads"])
@@ -290,8 +306,8 @@ def main(argv):
         for p in gated.predictor_parameters():
             p.requires_grad_(True)
         folder = datalib.prepare(o["data"], tok, o["data_cache"] or datalib.DEFAULT_CACHE)
-        learned = (gated.eval(), tok, datalib.Batches(folder, "train", rows.shape[1] - 1), o["distill_seqs"],
-                   o["distill_steps"], o["out"], o["save_density"], o["seed"])
+        learned = LearnedGate(gated.eval(), tok, datalib.Batches(folder, "train", rows.shape[1] - 1), o["distill_seqs"],
+                              o["distill_steps"], o["out"], o["save_density"], o["seed"])
     t0 = time.time()
     results = measure(model, rows, windows, densities, o["batch_size"], o["h2o"], learned)
     path = harness.save_result(o["out"], "ceiling", {**o, "ckpt": ckpt}, results, t0)

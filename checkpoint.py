@@ -4,7 +4,9 @@ A checkpoint is a single torch.save'd dict:
     {"format": "spkv-1", "config": GPTConfig as a dict, "model": state_dict,
      "tokenizer": tokenizer spec dict or None, "source": where the weights came from,
      ... training state (optimizer, step, data position) when train.py wrote it}
-It is always written atomically: to a temporary file in the same folder, flushed to disk, then
+A gates file (save_gates) holds only the utility predictors of a model and the window they were
+made for: train.py --gates starts from them instead of fresh open ones.
+Every file is written atomically: to a temporary file in the same folder, flushed to disk, then
 renamed over the old one, so a crash or kill -9 mid-write leaves the previous file intact. The
 temporary file's name carries the writer's process id, so the next save removes what a killed
 writer left behind.
@@ -75,6 +77,41 @@ def save_checkpoint(path: str, model: GPT, tokenizer_spec, source: str, predicto
     state = {k: v for k, v in model.state_dict().items() if predictors or ".predictor." not in k}
     atomic_save({"format": FORMAT, "config": asdict(model.cfg), "model": state,
                  "tokenizer": tokenizer_spec, "source": source, **extra}, path)
+
+
+GATES_FORMAT = "spkv-gates-1"
+
+
+def save_gates(path: str, model: GPT, source: str, **extra):
+    """The utility predictors alone (a few hundred KB), with the window they were made for: a
+    start for train.py --gates instead of fresh open predictors."""
+    state = {k: v for k, v in model.state_dict().items() if ".predictor." in k}
+    atomic_save({"format": GATES_FORMAT, "window": model.cfg.window, "predictors": state, "source": source, **extra},
+                path)
+
+
+def load_gates(path: str, model: GPT) -> dict:
+    """Put a gates file's predictors (save_gates) into model's SP-KV layers; refuse a file made for
+    another window or another shape, naming the fix. Returns the file's dict."""
+    if not os.path.isfile(path):
+        raise cli.BadInput(f"--gates={path} does not exist; give a gates file (experiments/ceiling.py --ship_gates "
+                           "makes one), or --gates= for fresh open predictors (the paper's init)")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types for a foreign or torn file
+        raise cli.BadInput(f"--gates={path} is not readable ({type(e).__name__}); give a gates file or --gates=") from e
+    if not isinstance(raw, dict) or raw.get("format") != GATES_FORMAT:
+        raise cli.BadInput(f"--gates={path} is not a gates file (format {GATES_FORMAT!r}); give one or --gates=")
+    if raw["window"] != model.cfg.window:
+        raise cli.BadInput(f"--gates={path} was fitted at window {raw['window']}, not {model.cfg.window}; give "
+                           f"--window={raw['window']}, or --gates= for fresh open predictors")
+    own = {k: v.shape for k, v in model.state_dict().items() if ".predictor." in k}
+    given = {k: v.shape for k, v in raw["predictors"].items()}
+    if own != given:
+        raise cli.BadInput(f"--gates={path} holds predictors of another model ({len(given)} tensors, this model has "
+                           f"{len(own)} of other shapes); give --gates= for fresh open predictors")
+    model.load_state_dict(raw["predictors"], strict=False)
+    return raw
 
 
 def read_checkpoint(path: str) -> dict:

@@ -25,7 +25,7 @@ import cli
 import data as datalib
 import kernels
 import measure
-from checkpoint import load_model, read_checkpoint
+from checkpoint import load_gates, load_model, read_checkpoint
 from model import GPT, GPTConfig, peak_flops
 from run import RunDir, progress
 from tokenizer import Tokenizer
@@ -58,6 +58,7 @@ class TrainConfig:
     window: int = 128  # the most recent keys every query sees; older ones are gated (must be < seq_len)
     tau: float = 0.5  # hard-gate threshold: an old key is kept when its gate u >= tau
     predictor_init_bias: float = 5.0  # output bias of fresh predictors: 5 = open (METHOD.md), < 0 leans closed
+    gates: str = ""  # start the predictors from this gates file (experiments/ceiling.py --ship_gates); "" = fresh, open
     eval_every: int = 20  # steps between evaluations on the val split
     eval_batches: int = 4  # batches per evaluation
     log_every: int = 1  # steps between progress lines
@@ -74,12 +75,15 @@ class TrainConfig:
 
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "stdlib_bytes.pt")
+SHIPPED_GATES = os.path.join(os.path.dirname(SHIPPED), "stdlib_bytes_gates_w128.pt")  # fitted to SHIPPED's attention
 
-PRESETS = {  # plain dicts of overrides, applied before explicit flags
-    # CPU: the shipped byte model (experiments/pretrain.py), which needs its old keys, adapted on 2 cores within
-    # 15 minutes: 300 steps of 4 x 1024 bytes, window 32, the paper's predictor recipe (experiments/mainflow.py)
-    "cpu": dict(ckpt=SHIPPED, seq_len=1024, window=32, batch_size=4, grad_accum=1, max_steps=300, warmup_steps=20,
-                lr=5e-4, weight_decay=0.1, eval_every=50, eval_batches=2, ckpt_every=50),
+PRESETS = {  # plain dicts of overrides, applied before explicit flags (a --ckpt given drops the preset's gates)
+    # CPU: the shipped byte model (experiments/pretrain.py) adapted on 2 cores within 15 minutes: 300 steps of
+    # 4 x 1024 bytes at window 128, the paper's predictor recipe, but the predictors start from gates fitted to the
+    # model's own attention (experiments/ceiling.py), not open: on this budget open gates never close
+    # (experiments/mainflow.py), and at window 128 a gate of SP-KV's form beats StreamingLLM (at 32 none does)
+    "cpu": dict(ckpt=SHIPPED, gates=SHIPPED_GATES, seq_len=1024, window=128, batch_size=4, grad_accum=1, max_steps=300,
+                warmup_steps=20, lr=5e-4, weight_decay=0.1, eval_every=50, eval_batches=2, ckpt_every=50),
     "gpu": dict(seq_len=4096, batch_size=8, grad_accum=4, max_steps=2000, warmup_steps=100, eval_every=200,
                 eval_batches=20, ckpt_every=200),
 }
@@ -94,7 +98,10 @@ def parse_flags(argv: list) -> tuple:
     if preset not in PRESETS:
         raise cli.BadInput(f"unknown preset {preset!r}; use one of {sorted(PRESETS)} or auto")
     out_dir = given.get("out_dir") or ("out/dense" if given.get("dense") else "out/spkv")
-    cfg = TrainConfig(**{**PRESETS[preset], **given, "preset": preset, "out_dir": out_dir})
+    defaults = dict(PRESETS[preset])
+    if "ckpt" in given and "gates" not in given:  # a preset's gates were fitted to its own checkpoint, not to --ckpt's
+        defaults.pop("gates", None)
+    cfg = TrainConfig(**{**defaults, **given, "preset": preset, "out_dir": out_dir})
     if not cfg.resume:  # a resume is checked once the saved recipe is known
         validate(cfg)
     return cfg, {k: getattr(cfg, k) for k in given}  # a preset of "auto" as resolved
@@ -173,7 +180,12 @@ def build_model(cfg: TrainConfig, device):
     if cfg.seq_len > model.cfg.block_size:
         raise cli.BadInput(f"--seq_len={cfg.seq_len} is beyond the model's context of {model.cfg.block_size}")
     stored = ckpt["config"].get("predictor_init_bias")
-    if cfg.init == "pretrained" and not cfg.dense and any(".predictor." in k for k in ckpt["model"]) \
+    if cfg.gates and not cfg.dense:
+        if cfg.init != "pretrained":
+            raise cli.BadInput(f"--gates={cfg.gates} were fitted to a pretrained model's attention; give --gates= "
+                               "with --init=scratch")
+        load_gates(cfg.gates, model)
+    elif cfg.init == "pretrained" and not cfg.dense and any(".predictor." in k for k in ckpt["model"]) \
             and stored != cfg.predictor_init_bias:
         raise cli.BadInput(f"--predictor_init_bias={cfg.predictor_init_bias:g} sets fresh predictors, but {path} stores "
                            f"its own (made at init bias {stored}); adapt weights without predictors (convert.py's "
@@ -291,6 +303,10 @@ def report_setup(cfg: TrainConfig, proc: Proc, model: GPT, source: str, why: lis
     print(f"model: {source}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
           f"{'dense baseline' if cfg.dense else f'SP-KV window={cfg.window} tau={model.cfg.tau}'}")
     if not cfg.dense:
+        print(f"predictors: from {cfg.gates}, gates fitted to the model's attention (experiments/ceiling.py); "
+              "--gates= starts them fresh and open, the paper's init" if cfg.gates else
+              f"predictors: as {source} stores them, else fresh at output bias {cfg.predictor_init_bias:g} "
+              f"(u = {1 / (1 + math.exp(-cfg.predictor_init_bias)):.3f})")
         freeze, length = gate_schedule(cfg)
         print(f"schedule: soft gates to step {freeze}, then predictor frozen and gates annealed to hard over "
               f"{length} steps (hard from step {freeze + length})")

@@ -32,8 +32,14 @@ Each figure is a deterministic eval (fp32, fixed sequences); the result is a new
 are also saved as a checkpoint (--out/learned/learned_w<window>-<date>-<commit>.pt): the model with
 its fitted predictors, their output bias shifted so that the default tau of 0.5 keeps
 --save_density of old pairs on training text. mainflow.py --spkv_base=<it> adapts SP-KV from there.
+--ship_gates=PATH (one window) writes the same predictors alone, a few hundred KB, as a gates file:
+train.py --gates=PATH starts from them (models/stdlib_bytes_gates_w128.pt was made so:
+
+    python experiments/ceiling.py --windows=128 --densities=0.25 --h2o=False --distill_seqs=32 \
+        --ship_gates=models/stdlib_bytes_gates_w128.pt )
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -52,7 +58,7 @@ import cli
 import data as datalib
 import harness
 import spkv
-from checkpoint import load_model, save_checkpoint
+from checkpoint import load_model, save_checkpoint, save_gates
 
 MODEL = os.path.join(harness.ROOT, "models", "stdlib_bytes.pt")
 ORACLES = {"oracle_sum": dict(rank_by="sum"), "oracle_max": dict(rank_by="max"),
@@ -74,6 +80,7 @@ class Flags:
     replot: str = ""  # draw the PNG of an earlier result JSON beside it (never over one) and measure nothing
     seed: int = 0  # the learned gate's training and calibration sequences, and its init
     save_density: float = 0.25  # each window's learned gates are saved (--out/learned/) shifted so that tau 0.5 keeps this
+    ship_gates: str = ""  # with one window: also write its learned gates alone there (train.py --gates); never over a file
     threads: int = 2
     out: str = "out/ceiling"  # results/ceiling-<date>-<commit>.json
 
@@ -171,21 +178,33 @@ def learned_loss(model, rows, window: int, tau: float, batch_size: int) -> tuple
     return loss_of(model, rows, visible, batch_size), kept / max(old, 1)
 
 
-def save_learned(gated, tok, out: str, window: int, tau: float, density: float) -> str:
-    """The fitted gates as a checkpoint whose tau 0.5 keeps what tau keeps now (density of old
-    pairs on training text): each predictor's output bias moves by -logit(tau). A new file, never
-    an earlier one."""
+@contextlib.contextmanager
+def shifted_to_half(model, tau: float):
+    """Within: every predictor's output bias moved by -logit(tau), so that tau 0.5 keeps what tau
+    kept. The biases are put back after."""
     shift = torch.logit(torch.tensor(tau, dtype=torch.float64)).item()
-    path = harness.new_result_path(os.path.join(out, "learned"), f"learned_w{window}", "pt")
-    saved = {i: b.attn.predictor.proj.bias.detach().clone() for i, b in enumerate(gated.blocks)}
+    saved = [b.attn.predictor.proj.bias.detach().clone() for b in model.blocks]
     with torch.no_grad():
-        for b in gated.blocks:
+        for b in model.blocks:
             b.attn.predictor.proj.bias -= shift
-        save_checkpoint(path, gated, tok.spec, source="experiments/ceiling.py",
-                        learned_gates={"window": window, "density_on_training_text": density,
-                                       "commit": harness.commit_stamp()})
-        for i, b in enumerate(gated.blocks):
-            b.attn.predictor.proj.bias.copy_(saved[i])
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for b, bias in zip(model.blocks, saved):
+                b.attn.predictor.proj.bias.copy_(bias)
+
+
+def save_learned(gated, tok, out: str, window: int, tau: float, density: float, ship_to: str = "") -> str:
+    """The fitted gates as a checkpoint whose tau 0.5 keeps what tau keeps now (density of old
+    pairs on training text), a new file in out/learned/; with ship_to, also as a gates file there
+    (train.py --gates). Returns the checkpoint's path."""
+    path = harness.new_result_path(os.path.join(out, "learned"), f"learned_w{window}", "pt")
+    fitted = {"window": window, "density_on_training_text": density, "commit": harness.commit_stamp()}
+    with shifted_to_half(gated, tau):
+        save_checkpoint(path, gated, tok.spec, source="experiments/ceiling.py", learned_gates=fitted)
+        if ship_to:
+            save_gates(ship_to, gated, source="experiments/ceiling.py", fitted=fitted)
     return path
 
 
@@ -200,6 +219,7 @@ class LearnedGate:
     out: str  # the fitted gates go to out/learned/
     save_density: float  # saved so that tau 0.5 keeps this fraction on training text
     seed: int  # the fit's and the calibration's sequences, and the fit's init
+    ship_to: str  # also write the fitted gates there as a gates file (train.py --gates); "" = no
 
 
 def measure(model, rows, windows, densities, batch_size, with_h2o, learned=None) -> list:
@@ -219,8 +239,8 @@ def measure(model, rows, windows, densities, batch_size, with_h2o, learned=None)
             g.model.retune(window=w)
             fit_predictors(g.model, g.train, w, g.n_seqs, g.steps, batch_size, g.seed)
             tau = spkv.calibrate(g.model, g.train, g.save_density, n_batches=4, batch_size=batch_size, seed=g.seed)
-            print(f"  saved: {save_learned(g.model, g.tok, g.out, w, tau, g.save_density)} "
-                  f"(tau 0.5 keeps {g.save_density:g})")
+            print(f"  saved: {save_learned(g.model, g.tok, g.out, w, tau, g.save_density, g.ship_to)} "
+                  f"(tau 0.5 keeps {g.save_density:g})" + (f" and the gates alone: {g.ship_to}" if g.ship_to else ""))
         points = []
         for d in densities:
             losses = {n: loss_of(model, rows, policy(n, w, d), batch_size) for n in names}
@@ -292,6 +312,10 @@ def main(argv):
             or not 0 < o["save_density"] < 1 or not all(0 <= d <= 1 for d in densities)):
         raise cli.BadInput("--batch_size, --threads and --distill_steps must be >= 1, --distill_seqs and --seed >= 0, "
                            "--save_density in (0, 1), --windows >= 1, --densities in [0, 1]")
+    if o["ship_gates"] and (len(windows) != 1 or o["distill_seqs"] < 1):
+        raise cli.BadInput("--ship_gates writes one window's learned gates: give one --windows and --distill_seqs >= 1")
+    if o["ship_gates"] and os.path.exists(o["ship_gates"]):
+        raise cli.BadInput(f"--ship_gates={o['ship_gates']} exists; move it away or give a new path")
     torch.set_num_threads(o["threads"])
     rows = heldout_rows(ckpt, o["heldout"])
     if max(windows) >= rows.shape[1] - 1:
@@ -307,7 +331,7 @@ def main(argv):
             p.requires_grad_(True)
         folder = datalib.prepare(o["data"], tok, o["data_cache"] or datalib.DEFAULT_CACHE)
         learned = LearnedGate(gated.eval(), tok, datalib.Batches(folder, "train", rows.shape[1] - 1), o["distill_seqs"],
-                              o["distill_steps"], o["out"], o["save_density"], o["seed"])
+                              o["distill_steps"], o["out"], o["save_density"], o["seed"], o["ship_gates"])
     t0 = time.time()
     results = measure(model, rows, windows, densities, o["batch_size"], o["h2o"], learned)
     path = harness.save_result(o["out"], "ceiling", {**o, "ckpt": ckpt}, results, t0)

@@ -78,3 +78,23 @@ def test_the_learned_gate_is_fitted_per_window_and_saved_to_keep_its_density_at_
     train = datalib.Batches(datalib.prepare(text, tok, str(tmp_path / "cache")), "train", 48)
     u = spkv.old_gate_values(model, train, 4, 2, torch.Generator().manual_seed(0))  # calibrate's batches
     assert abs((u >= 0.5).float().mean().item() - 0.5) < 0.01
+
+
+def test_ship_gates_writes_one_windows_learned_gates_alone_and_never_over_a_file(tmp_path):
+    from tiny import tiny_text_dir
+
+    ckpt = shipped_tiny(tmp_path)
+    text = tiny_text_dir(tmp_path / "text")
+    common = [f"--ckpt={ckpt}", "--densities=0.25", "--h2o=False", "--distill_seqs=2", "--distill_steps=5",
+              f"--data={text}", f"--data_cache={tmp_path / 'cache'}", "--batch_size=2", "--threads=1",
+              f"--out={tmp_path / 'out'}"]
+    gates = tmp_path / "gates.pt"
+    with pytest.raises(BadInput, match="one --windows"):
+        ceiling.main([*common, "--windows=4,8", f"--ship_gates={gates}"])
+    ceiling.main([*common, "--windows=8", f"--ship_gates={gates}"])
+    raw = torch.load(gates, weights_only=True)
+    (full,) = (tmp_path / "out" / "learned").glob("learned_w8-*.pt")
+    state = torch.load(full, weights_only=True)["model"]
+    assert raw["window"] == 8 and raw["predictors"] and all(torch.equal(state[k], v) for k, v in raw["predictors"].items())
+    with pytest.raises(BadInput, match="exists"):
+        ceiling.main([*common, "--windows=8", f"--ship_gates={gates}"])

@@ -196,14 +196,49 @@ def test_bad_flags_are_refused_with_the_valid_keys(argv, message):
         train.parse_flags(argv)
 
 
-def test_the_cpu_preset_adapts_the_shipped_model_and_explicit_flags_win():
+def test_the_cpu_preset_adapts_the_shipped_model_from_its_gates_and_explicit_flags_win():
     cfg, _ = train.parse_flags(["--preset=cpu"])
     assert cfg.ckpt == train.SHIPPED and os.path.isfile(cfg.ckpt)  # models/stdlib_bytes.pt, in the repo
-    assert (cfg.window, cfg.seq_len) == (32, 1024)  # the context and window its bar was measured at
-    with open(cfg.ckpt[:-len(".pt")] + ".json") as f:
-        assert json.load(f)["needs_old_keys"]["w32"]
+    assert cfg.gates == train.SHIPPED_GATES and os.path.isfile(cfg.gates)  # fitted to it by experiments/ceiling.py
+    assert (cfg.window, cfg.seq_len) == (128, 1024)  # the window its gates were fitted at
+    model = train.build_model(cfg, "cpu")[0]
+    raw = torch.load(cfg.gates, weights_only=True)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in raw["predictors"].items()) and raw["window"] == 128
     cfg, given = train.parse_flags(["--preset=cpu", "--ckpt=other.pt", "--window=8"])
     assert (cfg.ckpt, cfg.window, cfg.seq_len) == ("other.pt", 8, 1024) and set(given) == {"preset", "ckpt", "window"}
+    assert cfg.gates == ""  # the preset's gates belong to its checkpoint: another one starts fresh and open
+    cfg, _ = train.parse_flags(["--preset=cpu", "--ckpt=other.pt", "--gates=g.pt"])
+    assert cfg.gates == "g.pt"
+
+
+def test_a_gates_file_starts_the_predictors_and_one_that_does_not_fit_is_refused(tmp_path):
+    """train.py --gates: the predictors start as the file holds them; a file made for another window
+    or another shape, a missing file and a from-scratch run are each refused in one line."""
+    from checkpoint import save_gates
+
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt", predictors=False)
+    donor = GPT(tiny_config(window=8))
+    with torch.no_grad():
+        for b in donor.blocks:
+            b.attn.predictor.proj.weight.normal_()
+    save_gates(str(tmp_path / "g8.pt"), donor, source="test")
+    base = [f"--ckpt={ckpt}", "--device=cpu", "--seq_len=64"]
+    cfg, _ = train.parse_flags([*base, "--window=8", f"--gates={tmp_path / 'g8.pt'}"])
+    state = train.build_model(cfg, "cpu")[0].state_dict()
+    donor_state = donor.state_dict()
+    keys = [k for k in donor_state if ".predictor." in k]
+    assert keys and all(torch.equal(state[k], donor_state[k]) for k in keys)
+    refusals = [(["--window=4", f"--gates={tmp_path / 'g8.pt'}"], "fitted at window 8, not 4"),
+                (["--window=8", f"--gates={tmp_path / 'none.pt'}"], "does not exist"),
+                (["--window=8", f"--gates={ckpt}"], "not a gates file"),
+                (["--window=8", f"--gates={tmp_path / 'g8.pt'}", "--init=scratch"], "--init=scratch")]
+    save_gates(str(tmp_path / "wide.pt"), GPT(tiny_config(window=8, n_embd=64, n_hidden=128)), source="test")
+    refusals.append((["--window=8", f"--gates={tmp_path / 'wide.pt'}"], "another model"))
+    for extra, message in refusals:
+        cfg, _ = train.parse_flags([*base, *extra])
+        with pytest.raises(BadInput, match=message):
+            train.build_model(cfg, "cpu")
 
 
 def test_missing_checkpoint_is_named(tmp_path):

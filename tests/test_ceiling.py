@@ -23,7 +23,7 @@ def shipped_tiny(tmp_path, T=48, n=3):
 
 def test_every_policy_at_every_window_and_density_and_full_attention_at_density_1(tmp_path, capsys):
     ckpt = shipped_tiny(tmp_path)
-    ceiling.main([f"--ckpt={ckpt}", "--windows=4,8", "--densities=0.25,1.0", "--batch_size=2", "--threads=1",
+    ceiling.main([f"--ckpt={ckpt}", "--windows=4,8", "--densities=0.25,1.0", "--h2o=True", "--batch_size=2", "--threads=1",
                   f"--out={tmp_path / 'out'}"])
     (path,) = (tmp_path / "out" / "results").glob("ceiling-*.json")
     full, *rows = json.loads(path.read_text())["results"]

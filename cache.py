@@ -411,7 +411,7 @@ class StaticSPKVCache:
         need = leaving & (offset == 0)  # (S,) starts a page: pops one from the free stack
         top = self.n_free[layer] - torch.cumsum(need.int(), 0)  # (S,) stack index of its page
         got = need & (top >= 0)
-        fresh = self.free[layer][top.clamp(min=0)]  # (S,) int32
+        fresh = self.free[layer][top.clamp(0, self.free.shape[1] - 1)]  # (S,) int32; read only where got
         self.overflow |= (need & ~got).any()
         self.n_free[layer] = (self.n_free[layer] - need.sum()).clamp(min=0)
         col = col.clamp(max=self.table.shape[2] - 1).long()

@@ -6,7 +6,7 @@ boundaries and the window never recompile it."""
 import pytest
 import torch
 import torch._dynamo
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import generate as G
 from cache import StaticSPKVCache
@@ -23,6 +23,7 @@ def prompts_of(lengths, seed=0):
 @given(window=st.integers(1, 9), page=st.sampled_from([1, 2, 3, 16]), lengths=st.lists(st.integers(1, 30), min_size=1,
        max_size=3), n_new=st.integers(1, 40), check_every=st.sampled_from([1, 3, 16]), dense_layers=st.sampled_from([(), (1,)]),
        seed=st.integers(0, 10**6))
+@example(window=1, page=1, lengths=[1], n_new=2, check_every=1, dense_layers=(), seed=0)  # a full free stack, no pop
 def test_static_decode_equals_the_paged_cache_and_holds_the_same_pairs(window, page, lengths, n_new, check_every,
                                                                       dense_layers, seed):
     model = random_gate_model(seed, window=window, tau=0.5, n_kv_head=2, n_head=4, dense_layers=dense_layers)

@@ -1,11 +1,13 @@
 """Adapt a converted pretrained model to SP-KV with next-token loss only (or train from scratch).
 
     python train.py                        # CPU: the shipped byte model; one GPU: the embedded SmolLM2-135M
+    python train.py --gates=               # CPU: the same from open predictors, the paper's init
     python train.py --dense=True           # the same recipe with plain attention: the baseline
     python train.py --preset=gpu --seq_len=4096
     torchrun --nproc_per_node=2 train.py   # DDP, as in nanoGPT
 
-Recipe (METHOD.md sections 4-5): start from pretrained weights with predictors open; train the
+Recipe (METHOD.md sections 4-5): start from pretrained weights with predictors open (the cpu
+preset starts them from --gates, fitted to the model's attention by experiments/ceiling.py); train the
 model and predictors jointly (predictor LR x5, weight decay 0.1); warmup + cosine decay; for the
 last 25% of the decay freeze the predictor and anneal every gate to its hard value, so the final
 checkpoint is trained under exactly the attention it will decode with. The run folder (lock,

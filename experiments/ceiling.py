@@ -238,7 +238,8 @@ def measure(model, rows, windows, densities, batch_size, with_h2o, learned=None)
             g = learned
             g.model.retune(window=w)
             fit_predictors(g.model, g.train, w, g.n_seqs, g.steps, batch_size, g.seed)
-            tau = spkv.calibrate(g.model, g.train, g.save_density, n_batches=4, batch_size=batch_size, seed=g.seed)
+            u = spkv.old_gate_values(g.model, g.train, 4, batch_size, torch.Generator().manual_seed(g.seed))  # (N,)
+            tau = spkv.tau_for_density(u, g.save_density)  # spkv.calibrate's tau, from one pass a window
             print(f"  saved: {save_learned(g.model, g.tok, g.out, w, tau, g.save_density, g.ship_to)} "
                   f"(tau 0.5 keeps {g.save_density:g})" + (f" and the gates alone: {g.ship_to}" if g.ship_to else ""))
         points = []
@@ -246,7 +247,7 @@ def measure(model, rows, windows, densities, batch_size, with_h2o, learned=None)
             losses = {n: loss_of(model, rows, policy(n, w, d), batch_size) for n in names}
             line = f"{w:>6} {d:>7g} {pct(alone):>8} " + " ".join(f"{pct(losses[n]):>11}" for n in names)
             if learned:
-                tau = spkv.calibrate(g.model, g.train, d, n_batches=4, batch_size=batch_size, seed=g.seed) if d > 0 else 1.0
+                tau = spkv.tau_for_density(u, d) if d > 0 else 1.0
                 losses["learned"], losses["learned_density"] = learned_loss(g.model, rows, w, tau, batch_size)
                 losses["learned_tau"] = tau
                 line += f" {pct(losses['learned']):>11} ({losses['learned_density']:.3f})"

@@ -7,11 +7,11 @@ of the file in the repo, not a timed run."""
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import ceiling
 import measure
 from checkpoint import load_model
 
@@ -27,9 +27,7 @@ PHRASES = {"window": "the window alone", "streaming@0.25": "StreamingLLM at a qu
 def losses():
     """({policy: loss} of the shipped model on its held-out sequences, what was recorded when it shipped)."""
     meta = json.load(open(MODEL[:-len(".pt")] + ".json"))
-    held = meta["heldout"]
-    rows = np.fromfile(os.path.join(os.path.dirname(MODEL), held["file"]), dtype=np.uint16).astype(np.int64)
-    rows = torch.from_numpy(rows).view(*held["shape"])  # (16, T + 1)
+    rows = ceiling.heldout_rows(MODEL, "")  # (16, T + 1)
     x, y = rows[:, :-1], rows[:, 1:]
     T = x.shape[1]
     model = load_model(MODEL, dense=True, window=WINDOW)[0].eval()

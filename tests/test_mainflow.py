@@ -15,7 +15,8 @@ from tiny import tiny_checkpoint, tiny_text_dir
 def test_flow_measures_every_tau_and_never_replaces_results(tmp_path, capsys):
     base = tiny_checkpoint(tmp_path / "base.pt", dense_layers=(0, 1))
     argv = [f"--out={tmp_path / 'mf'}", "--tiny=True", f"--base={base}", f"--data={tiny_text_dir(tmp_path / 'text')}",
-            "--steps=4", "--window=8", "--batch_size=2", "--eval_batches=1", "--eval_batch_size=2", "--threads=1"]
+            "--steps=4", "--window=8", "--batch_size=2", "--eval_batches=1", "--eval_batch_size=2", "--threads=1",
+            "--taus=0.3,0.9"]
     mainflow.main(argv)
     first = sorted((tmp_path / "mf" / "results").glob("mainflow-*.json"))
     assert len(first) == 1 and first[0].with_suffix(".png").stat().st_size > 1000
@@ -23,7 +24,7 @@ def test_flow_measures_every_tau_and_never_replaces_results(tmp_path, capsys):
     (r,) = res["results"]
     assert r["run"] == "spkv_paper_s1337" and r["dense"] == "dense_s1337" and res["commit"]
     m = r["measured"]["stdlib"]
-    assert [p["tau"] for p in m["points"]] == sorted({0.5, m["calibrated_tau"], *mainflow.TAUS})
+    assert [p["tau"] for p in m["points"]] == sorted({0.5, m["calibrated_tau"], 0.3, 0.9})
     assert 0 < m["calibrated_tau"] <= 1  # the tau that keeps --target_density of old pairs on training text
     assert all(0 <= p["density"] <= 1 and p["h2o"] > 0 and p["streaming"] > 0 and 0 <= p["first_token_kept"] <= 1
                for p in m["points"])
@@ -40,6 +41,8 @@ def test_flow_measures_every_tau_and_never_replaces_results(tmp_path, capsys):
         mainflow.main(argv + ["--recipes=nope"])
     with pytest.raises(BadInput, match="target_density"):
         mainflow.main(argv + ["--target_density=0"])
+    with pytest.raises(BadInput, match="each tau must be in"):
+        mainflow.main(argv[:-1] + ["--taus=0.5,1"])
 
 
 def test_the_from_scratch_flow_trains_spkv_from_step_0_and_its_last_leg_starts_from_it(tmp_path):

@@ -4,8 +4,9 @@ A checkpoint is a single torch.save'd dict:
     {"format": "spkv-1", "config": GPTConfig as a dict, "model": state_dict,
      "tokenizer": tokenizer spec dict or None, "source": where the weights came from,
      ... training state (optimizer, step, data position) when train.py wrote it}
-A gates file (save_gates) holds only the utility predictors of a model and the window they were
-made for: train.py --gates starts from them instead of fresh open ones.
+A gates file (save_gates) holds only the utility predictors of a model, the window they were made
+for and a fingerprint of the weights they were fitted to: train.py --gates starts from them instead
+of fresh open ones, and only on those weights.
 Every file is written atomically: to a temporary file in the same folder, flushed to disk, then
 renamed over the old one, so a crash or kill -9 mid-write leaves the previous file intact. The
 temporary file's name carries the writer's process id, so the next save removes what a killed
@@ -14,6 +15,7 @@ writer left behind.
 
 import errno
 import glob
+import hashlib
 import os
 import tempfile
 from dataclasses import asdict, fields
@@ -82,17 +84,29 @@ def save_checkpoint(path: str, model: GPT, tokenizer_spec, source: str, predicto
 GATES_FORMAT = "spkv-gates-1"
 
 
+def weights_fingerprint(model: GPT) -> str:
+    """sha256 of every weight but the predictors' (names, dtypes, shapes and bytes), 16 hex digits:
+    which pretrained model a gates file was fitted to."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        if ".predictor." not in k:
+            h.update(f"{k} {v.dtype} {tuple(v.shape)}".encode())
+            h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def save_gates(path: str, model: GPT, source: str, **extra):
-    """The utility predictors alone (a few hundred KB), with the window they were made for: a
-    start for train.py --gates instead of fresh open predictors."""
+    """The utility predictors alone (a few hundred KB), with the window they were made for and the
+    fingerprint of the weights they were fitted to: a start for train.py --gates instead of fresh
+    open predictors."""
     state = {k: v for k, v in model.state_dict().items() if ".predictor." in k}
-    atomic_save({"format": GATES_FORMAT, "window": model.cfg.window, "predictors": state, "source": source, **extra},
-                path)
+    atomic_save({"format": GATES_FORMAT, "window": model.cfg.window, "fitted_to": weights_fingerprint(model),
+                 "predictors": state, "source": source, **extra}, path)
 
 
 def load_gates(path: str, model: GPT) -> dict:
     """Put a gates file's predictors (save_gates) into model's SP-KV layers; refuse a file made for
-    another window or another shape, naming the fix. Returns the file's dict."""
+    another window, another shape or other weights, naming the fix. Returns the file's dict."""
     if not os.path.isfile(path):
         raise cli.BadInput(f"--gates={path} does not exist; give a gates file (experiments/ceiling.py --ship_gates "
                            "makes one), or --gates= for fresh open predictors (the paper's init)")
@@ -110,6 +124,10 @@ def load_gates(path: str, model: GPT) -> dict:
     if own != given:
         raise cli.BadInput(f"--gates={path} holds predictors of another model ({len(given)} tensors, this model has "
                            f"{len(own)} of other shapes); give --gates= for fresh open predictors")
+    if raw.get("fitted_to") != weights_fingerprint(model):
+        raise cli.BadInput(f"--gates={path} was fitted to other weights than this model's (fingerprint "
+                           f"{raw.get('fitted_to')}, this model {weights_fingerprint(model)}); give --gates= for fresh "
+                           "open predictors, or fit gates to this model (experiments/ceiling.py --ship_gates)")
     model.load_state_dict(raw["predictors"], strict=False)
     return raw
 

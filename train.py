@@ -2,6 +2,7 @@
 
     python train.py                        # CPU: the shipped byte model; one GPU: the embedded SmolLM2-135M
     python train.py --gates=               # CPU: the same from open predictors, the paper's init
+    python train.py --ckpt=my.pt --gates=  # another model: the preset's gates fit only the shipped one
     python train.py --dense=True           # the same recipe with plain attention: the baseline
     python train.py --preset=gpu --seq_len=4096
     torchrun --nproc_per_node=2 train.py   # DDP, as in nanoGPT
@@ -79,7 +80,7 @@ class TrainConfig:
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "stdlib_bytes.pt")
 SHIPPED_GATES = os.path.join(os.path.dirname(SHIPPED), "stdlib_bytes_gates_w128.pt")  # fitted to SHIPPED's attention
 
-PRESETS = {  # plain dicts of overrides, applied before explicit flags (a --ckpt given drops the preset's gates)
+PRESETS = {  # plain dicts of overrides, applied before explicit flags
     # CPU: the shipped byte model (experiments/pretrain.py) adapted on 2 cores within 15 minutes: 300 steps of
     # 4 x 1024 bytes at window 128, the paper's predictor recipe, but the predictors start from gates fitted to the
     # model's own attention (experiments/ceiling.py), not open: on this budget open gates never close
@@ -100,10 +101,7 @@ def parse_flags(argv: list) -> tuple:
     if preset not in PRESETS:
         raise cli.BadInput(f"unknown preset {preset!r}; use one of {sorted(PRESETS)} or auto")
     out_dir = given.get("out_dir") or ("out/dense" if given.get("dense") else "out/spkv")
-    defaults = dict(PRESETS[preset])
-    if "ckpt" in given and "gates" not in given:  # a preset's gates were fitted to its own checkpoint, not to --ckpt's
-        defaults.pop("gates", None)
-    cfg = TrainConfig(**{**defaults, **given, "preset": preset, "out_dir": out_dir})
+    cfg = TrainConfig(**{**PRESETS[preset], **given, "preset": preset, "out_dir": out_dir})
     if not cfg.resume:  # a resume is checked once the saved recipe is known
         validate(cfg)
     return cfg, {k: getattr(cfg, k) for k in given}  # a preset of "auto" as resolved

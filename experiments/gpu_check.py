@@ -152,7 +152,7 @@ def part_dynamics(dry: bool, out: str) -> dict:
               "--eval_every=3", "--device=cpu", "--preset=cpu"] if dry else
              ["--n_layer=4", "--n_embd=256", "--seq_len=2048", "--window=64", "--batch_size=16", "--grad_accum=1",
               "--max_steps=600", "--eval_every=200", "--eval_batches=4", "--ckpt_every=200", "--preset=gpu"])
-    flags = [*shape, "--init=scratch", f"--ckpt={tok_ckpt}", "--lr=2e-3", "--warmup_steps=2" if dry else "--warmup_steps=50",
+    flags = [*shape, "--init=scratch", f"--ckpt={tok_ckpt}", "--gates=", "--lr=2e-3", "--warmup_steps=2" if dry else "--warmup_steps=50",
              "--weight_decay=0.1", f"--out_dir={folder}", f"--data_cache={os.path.join(out, 'data_cache')}"]
     res = subprocess.run([sys.executable, "train.py", *flags], capture_output=True, text=True)
     print(res.stdout[-3000:], res.stderr[-3000:])

@@ -124,13 +124,16 @@ def density_by_eval(folder: str) -> list:
     return [(r["step"], r["density"]) for r in records if r is not None and "density" in r]
 
 
+FLAGS_ADDED = {"gates": ""}  # train.py flags newer than some saved runs: such a run ran as this value
+
+
 def finished(folder: str, flags: dict) -> bool:
     """Whether folder holds a finished run of these flags. A finished run made with other flags is
     refused: it holds someone's results, never trained over or measured as if it were this one."""
     final = os.path.join(folder, "final.json")
     if not os.path.exists(final):
         return False
-    saved = read_json(final)["train_config"]
+    saved = {**FLAGS_ADDED, **read_json(final)["train_config"]}
     differ = [f"--{k}={saved.get(k)} (wanted {v})" for k, v in flags.items() if saved.get(k) != v]
     if differ:
         raise cli.BadInput(f"{folder} holds a finished run with other flags: {', '.join(differ)}; "
@@ -176,7 +179,7 @@ def scratch_flags(tiny: bool, steps: int, data: str, ckpt: str) -> dict:
     """train.py flags of a from-scratch run of the small model at the paper's recipe (no --predictor_*
     flag: train.py's defaults are the paper's); ckpt only lends its tokenizer."""
     return {**SHAPES[tiny], "weight_decay": 0.1, "eval_every": 30, "eval_batches": 2, "ckpt_every": 30,
-            "device": "cpu", "preset": "cpu", "data": data, "ckpt": ckpt, "init": "scratch",
+            "device": "cpu", "preset": "cpu", "gates": "", "data": data, "ckpt": ckpt, "init": "scratch",
             "lr": 1e-3, "warmup_steps": max(1, steps // 10), "max_steps": steps}
 
 

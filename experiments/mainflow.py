@@ -78,7 +78,7 @@ def train_flags(o: dict, seed: int, dense: bool, recipe: dict) -> dict:
                  seq_len=seq_len, batch_size=o["batch_size"], max_steps=o["steps"], lr=o["lr"],
                  warmup_steps=max(1, o["steps"] // 15), weight_decay=0.1, window=o["window"], seed=seed,
                  eval_every=max(1, o["steps"] // 5), eval_batches=2, ckpt_every=max(1, min(50, o["steps"] // 2)),
-                 device="cpu", preset="cpu")
+                 device="cpu", preset="cpu", gates="")  # gates="": the predictors as the checkpoint holds them
     return {**flags, **({} if dense else recipe)}
 
 

@@ -190,7 +190,7 @@ def train_flags(o: dict, data: str, tok_ckpt: str, max_steps: int) -> list:
     flags = dict(**shape, **start, dense=not spkv, data=data, seed=o["seed"], lr=o["lr"],
                  min_lr_frac=1.0, warmup_steps=o["warmup_steps"], weight_decay=o["weight_decay"], max_steps=max_steps,
                  window=o["spkv_window"] if spkv else min(64, shape["seq_len"] // 2), eval_every=o["stage_steps"],
-                 eval_batches=4, ckpt_every=min(50, o["stage_steps"]), device="cpu", preset="cpu",
+                 eval_batches=4, ckpt_every=min(50, o["stage_steps"]), device="cpu", preset="cpu", gates="",
                  out_dir=os.path.join(o["out"], "run"), **({"freeze_frac": 0.0} if spkv else {}))
     return [f"--{k}={v}" for k, v in flags.items()]
 

@@ -59,7 +59,7 @@ class Flags:
 def shared_flags(o: dict) -> dict:
     """train.py flags of every run: the pretrained model at the shape's context and window."""
     shape, steps = harness.SHAPES[o["tiny"]], o["steps"]
-    return {"init": "pretrained", "ckpt": o["ckpt"], "data": o["data"], "device": "cpu", "preset": "cpu",
+    return {"init": "pretrained", "ckpt": o["ckpt"], "data": o["data"], "device": "cpu", "preset": "cpu", "gates": "",
             "seq_len": shape["seq_len"], "window": shape["window"], "batch_size": 1, "lr": 1e-4, "weight_decay": 0.0,
             "warmup_steps": max(1, steps // 10), "max_steps": steps, "eval_every": 20, "eval_batches": 2,
             "ckpt_every": 20}

@@ -295,7 +295,7 @@ def train_both(o):
 def recipes(o, data_dir: str, init: str) -> list:
     """[(out_dir, train.py flags as {name: value})], in the order the runs must go."""
     common = dict(data=data_dir, seq_len=o["seq_len"], window=o["window"], batch_size=o["batch_size"], lr=o["lr"],
-                  preset="cpu", weight_decay=0.1)
+                  preset="cpu", gates="", weight_decay=0.1)
     pre = os.path.join(o["out"], "pretrained")
     scratch = dict(ckpt=init, init="scratch", n_layer=o["n_layer"], n_embd=o["n_embd"], n_head=o["n_head"],
                    n_kv_head=o["n_kv_head"])

@@ -33,7 +33,7 @@ SCRIPTS = ("train", "generate", "perplexity", "tau", "baselines", "plots", "benc
 
 def train_flags(base, **kw) -> list:
     flags = dict(ckpt=base / "tiny.pt", data=base / "text", data_cache=base / "cache", out_dir=base / "run",
-                 preset="cpu", seq_len=64, batch_size=2, max_steps=2, warmup_steps=1, eval_every=2, eval_batches=1,
+                 preset="cpu", gates="", seq_len=64, batch_size=2, max_steps=2, warmup_steps=1, eval_every=2, eval_batches=1,
                  ckpt_every=2, window=8, lr=3e-3, device="cpu")
     flags.update(kw)
     return [f"--{k}={v}" for k, v in flags.items()]

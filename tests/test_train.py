@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def flags(tmp_path, ckpt, **kw) -> list:
     base = dict(ckpt=ckpt, data=tiny_text_dir(tmp_path / "text"), data_cache=str(tmp_path / "cache"),
-                out_dir=str(tmp_path / "out"), preset="cpu", seq_len=64, batch_size=2, max_steps=8,
+                out_dir=str(tmp_path / "out"), preset="cpu", gates="", seq_len=64, batch_size=2, max_steps=8,
                 warmup_steps=1, eval_every=4, eval_batches=2, ckpt_every=4, window=8, lr=3e-3,
                 device="cpu")  # the CPU even on a GPU machine: tiny heads (D=8) are below CUDA flex's minimum
     base.update(kw)
@@ -112,7 +112,7 @@ def test_predictor_init_bias_sets_fresh_predictors_and_never_replaces_stored_one
     that stores its own loads them as stored, and asking it for another init bias is refused."""
     bare = tiny_checkpoint(tmp_path / "bare.pt", predictors=False)
     assert not any(".predictor." in k for k in read_checkpoint(bare)["model"])
-    cfg, _ = train.parse_flags([f"--ckpt={bare}", "--device=cpu", "--predictor_init_bias=0", "--seq_len=64", "--window=8"])
+    cfg, _ = train.parse_flags([f"--ckpt={bare}", "--device=cpu", "--gates=", "--predictor_init_bias=0", "--seq_len=64", "--window=8"])
     model = train.build_model(cfg, "cpu")[0]
     biases = [model.blocks[i].attn.predictor.proj.bias for i in model.cfg.spkv_layers()]
     assert biases and all(torch.equal(b, torch.zeros_like(b)) for b in biases)
@@ -122,10 +122,10 @@ def test_predictor_init_bias_sets_fresh_predictors_and_never_replaces_stored_one
         stored = {k: v + 0.25 for k, v in raw["model"].items() if ".predictor." in k}
     raw["model"].update(stored)
     torch.save(raw, ckpt)
-    cfg, _ = train.parse_flags([f"--ckpt={ckpt}", "--device=cpu", "--seq_len=64", "--window=8"])
+    cfg, _ = train.parse_flags([f"--ckpt={ckpt}", "--device=cpu", "--gates=", "--seq_len=64", "--window=8"])
     state = train.build_model(cfg, "cpu")[0].state_dict()
     assert stored and all(torch.equal(state[k], v) for k, v in stored.items())
-    cfg, _ = train.parse_flags([f"--ckpt={ckpt}", "--device=cpu", "--predictor_init_bias=0", "--seq_len=64", "--window=8"])
+    cfg, _ = train.parse_flags([f"--ckpt={ckpt}", "--device=cpu", "--gates=", "--predictor_init_bias=0", "--seq_len=64", "--window=8"])
     with pytest.raises(BadInput, match="stores its own"):
         train.build_model(cfg, "cpu")
 
@@ -205,25 +205,24 @@ def test_the_cpu_preset_adapts_the_shipped_model_from_its_gates_and_explicit_fla
     raw = torch.load(cfg.gates, weights_only=True)
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in raw["predictors"].items()) and raw["window"] == 128
-    cfg, given = train.parse_flags(["--preset=cpu", "--ckpt=other.pt", "--window=8"])
-    assert (cfg.ckpt, cfg.window, cfg.seq_len) == ("other.pt", 8, 1024) and set(given) == {"preset", "ckpt", "window"}
-    assert cfg.gates == ""  # the preset's gates belong to its checkpoint: another one starts fresh and open
-    cfg, _ = train.parse_flags(["--preset=cpu", "--ckpt=other.pt", "--gates=g.pt"])
-    assert cfg.gates == "g.pt"
+    cfg, given = train.parse_flags(["--preset=cpu", "--ckpt=other.pt", "--window=8", "--gates="])
+    assert (cfg.ckpt, cfg.window, cfg.seq_len, cfg.gates) == ("other.pt", 8, 1024, "")
+    assert set(given) == {"preset", "ckpt", "window", "gates"}
 
 
 def test_a_gates_file_starts_the_predictors_and_one_that_does_not_fit_is_refused(tmp_path):
-    """train.py --gates: the predictors start as the file holds them; a file made for another window
-    or another shape, a missing file and a from-scratch run are each refused in one line."""
+    """train.py --gates: the predictors start as the file holds them; a file made for another window,
+    another shape or other weights (the cpu preset's gates on another --ckpt among them), a missing
+    file and a from-scratch run are each refused in one line."""
     from checkpoint import save_gates
 
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt", predictors=False)
-    donor = GPT(tiny_config(window=8))
+    base = [f"--ckpt={ckpt}", "--device=cpu", "--seq_len=64"]
+    donor = train.build_model(train.parse_flags([*base, "--window=8", "--gates="])[0], "cpu")[0]  # these weights
     with torch.no_grad():
         for b in donor.blocks:
             b.attn.predictor.proj.weight.normal_()
     save_gates(str(tmp_path / "g8.pt"), donor, source="test")
-    base = [f"--ckpt={ckpt}", "--device=cpu", "--seq_len=64"]
     cfg, _ = train.parse_flags([*base, "--window=8", f"--gates={tmp_path / 'g8.pt'}"])
     state = train.build_model(cfg, "cpu")[0].state_dict()
     donor_state = donor.state_dict()
@@ -235,6 +234,10 @@ def test_a_gates_file_starts_the_predictors_and_one_that_does_not_fit_is_refused
                 (["--window=8", f"--gates={tmp_path / 'g8.pt'}", "--init=scratch"], "--init=scratch")]
     save_gates(str(tmp_path / "wide.pt"), GPT(tiny_config(window=8, n_embd=64, n_hidden=128)), source="test")
     refusals.append((["--window=8", f"--gates={tmp_path / 'wide.pt'}"], "another model"))
+    torch.manual_seed(1)
+    save_gates(str(tmp_path / "other.pt"), GPT(tiny_config(window=8)), source="test")  # same shape, other weights
+    refusals.append((["--window=8", f"--gates={tmp_path / 'other.pt'}"], "fitted to other weights"))
+    refusals.append((["--window=8", "--preset=cpu"], "fitted at window 128"))  # the preset's gates, on this model
     for extra, message in refusals:
         cfg, _ = train.parse_flags([*base, *extra])
         with pytest.raises(BadInput, match=message):

@@ -32,6 +32,10 @@ def test_a_finished_run_with_other_flags_is_refused_not_reused(tmp_path):
     with pytest.raises(BadInput, match="predictor_lr_mult=5.0 \\(wanted 20\\)"):
         harness.finished(str(folder), {"predictor_lr_mult": 20, "max_steps": 150})
     assert final.read_bytes() == before
+    # this run predates --gates, so it ran as --gates= (fresh predictors, or the checkpoint's own)
+    assert harness.finished(str(folder), {"max_steps": 150, "gates": ""})
+    with pytest.raises(BadInput, match="--gates= \\(wanted g.pt\\)"):
+        harness.finished(str(folder), {"max_steps": 150, "gates": "g.pt"})
 
 
 def test_results_are_new_files_and_tiny_runs_have_their_own_folder(tmp_path):

@@ -124,9 +124,10 @@ def load_gates(path: str, model: GPT) -> dict:
     if own != given:
         raise cli.BadInput(f"--gates={path} holds predictors of another model ({len(given)} tensors, this model has "
                            f"{len(own)} of other shapes); give --gates= for fresh open predictors")
-    if raw.get("fitted_to") != weights_fingerprint(model):
+    own_weights = weights_fingerprint(model)  # hashes every weight: once
+    if raw.get("fitted_to") != own_weights:
         raise cli.BadInput(f"--gates={path} was fitted to other weights than this model's (fingerprint "
-                           f"{raw.get('fitted_to')}, this model {weights_fingerprint(model)}); give --gates= for fresh "
+                           f"{raw.get('fitted_to')}, this model {own_weights}); give --gates= for fresh "
                            "open predictors, or fit gates to this model (experiments/ceiling.py --ship_gates)")
     model.load_state_dict(raw["predictors"], strict=False)
     return raw

@@ -41,7 +41,6 @@ train.py --gates=PATH starts from them (models/stdlib_bytes_gates_w128.pt was ma
 
 import contextlib
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -49,7 +48,6 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python experiments/<name>.py
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -83,19 +81,6 @@ class Flags:
     ship_gates: str = ""  # with one window: also write its learned gates alone there (train.py --gates); never over a file
     threads: int = 2
     out: str = "out/ceiling"  # results/ceiling-<date>-<commit>.json
-
-
-def heldout_rows(ckpt: str, given: str) -> torch.Tensor:
-    """(N, T + 1) token rows: the shipped model's bar sequences, or a .bin given with --heldout."""
-    meta_path = ckpt[:-len(".pt")] + ".json"
-    if not os.path.isfile(meta_path):
-        raise cli.BadInput(f"{meta_path} is missing: ceiling.py reads the held-out shape from a shipped model's .json")
-    held = json.load(open(meta_path))["heldout"]
-    path = given or os.path.join(os.path.dirname(ckpt), held["file"])
-    rows = np.fromfile(path, dtype=np.uint16).astype(np.int64)
-    if rows.size != np.prod(held["shape"]):
-        raise cli.BadInput(f"{path} holds {rows.size} tokens, not {held['shape']}; give the rows shipped with {ckpt}")
-    return torch.from_numpy(rows).view(*held["shape"])
 
 
 def policy(name: str, window: int, density: float):
@@ -318,7 +303,7 @@ def main(argv):
     if o["ship_gates"] and os.path.exists(o["ship_gates"]):
         raise cli.BadInput(f"--ship_gates={o['ship_gates']} exists; move it away or give a new path")
     torch.set_num_threads(o["threads"])
-    rows = heldout_rows(ckpt, o["heldout"])
+    rows = harness.heldout_rows(ckpt, o["heldout"])
     if max(windows) >= rows.shape[1] - 1:
         raise cli.BadInput(f"--windows: {max(windows)} is not below the sequence length {rows.shape[1] - 1}")
     model = load_model(ckpt, dense=True)[0].eval()

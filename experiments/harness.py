@@ -12,6 +12,7 @@
     chosen(flag, csv, table)            the names a comma-list flag picks from a table of recipes
     SHAPES, scratch_flags(...)          the small real-text model and its from-scratch train.py flags
     byte_checkpoint(path)               a tiny checkpoint that carries the byte tokenizer
+    heldout_rows(ckpt)                  the bar's held-out sequences shipped beside a model
 
 A child's one-line refusal is passed through as one line (cli.BadInput), not a traceback.
 """
@@ -24,6 +25,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -48,6 +50,20 @@ def write_json(path: str, obj):
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(path + ".tmp", path)
+
+
+def heldout_rows(ckpt: str, given: str = "") -> torch.Tensor:
+    """(N, T + 1) token rows: the bar's held-out sequences shipped beside a model (its .json names the
+    file and shape), or a .bin of the same shape given as `given`."""
+    meta_path = ckpt[:-len(".pt")] + ".json"
+    if not os.path.isfile(meta_path):
+        raise cli.BadInput(f"{meta_path} is missing: the held-out rows' shape is read from a shipped model's .json")
+    held = read_json(meta_path)["heldout"]
+    path = given or os.path.join(os.path.dirname(ckpt), held["file"])
+    rows = np.fromfile(path, dtype=np.uint16).astype(np.int64)
+    if rows.size != np.prod(held["shape"]):
+        raise cli.BadInput(f"{path} holds {rows.size} tokens, not {held['shape']}; give the rows shipped with {ckpt}")
+    return torch.from_numpy(rows).view(*held["shape"])
 
 
 def byte_checkpoint(path: str, **shape):

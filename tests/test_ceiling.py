@@ -3,22 +3,12 @@ shipped model's held-out rows, and at density 1 every keep set is full attention
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 import ceiling
 from cli import BadInput
-from tiny import tiny_checkpoint
-
-
-def shipped_tiny(tmp_path, T=48, n=3):
-    """A tiny dense checkpoint with a .json and held-out rows beside it, as pretrain.py ships one."""
-    ckpt = tiny_checkpoint(tmp_path / "m.pt", predictors=False, dense_layers=(0, 1))
-    rows = np.random.default_rng(0).integers(0, 257, size=(n, T + 1)).astype(np.uint16)
-    rows.tofile(tmp_path / "m_heldout.bin")
-    (tmp_path / "m.json").write_text(json.dumps({"heldout": {"file": "m_heldout.bin", "shape": [n, T + 1]}}))
-    return ckpt
+from tiny import shipped_tiny
 
 
 def test_every_policy_at_every_window_and_density_and_full_attention_at_density_1(tmp_path, capsys):

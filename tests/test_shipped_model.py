@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ceiling
+import harness
 import measure
 from checkpoint import load_model
 
@@ -27,7 +27,7 @@ PHRASES = {"window": "the window alone", "streaming@0.25": "StreamingLLM at a qu
 def losses():
     """({policy: loss} of the shipped model on its held-out sequences, what was recorded when it shipped)."""
     meta = json.load(open(MODEL[:-len(".pt")] + ".json"))
-    rows = ceiling.heldout_rows(MODEL, "")  # (16, T + 1)
+    rows = harness.heldout_rows(MODEL)  # (16, T + 1)
     x, y = rows[:, :-1], rows[:, 1:]
     T = x.shape[1]
     model = load_model(MODEL, dense=True, window=WINDOW)[0].eval()

@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import torch
 
 from checkpoint import save_checkpoint
@@ -32,3 +33,12 @@ def tiny_text_dir(folder) -> str:
         with open(os.path.join(src, name)) as f, open(os.path.join(folder, name + ".txt"), "w") as g:
             g.write(f.read())
     return str(folder)
+
+
+def shipped_tiny(tmp_path, T=48, n=3):
+    """A tiny dense checkpoint with a .json and held-out rows beside it, as pretrain.py ships one."""
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", predictors=False, dense_layers=(0, 1))
+    rows = np.random.default_rng(0).integers(0, 257, size=(n, T + 1)).astype(np.uint16)
+    rows.tofile(tmp_path / "m_heldout.bin")
+    (tmp_path / "m.json").write_text(json.dumps({"heldout": {"file": "m_heldout.bin", "shape": [n, T + 1]}}))
+    return ckpt

@@ -91,15 +91,9 @@ def policy(name: str, window: int, density: float):
     return lambda layer, q, k, logit: p(q, k, None)
 
 
-@torch.no_grad()
 def loss_of(model, rows: torch.Tensor, visible, batch_size: int) -> float:
     """Mean next-token loss over rows (N, T + 1), every layer attending through visible."""
-    total, n = 0.0, rows.shape[0]
-    for i in range(0, n, batch_size):
-        x, y = rows[i:i + batch_size, :-1], rows[i:i + batch_size, 1:]
-        logits = baselines.forward_with_masks(model, x, visible)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
-    return total / (n * (rows.shape[1] - 1))
+    return harness.position_losses(model, rows, visible, batch_size).mean().item()
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@
     SHAPES, scratch_flags(...)          the small real-text model and its from-scratch train.py flags
     byte_checkpoint(path)               a tiny checkpoint that carries the byte tokenizer
     heldout_rows(ckpt)                  the bar's held-out sequences shipped beside a model
+    position_losses(model, rows, ...)   the loss at each position over such rows, under any attention mask
 
 A child's one-line refusal is passed through as one line (cli.BadInput), not a traceback.
 """
@@ -64,6 +65,18 @@ def heldout_rows(ckpt: str, given: str = "") -> torch.Tensor:
     if rows.size != np.prod(held["shape"]):
         raise cli.BadInput(f"{path} holds {rows.size} tokens, not {held['shape']}; give the rows shipped with {ckpt}")
     return torch.from_numpy(rows).view(*held["shape"])
+
+
+@torch.no_grad()
+def position_losses(model, rows: torch.Tensor, visible, batch_size: int) -> torch.Tensor:
+    """(T,) next-token loss at each position, averaged over rows (N, T + 1) of fixed held-out tokens,
+    every layer attending through visible(layer, q, k, logit) (measure.forward_with_masks)."""
+    total = torch.zeros(rows.shape[1] - 1)  # (T,)
+    for i in range(0, rows.shape[0], batch_size):
+        x, y = rows[i:i + batch_size, :-1], rows[i:i + batch_size, 1:]  # (b, T) each
+        logits = baselines.forward_with_masks(model, x, visible)  # (b, T, V)
+        total += F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").sum(0)
+    return total / rows.shape[0]
 
 
 def byte_checkpoint(path: str, **shape):

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python experiments/<name>.py
 
 import torch
-import torch.nn.functional as F
 
 import cli
 import harness
@@ -51,18 +50,6 @@ class Flags:
     batch_size: int = 4  # sequences a forward
     threads: int = 2
     out: str = "out/reach"  # results/reach-<date>-<commit>.json
-
-
-@torch.no_grad()
-def token_losses(model, rows: torch.Tensor, visible: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(T,) next-token loss at each query position, averaged over the rows (N, T + 1), every layer
-    attending through the (T, T) mask `visible`."""
-    total = torch.zeros(rows.shape[1] - 1)  # (T,)
-    for i in range(0, rows.shape[0], batch_size):
-        x, y = rows[i:i + batch_size, :-1], rows[i:i + batch_size, 1:]  # (b, T) each
-        logits = measure.forward_with_masks(model, x, lambda layer, q, k, logit: visible)  # (b, T, V)
-        total += F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").sum(0)
-    return total / rows.shape[0]
 
 
 def repeat_distances(rows: torch.Tensor, n: int, edges: list) -> dict:
@@ -113,14 +100,15 @@ def main(argv):
                            f"--streaming_window below it, --buckets at most it")
     model = load_model(ckpt, dense=True)[0].eval()
     t0 = time.time()
-    full = token_losses(model, rows, measure.causal_visible(T), o["batch_size"])
+    full = harness.position_losses(model, rows, lambda layer, q, k, logit: measure.causal_visible(T), o["batch_size"])  # (T,)
     masks = {f"window {w}": measure.window_visible(T, w) for w in windows}
     masks.update({f"streaming@{d:g} w{o['streaming_window']}": measure.streaming_visible(T, o["streaming_window"], d, n_sink=harness.N_SINK)
                   for d in densities})
     results = {"full": full.mean().item()}
     print(f"{ckpt}: full attention {results['full']:.4f} on {rows.shape[0]} x {T} held-out tokens; % over full:")
     for name, visible in masks.items():
-        results[name] = over_full(token_losses(model, rows, visible, o["batch_size"]), full, o["buckets"])
+        loss = harness.position_losses(model, rows, lambda layer, q, k, logit: visible, o["batch_size"])  # (T,)
+        results[name] = over_full(loss, full, o["buckets"])
         print(f"  {name:<22} " + "  ".join(f"{k} {v:+.2f}%" for k, v in results[name].items()), flush=True)
     results["repeats"] = repeat_distances(rows, o["ngram"], sorted(windows))
     print(f"  positions whose last {o['ngram']} bytes occurred before, by how far back: "

@@ -1,5 +1,6 @@
-"""experiments/reach.py at tiny size: the per-position loss is the model's own loss, a window as
-long as the sequence is full attention, and repeats are found at the distance they were planted."""
+"""experiments/reach.py at tiny size: the per-position loss (harness.position_losses) averages to
+the model's own loss, a window as long as the sequence is full attention, and repeats are found at
+the distance they were planted."""
 
 import json
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import harness
 import measure
 import reach
 from checkpoint import load_model
@@ -15,11 +17,11 @@ from cli import BadInput
 from tiny import shipped_tiny
 
 
-def test_token_losses_average_to_the_models_own_loss(tmp_path):
+def test_position_losses_average_to_the_models_own_loss(tmp_path):
     ckpt = shipped_tiny(tmp_path, T=32, n=3)
     model = load_model(ckpt, dense=True)[0].eval()
     rows = torch.from_numpy(np.fromfile(tmp_path / "m_heldout.bin", dtype=np.uint16).astype(np.int64)).view(3, 33)
-    per_pos = reach.token_losses(model, rows, measure.causal_visible(32), batch_size=2)  # (T,)
+    per_pos = harness.position_losses(model, rows, lambda layer, q, k, logit: measure.causal_visible(32), batch_size=2)  # (T,)
     with torch.no_grad():
         logits, _ = model(rows[:, :-1], rows[:, 1:])
     expect = F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten())

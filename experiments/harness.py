@@ -14,6 +14,8 @@
     byte_checkpoint(path)               a tiny checkpoint that carries the byte tokenizer
     heldout_rows(ckpt)                  the bar's held-out sequences shipped beside a model
     position_losses(model, rows, ...)   the loss at each position over such rows, under any attention mask
+    fact_line(rng)                      a planted fact: a comment line of a random key and value, and
+                                        where its value lies (pretrain.py plants them, needle.py asks)
 
 A child's one-line refusal is passed through as one line (cli.BadInput), not a traceback.
 """
@@ -77,6 +79,21 @@ def position_losses(model, rows: torch.Tensor, visible, batch_size: int) -> torc
         logits = baselines.forward_with_masks(model, x, visible)  # (b, T, V)
         total += F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").sum(0)
     return total / rows.shape[0]
+
+
+FACT_KEY, FACT_VALUE = 5, 8  # bytes of a fact's random key (a-z) and value (a-z, 0-9)
+_KEY_BYTES = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", np.uint8)
+_VALUE_BYTES = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz0123456789", np.uint8)
+
+
+def fact_line(rng: np.random.Generator) -> tuple:
+    """(line, value_at): a fact as bytes (uint8 array), b"\n# <key>: <value>\n" with a random key
+    and value, and the offset of the value in it. Said once and said again later, only the first
+    saying predicts the second's value: a needle a model must look back for."""
+    key, value = rng.choice(_KEY_BYTES, FACT_KEY), rng.choice(_VALUE_BYTES, FACT_VALUE)
+    head = np.frombuffer(b"\n# ", np.uint8)
+    line = np.concatenate([head, key, np.frombuffer(b": ", np.uint8), value, np.frombuffer(b"\n", np.uint8)])
+    return line, len(head) + FACT_KEY + 2
 
 
 def byte_checkpoint(path: str, **shape):

@@ -16,6 +16,11 @@ so it learns to copy early, and copy heads then serve the real text's own long-r
 (a name defined at the top of a file and used below). The validation split is plain held-out
 stdlib source, untouched: the bar is measured on plain text only.
 
+Facts (--fact_every > 0), the needle-in-a-haystack route: after every --fact_every bytes a
+comment line with a random key and value (harness.fact_line) is planted, and the same line again
+--fact_dist_min..--fact_dist_max bytes later. Only looking back predicts the second value, and
+only a model that keeps that key can: experiments/needle.py asks for such facts in held-out text.
+
 The learning rate is constant after warmup (--min_lr_frac=1), so a run split into stages is the
 straight run. Every --stage_steps steps the driver snapshots the model (snapshots/step_N.pt, model
 only) and measures "the bar" on it (bar_N.json): on held-out stdlib and licence prose, the loss
@@ -87,6 +92,9 @@ class Flags:
     span_max: int = 128
     dist_min: int = 128  # how far back the planted span's original ends, bytes
     dist_max: int = 960
+    fact_every: int = 0  # bytes of text between planted facts (a random key: value line, said again later); 0 = none
+    fact_dist_min: int = 64  # bytes of text between a fact and its second saying
+    fact_dist_max: int = 960
     bar_batches: int = 4  # held-out batches of bar_batch_size sequences for the bar
     bar_batch_size: int = 4
     ship: int = 0  # > 0: copy snapshot step_N.pt to --ship_to with its provenance (command, recipe, bar), train nothing
@@ -101,7 +109,8 @@ TINY = dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, seq_len=64, batch_size=
             dist_min=8, dist_max=48, plant_every=32, bar_batches=1, bar_batch_size=2)  # --tiny's overrides
 
 RECIPE = ("seed", "n_layer", "n_embd", "n_head", "n_kv_head", "seq_len", "batch_size", "lr", "warmup_steps",
-          "weight_decay", "plant_every", "span_min", "span_max", "dist_min", "dist_max", "init_from", "spkv_window", "tiny",
+          "weight_decay", "plant_every", "span_min", "span_max", "dist_min", "dist_max", "fact_every", "fact_dist_min",
+          "fact_dist_max", "init_from", "spkv_window", "tiny",
           "data")
 
 
@@ -110,6 +119,12 @@ def validate(o: dict):
                                                           "bar_batches", "bar_batch_size") if o[k] < 1]
     if o["plant_every"] < 0:
         problems.append(f"--plant_every={o['plant_every']} must be >= 0 (0: no planted spans)")
+    if o["fact_every"] < 0 or not 0 <= o["fact_dist_min"] <= o["fact_dist_max"]:
+        problems.append(f"need --fact_every >= 0 (0: no facts) and 0 <= --fact_dist_min <= --fact_dist_max (got "
+                        f"{o['fact_every']}, {o['fact_dist_min']}, {o['fact_dist_max']})")
+    if o["fact_every"] and o["fact_dist_max"] + 2 * 32 >= o["seq_len"]:
+        problems.append(f"--fact_dist_max={o['fact_dist_max']} leaves no room for a fact and its second saying in "
+                        f"--seq_len={o['seq_len']}; keep it below seq_len - 64")
     if not o["span_min"] <= o["span_max"] <= o["dist_min"] <= o["dist_max"]:
         problems.append(f"need --span_min <= --span_max <= --dist_min <= --dist_max (got {o['span_min']}, "
                         f"{o['span_max']}, {o['dist_min']}, {o['dist_max']}): a span is copied from text that has ended")
@@ -159,6 +174,24 @@ def plant_spans(tokens: np.ndarray, rng: np.random.Generator, o: dict) -> tuple:
     return np.concatenate(pieces), int(lengths.sum())
 
 
+def plant_facts(tokens: np.ndarray, rng: np.random.Generator, o: dict) -> tuple:
+    """(stream, planted bytes): tokens (N,) with a fact line (harness.fact_line) inserted at every
+    fact_every-th position c, and the same line again at c + d, d uniform in [fact_dist_min,
+    fact_dist_max] positions of tokens (so about d bytes of text lie between the two sayings, more
+    where another fact falls between). Returns the new stream in tokens' dtype."""
+    cuts = np.arange(o["fact_every"], len(tokens) - o["fact_dist_max"], o["fact_every"])  # (P,) first sayings
+    dists = rng.integers(o["fact_dist_min"], o["fact_dist_max"] + 1, len(cuts))  # (P,)
+    lines = [harness.fact_line(rng)[0].astype(tokens.dtype) for _ in cuts]
+    inserts = sorted([(c, 0, i) for i, c in enumerate(cuts.tolist())] +
+                     [(c + d, 1, i) for i, (c, d) in enumerate(zip(cuts.tolist(), dists.tolist()))])
+    pieces, start = [], 0
+    for at, _, i in inserts:
+        pieces += [tokens[start:at], lines[i]]
+        start = at
+    pieces.append(tokens[start:])
+    return np.concatenate(pieces), 2 * sum(len(line) for line in lines)
+
+
 def prepare_mix(o: dict, tok: Tokenizer) -> str:
     """data_mix/: the planted training stream and the plain val split, as a prepared data folder
     (train.py --data reads it). Deterministic in --seed; meta.json is written last."""
@@ -170,7 +203,11 @@ def prepare_mix(o: dict, tok: Tokenizer) -> str:
     with open(os.path.join(plain, "meta.json")) as f:
         meta = json.load(f)
     train = np.fromfile(os.path.join(plain, "train.bin"), dtype=meta["dtype"])
-    mixed, planted = plant_spans(train, np.random.default_rng(o["seed"]), o) if o["plant_every"] else (train, 0)
+    rng = np.random.default_rng(o["seed"])
+    mixed, planted = plant_spans(train, rng, o) if o["plant_every"] else (train, 0)
+    if o["fact_every"]:
+        mixed, facts = plant_facts(mixed, rng, o)
+        planted += facts
     with open(os.path.join(folder, "train.bin.tmp"), "wb") as f:
         f.write(mixed.data)
     os.replace(os.path.join(folder, "train.bin.tmp"), os.path.join(folder, "train.bin"))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
+import harness
 import measure
 import pretrain
 from checkpoint import load_model
@@ -40,6 +41,25 @@ def test_planted_spans_copy_earlier_text(n, seed, span_min, span_extra, dist_ext
     assert np.array_equal(np.concatenate(text), tokens)
 
 
+@given(st.integers(300, 3000), st.integers(0, 10**6), st.integers(10, 40), st.integers(0, 60), st.integers(0, 60))
+def test_planted_facts_are_said_twice_at_the_stated_distance(n, seed, every, dist_min, dist_extra):
+    o = dict(fact_every=every, fact_dist_min=dist_min, fact_dist_max=dist_min + dist_extra)
+    tokens = np.random.default_rng(seed).integers(128, 257, n).astype(np.uint16)  # no byte of a fact line (ASCII)
+    out, planted = pretrain.plant_facts(tokens, np.random.default_rng(seed + 1), o)
+    assert out.dtype == tokens.dtype and len(out) == n + planted
+    text = out >= 128
+    assert np.array_equal(out[text], tokens)  # the text, in order, between the insertions
+    size = len(harness.fact_line(np.random.default_rng(0))[0])
+    starts = np.flatnonzero(~text)[::size]  # facts are whole lines, back to back where two meet
+    lines = [bytes(out[a:a + size].astype(np.uint8)) for a in starts]
+    assert len(lines) == 2 * len(np.arange(every, n - o["fact_dist_max"], every)) and planted == len(lines) * size
+    text_before = np.cumsum(text)  # text tokens up to and including each position
+    for line in set(lines):
+        first, second = [a for a, l in zip(starts, lines) if l == line]
+        assert line.startswith(b"\n# ") and line.endswith(b"\n")
+        assert o["fact_dist_min"] <= text_before[second] - text_before[first] <= o["fact_dist_max"]
+
+
 def run(tmp_path, out, *flags):
     pretrain.main([f"--out={tmp_path / out}", "--tiny=True", f"--data={tiny_text_dir(tmp_path / 'text')}",
                    "--warmup_steps=2", "--threads=1", *flags])
@@ -67,6 +87,8 @@ def test_other_recipe_in_the_same_out_is_refused(tmp_path):
         run(tmp_path, "r", "--steps=6", "--stage_steps=3", "--lr=0.01")
     with pytest.raises(BadInput, match="span_min <= --span_max"):
         pretrain.main(["--out=unused", "--span_min=200"])
+    with pytest.raises(BadInput, match="fact_dist_min <= --fact_dist_max"):
+        pretrain.main(["--out=unused", "--fact_every=256", "--fact_dist_min=900", "--fact_dist_max=100"])
 
 
 def test_ship_copies_a_snapshot_with_its_provenance_and_never_replaces(tmp_path):

@@ -79,7 +79,7 @@ class Flags:
     seed: int = 0  # the learned gate's training and calibration sequences, and its init
     save_density: float = 0.25  # each window's learned gates are saved (--out/learned/) shifted so that tau 0.5 keeps this
     ship_gates: str = ""  # with one window: also write its learned gates alone there (train.py --gates); never over a file
-    threads: int = 2
+    threads: int = 2  # torch threads
     out: str = "out/ceiling"  # results/ceiling-<date>-<commit>.json
 
 

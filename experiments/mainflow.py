@@ -60,11 +60,11 @@ class Flags:
     seeds: str = "1337"  # comma list; each seed has its own dense twin
     steps: int = 300  # steps of each adaptation and of its dense twin
     lr: float = 5e-4  # base learning rate of both (the predictor gets lr x its multiplier)
-    window: int = 64
+    window: int = 64  # SP-KV's local window; the policies on the dense twin keep the same
     batch_size: int = 8  # sequences of 1024 bytes a step
     eval_batches: int = 4  # held-out batches of eval_batch_size sequences for every figure
-    eval_batch_size: int = 4
-    threads: int = 2
+    eval_batch_size: int = 4  # sequences of 1024 bytes an eval batch
+    threads: int = 2  # torch threads
     taus: str = "0.1,0.3,0.5,0.7,0.8,0.9,0.95,0.98,0.99"  # SP-KV's tau sweep (0.98 and 0.99 reach the paper's best density, 0.12)
     target_density: float = 0.25  # also measured at the tau that keeps this fraction of old pairs on training text
     eval_only: bool = False  # measure the finished runs in --out, train nothing

@@ -78,25 +78,25 @@ class Flags:
     stage_steps: int = 250  # a snapshot and the bar every this many steps
     threads: int = 2  # torch threads for training and measuring
     seed: int = 1337  # model init, data order, and where spans are planted
-    n_layer: int = 4
-    n_embd: int = 256
-    n_head: int = 4
-    n_kv_head: int = 2
+    n_layer: int = 4  # transformer blocks
+    n_embd: int = 256  # model width
+    n_head: int = 4  # query heads
+    n_kv_head: int = 2  # key/value heads (GQA)
     seq_len: int = 1024  # context
     batch_size: int = 8  # sequences per step
     lr: float = 2e-3  # constant after warmup
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
+    warmup_steps: int = 100  # linear LR warmup
+    weight_decay: float = 0.1  # AdamW's, on matrices
     plant_every: int = 512  # bytes of text between planted spans; 0 = plain stdlib (the "train longer" route)
     span_min: int = 32  # planted span length, bytes
-    span_max: int = 128
+    span_max: int = 128  # (span_min..span_max)
     dist_min: int = 128  # how far back the planted span's original ends, bytes
-    dist_max: int = 960
+    dist_max: int = 960  # (dist_min..dist_max)
     fact_every: int = 0  # bytes of text between planted facts (a random key: value line, said again later); 0 = none
     fact_dist_min: int = 64  # bytes of text between a fact and its second saying
-    fact_dist_max: int = 960
+    fact_dist_max: int = 960  # (fact_dist_min..fact_dist_max)
     bar_batches: int = 4  # held-out batches of bar_batch_size sequences for the bar
-    bar_batch_size: int = 4
+    bar_batch_size: int = 4  # sequences a bar batch
     ship: int = 0  # > 0: copy snapshot step_N.pt to --ship_to with its provenance (command, recipe, bar), train nothing
     ship_to: str = "models/stdlib_bytes.pt"  # where --ship writes, with .json and _heldout.bin beside it (never replaced)
     init_from: str = ""  # a snapshot (or a shipped model) to go on from with a fresh optimizer: a later stage; "" = scratch

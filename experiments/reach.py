@@ -48,7 +48,7 @@ class Flags:
     buckets: int = 4  # equal spans of query positions
     ngram: int = 16  # bytes that must recur for a position to count as a repeat
     batch_size: int = 4  # sequences a forward
-    threads: int = 2
+    threads: int = 2  # torch threads
     out: str = "out/reach"  # results/reach-<date>-<commit>.json
 
 

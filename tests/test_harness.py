@@ -19,7 +19,7 @@ from checkpoint import load_model
 from cli import BadInput
 from tiny import tiny_checkpoint, tiny_text_dir
 
-SCRIPTS = ("realtext", "ablate", "smollm2")
+SCRIPTS = ("realtext", "ablate", "smollm2", "pretrain", "mainflow", "ceiling", "reach", "needle")
 
 
 def test_a_finished_run_with_other_flags_is_refused_not_reused(tmp_path):

@@ -22,7 +22,8 @@ The policies, each a mask over the same forward (baselines.forward_with_masks):
     h2o         the dense model, heavy hitters, at SP-KV's density
 Without --spkv, StreamingLLM and H2O run at each of --densities. For SP-KV also "value kept": the
 share of (needle, layer, KV head) whose gates keep all of the first saying's value bytes.
-Deterministic (fp32, fixed rows and facts); the result is a new dated JSON in --out/results.
+Deterministic (fp32, fixed rows and facts); the result is a new dated JSON in --out/results, with
+its PNG (retrieval against density, a panel per depth) beside it.
 """
 
 import dataclasses
@@ -142,6 +143,29 @@ def print_depth(depth: int, rows: list):
         print(f"  {label:<12} {density:<15} {r['loss']:6.3f} / {r['retrieved']:.2f}   {kept}", flush=True)
 
 
+def plot(results: dict, path: str):
+    """Retrieval against density, one panel per depth: SP-KV's tau sweep, StreamingLLM and H2O at
+    its densities, full attention and the window alone as lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
+    for ax, (depth, rows) in zip(axes[0], results.items()):
+        for name, style in (("spkv", "o-"), ("streaming", "^:"), ("h2o", "s--")):
+            pts = sorted((r["density"], r["retrieved"]) for r in rows if r["policy"] == name)
+            if pts:
+                ax.plot(*zip(*pts), style, label={"spkv": "SP-KV", "streaming": "StreamingLLM", "h2o": "H2O"}[name])
+        for name, color in (("full", "k"), ("window", "C3")):
+            ax.axhline(next(r["retrieved"] for r in rows if r["policy"] == name), color=color, lw=1, ls="-.",
+                       label="full attention" if name == "full" else "window alone")
+        ax.set(title=f"fact {depth} bytes back", xlabel="density (fraction of old KV pairs kept)",
+               ylabel="needles retrieved", ylim=(-0.03, 1.03))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def main(argv):
     o = {**dataclasses.asdict(Flags()), **cli.parse(argv, Flags, "needle.py")}
     dense_path = o["dense"] or MODEL
@@ -174,7 +198,8 @@ def main(argv):
         results[str(depth)] = measure_depth(dense, trained, seqs, first, second, o, taus if trained else [], densities)
         print_depth(depth, results[str(depth)])
     path = harness.save_result(o["out"], "needle", {**o, "dense": dense_path, "window": window}, results, t0)
-    print(f"results: {path}")
+    plot(results, path[:-len(".json")] + ".png")
+    print(f"results: {path} and its .png")
 
 
 if __name__ == "__main__":

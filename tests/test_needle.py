@@ -56,6 +56,7 @@ def test_spkv_keeping_everything_is_full_attention_and_the_policies_run_at_its_d
                  "--depths=10,40", "--taus=0.000001,0.5", "--batch_size=4", "--threads=1", f"--out={tmp_path / 'o'}"])
     (path,) = (tmp_path / "o" / "results").glob("needle-*.json")
     res = json.loads(path.read_text())["results"]
+    assert path.with_suffix(".png").stat().st_size > 0
     for rows in res.values():
         by = {(r["policy"], r.get("tau")): r for r in rows}
         keep_all = by[("spkv", 0.000001)]

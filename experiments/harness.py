@@ -96,6 +96,9 @@ def fact_line(rng: np.random.Generator) -> tuple:
     return line, len(head) + FACT_KEY + 2
 
 
+FACT_LINE = len(fact_line(np.random.default_rng(0))[0])  # bytes of a fact line
+
+
 def byte_checkpoint(path: str, **shape):
     """A tiny byte-level checkpoint (random weights, seed 0): for its tokenizer (train.py --init=scratch
     reads it), or with `shape` (GPTConfig fields) as a small model to run."""

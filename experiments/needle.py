@@ -182,7 +182,7 @@ def main(argv):
     torch.set_num_threads(o["threads"])
     shipped_with = dense_path if os.path.isfile(dense_path[:-len(".pt")] + ".json") else MODEL  # a run has no .json
     rows = harness.heldout_rows(shipped_with, o["heldout"])  # (R, T + 1)
-    line = len(harness.fact_line(np.random.default_rng(0))[0])
+    line = harness.FACT_LINE
     if max(depths) + 2 * line > rows.shape[1]:
         raise cli.BadInput(f"--depths: {max(depths)} bytes and two fact lines of {line} do not fit a row of "
                            f"{rows.shape[1]}; keep each depth at most {rows.shape[1] - 2 * line}")

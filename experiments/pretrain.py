@@ -122,9 +122,9 @@ def validate(o: dict):
     if o["fact_every"] < 0 or not 0 <= o["fact_dist_min"] <= o["fact_dist_max"]:
         problems.append(f"need --fact_every >= 0 (0: no facts) and 0 <= --fact_dist_min <= --fact_dist_max (got "
                         f"{o['fact_every']}, {o['fact_dist_min']}, {o['fact_dist_max']})")
-    if o["fact_every"] and o["fact_dist_max"] + 2 * 32 >= o["seq_len"]:
+    if o["fact_every"] and o["fact_dist_max"] + 2 * harness.FACT_LINE > o["seq_len"]:
         problems.append(f"--fact_dist_max={o['fact_dist_max']} leaves no room for a fact and its second saying in "
-                        f"--seq_len={o['seq_len']}; keep it below seq_len - 64")
+                        f"--seq_len={o['seq_len']}; keep it at most {o['seq_len'] - 2 * harness.FACT_LINE}")
     if not o["span_min"] <= o["span_max"] <= o["dist_min"] <= o["dist_max"]:
         problems.append(f"need --span_min <= --span_max <= --dist_min <= --dist_max (got {o['span_min']}, "
                         f"{o['span_max']}, {o['dist_min']}, {o['dist_max']}): a span is copied from text that has ended")

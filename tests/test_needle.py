@@ -20,7 +20,7 @@ from tiny import shipped_tiny, tiny_checkpoint
 def test_the_fact_is_said_twice_at_the_depth_and_the_text_is_kept():
     rows = torch.from_numpy(np.random.default_rng(0).integers(128, 257, size=(3, 97)))  # no ASCII: facts stand out
     seqs, first, second = needle.haystacks(rows, 30, 2, np.random.default_rng(1))
-    line = len(harness.fact_line(np.random.default_rng(0))[0])
+    line = harness.FACT_LINE
     assert seqs.shape == (6, 97)
     for i, seq in enumerate(seqs.numpy()):
         fact = np.flatnonzero(seq < 128)

@@ -49,7 +49,7 @@ def test_planted_facts_are_said_twice_at_the_stated_distance(n, seed, every, dis
     assert out.dtype == tokens.dtype and len(out) == n + planted
     text = out >= 128
     assert np.array_equal(out[text], tokens)  # the text, in order, between the insertions
-    size = len(harness.fact_line(np.random.default_rng(0))[0])
+    size = harness.FACT_LINE
     starts = np.flatnonzero(~text)[::size]  # facts are whole lines, back to back where two meet
     lines = [bytes(out[a:a + size].astype(np.uint8)) for a in starts]
     assert len(lines) == 2 * len(np.arange(every, n - o["fact_dist_max"], every)) and planted == len(lines) * size
@@ -89,6 +89,8 @@ def test_other_recipe_in_the_same_out_is_refused(tmp_path):
         pretrain.main(["--out=unused", "--span_min=200"])
     with pytest.raises(BadInput, match="fact_dist_min <= --fact_dist_max"):
         pretrain.main(["--out=unused", "--fact_every=256", "--fact_dist_min=900", "--fact_dist_max=100"])
+    with pytest.raises(BadInput, match="keep it at most 986"):
+        pretrain.main(["--out=unused", "--fact_every=256", "--fact_dist_max=987"])
 
 
 def test_ship_copies_a_snapshot_with_its_provenance_and_never_replaces(tmp_path):

@@ -97,21 +97,24 @@ def value_scores(model, seqs: torch.Tensor, second: torch.Tensor, visible, batch
 
 
 @torch.no_grad()
-def gate_stats(model, seqs: torch.Tensor, first: torch.Tensor, tau: float, batch_size: int) -> dict:
-    """SP-KV's hard gates at tau on the haystacks: density (the kept fraction of old pairs) and the
-    share of (needle, layer, KV head) that keep every byte of the first saying's value."""
-    keeps, value_kept = {}, []
-    at = first[:, None] + torch.arange(harness.FACT_VALUE)  # (N, n)
+def gate_logits(model, seqs: torch.Tensor, batch_size: int) -> list:
+    """SP-KV's gate logits on the haystacks, once for every tau: {layer: (N, Hkv, T)} (the model's
+    own forward under hard gates at its trained tau)."""
+    per_batch = []
     for i in range(0, seqs.shape[0], batch_size):
         gates = []
         model(seqs[i:i + batch_size, :-1], a=1.0, gates=gates)  # each (b, Hkv, T)
-        for layer, g in zip(model.cfg.spkv_layers(), gates):
-            keep = spkv.hard_keep(g, tau)  # (b, Hkv, T)
-            keeps.setdefault(layer, []).append(keep)
-            idx = at[i:i + batch_size, None, :].expand(-1, keep.shape[1], -1)  # (b, Hkv, n)
-            value_kept.append(keep.gather(-1, idx).all(-1).float().flatten())
-    stats = spkv.density_stats({k: torch.cat(v) for k, v in keeps.items()}, model.cfg.window)
-    return {"density": stats["overall"], "value_kept": torch.cat(value_kept).mean().item()}
+        per_batch.append(gates)
+    return {layer: torch.cat([g[j] for g in per_batch]) for j, layer in enumerate(model.cfg.spkv_layers())}
+
+
+def gate_stats(logits: dict, first: torch.Tensor, tau: float, window: int) -> dict:
+    """SP-KV's hard gates at tau on the haystacks: density (the kept fraction of old pairs) and the
+    share of (needle, layer, KV head) that keep every byte of the first saying's value."""
+    keeps = {layer: spkv.hard_keep(g, tau) for layer, g in logits.items()}  # each (N, Hkv, T)
+    at = first[:, None, None] + torch.arange(harness.FACT_VALUE)  # (N, 1, n)
+    value_kept = [k.gather(-1, at.expand(-1, k.shape[1], -1)).all(-1).float().flatten() for k in keeps.values()]
+    return {"density": spkv.density_stats(keeps, window)["overall"], "value_kept": torch.cat(value_kept).mean().item()}
 
 
 def measure_depth(dense, trained, seqs, first, second, o: dict, taus, densities) -> list:
@@ -121,8 +124,9 @@ def measure_depth(dense, trained, seqs, first, second, o: dict, taus, densities)
     out = [{"policy": "full", **score(dense, lambda layer, q, k, logit: baselines.causal_visible(T))},
            {"policy": "window", **score(dense, lambda layer, q, k, logit: baselines.window_visible(T, window))}]
     points = []
+    logits = gate_logits(trained, seqs, o["batch_size"]) if taus else {}
     for tau in taus:
-        stats = gate_stats(trained, seqs, first, tau, o["batch_size"])
+        stats = gate_stats(logits, first, tau, window)
         mask = lambda layer, q, k, logit, tau=tau: baselines.spkv_visible(logit, window, tau)  # noqa: E731
         out.append({"policy": "spkv", "tau": tau, **stats, **score(trained, mask)})
         points.append(stats["density"])

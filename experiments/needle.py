@@ -17,7 +17,8 @@ The policies, each a mask over the same forward (baselines.forward_with_masks):
     full        the dense model, plain causal attention
     window      the dense model, the local window alone
     spkv@tau    the SP-KV model under hard gates at each tau of --taus; its density (the kept
-                fraction of old pairs, spkv.density_stats) measured on these haystacks
+                fraction of old pairs, spkv.density_stats) measured on these haystacks, from the
+                gates of that tau's forward
     streaming   the dense model, 4 sinks + the most recent old keys, at SP-KV's density
     h2o         the dense model, heavy hitters, at SP-KV's density
 Without --spkv, StreamingLLM and H2O run at each of --densities. For SP-KV also "value kept": the
@@ -96,22 +97,11 @@ def value_scores(model, seqs: torch.Tensor, second: torch.Tensor, visible, batch
     return {"loss": torch.cat(losses).mean().item(), "retrieved": torch.cat(hits).mean().item()}
 
 
-@torch.no_grad()
-def gate_logits(model, seqs: torch.Tensor, batch_size: int) -> list:
-    """SP-KV's gate logits on the haystacks, once for every tau: {layer: (N, Hkv, T)} (the model's
-    own forward under hard gates at its trained tau)."""
-    per_batch = []
-    for i in range(0, seqs.shape[0], batch_size):
-        gates = []
-        model(seqs[i:i + batch_size, :-1], a=1.0, gates=gates)  # each (b, Hkv, T)
-        per_batch.append(gates)
-    return {layer: torch.cat([g[j] for g in per_batch]) for j, layer in enumerate(model.cfg.spkv_layers())}
-
-
 def gate_stats(logits: dict, first: torch.Tensor, tau: float, window: int) -> dict:
-    """SP-KV's hard gates at tau on the haystacks: density (the kept fraction of old pairs) and the
-    share of (needle, layer, KV head) that keep every byte of the first saying's value."""
-    keeps = {layer: spkv.hard_keep(g, tau) for layer, g in logits.items()}  # each (N, Hkv, T)
+    """SP-KV's hard gates at tau on the haystacks, from the gate logits {layer: [(b, Hkv, T) per
+    batch]} of the forward at that tau: density (the kept fraction of old pairs) and the share of
+    (needle, layer, KV head) that keep every byte of the first saying's value."""
+    keeps = {layer: spkv.hard_keep(torch.cat(g), tau) for layer, g in logits.items()}  # each (N, Hkv, T)
     at = first[:, None, None] + torch.arange(harness.FACT_VALUE)  # (N, 1, n)
     value_kept = [k.gather(-1, at.expand(-1, k.shape[1], -1)).all(-1).float().flatten() for k in keeps.values()]
     return {"density": spkv.density_stats(keeps, window)["overall"], "value_kept": torch.cat(value_kept).mean().item()}
@@ -124,11 +114,16 @@ def measure_depth(dense, trained, seqs, first, second, o: dict, taus, densities)
     out = [{"policy": "full", **score(dense, lambda layer, q, k, logit: baselines.causal_visible(T))},
            {"policy": "window", **score(dense, lambda layer, q, k, logit: baselines.window_visible(T, window))}]
     points = []
-    logits = gate_logits(trained, seqs, o["batch_size"]) if taus else {}
     for tau in taus:
+        logits = {}  # {layer: [(b, Hkv, T)]}: the gates of this tau's own forward (a layer's input depends on tau)
+
+        def mask(layer, q, k, logit, tau=tau, logits=logits):
+            if logit is not None:  # a dense layer has no gates
+                logits.setdefault(layer, []).append(logit)
+            return baselines.spkv_visible(logit, window, tau)
+        scores = score(trained, mask)
         stats = gate_stats(logits, first, tau, window)
-        mask = lambda layer, q, k, logit, tau=tau: baselines.spkv_visible(logit, window, tau)  # noqa: E731
-        out.append({"policy": "spkv", "tau": tau, **stats, **score(trained, mask)})
+        out.append({"policy": "spkv", "tau": tau, **stats, **scores})
         points.append(stats["density"])
     for density in points or densities:
         for name in ("streaming", "h2o"):

@@ -1,6 +1,6 @@
 """experiments/needle.py at tiny size: the fact is said twice at the stated depth in otherwise
 untouched text, the value's loss is the model's own loss there, and SP-KV keeping every pair is
-full attention."""
+full attention, and SP-KV's density at each tau is that of the model's own forward at that tau."""
 
 import json
 
@@ -12,9 +12,11 @@ import torch.nn.functional as F
 import harness
 import measure
 import needle
-from checkpoint import load_model
+import spkv
+from checkpoint import load_model, save_checkpoint
 from cli import BadInput
 from tiny import shipped_tiny, tiny_checkpoint
+from tokenizer import byte_spec
 
 
 def test_the_fact_is_said_twice_at_the_depth_and_the_text_is_kept():
@@ -65,6 +67,38 @@ def test_spkv_keeping_everything_is_full_attention_and_the_policies_run_at_its_d
         densities = [r["density"] for r in rows if r["policy"] == "spkv"]
         assert sorted(r["density"] for r in rows if r["policy"] == "streaming") == sorted(densities)
         assert by[("window", None)]["loss"] != by[("full", None)]["loss"]
+
+
+def test_spkv_density_at_each_tau_is_the_models_own_at_that_tau(tmp_path):
+    """A later layer's gates read the output of earlier layers, which depends on tau: the density
+    reported at each tau must come from that tau's forward, not from one forward at another tau."""
+    shipped_tiny(tmp_path, T=96, n=3)
+    model = load_model(tiny_checkpoint(tmp_path / "s0.pt", window=8))[0]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for block in model.blocks:  # gates that vary by token around u = 0.5, so that the taus below split them
+            torch.nn.init.normal_(block.attn.predictor.proj.weight)
+            block.attn.predictor.proj.bias.zero_()
+    save_checkpoint(str(tmp_path / "s.pt"), model, byte_spec(), source="test")
+    (tmp_path / "s.json").write_text((tmp_path / "m.json").read_text())
+    taus, depths = (0.45, 0.5, 0.55), (10, 40)
+    needle.main([f"--dense={tmp_path / 's.pt'}", f"--spkv={tmp_path / 's.pt'}", f"--heldout={tmp_path / 'm_heldout.bin'}",
+                 f"--depths={depths[0]},{depths[1]}", "--taus=0.45,0.5,0.55", "--batch_size=4", "--threads=1",
+                 f"--out={tmp_path / 'o'}"])
+    (path,) = (tmp_path / "o" / "results").glob("needle-*.json")
+    res = json.loads(path.read_text())["results"]
+    rows = torch.from_numpy(np.fromfile(tmp_path / "m_heldout.bin", dtype=np.uint16).astype(np.int64)).view(3, 97)
+    rng, model = np.random.default_rng(0), model.eval()  # needle.py's facts: seed 0, depth after depth
+    for depth in depths:
+        seqs, _, _ = needle.haystacks(rows, depth, 2, rng)
+        got = {r["tau"]: r["density"] for r in res[str(depth)] if r["policy"] == "spkv"}
+        for tau in taus:
+            gates = []
+            with torch.no_grad():
+                model.retune(tau=tau)(seqs[:, :-1], a=1.0, gates=gates)  # each (6, Hkv, T)
+            keeps = {layer: spkv.hard_keep(g, tau) for layer, g in zip(model.cfg.spkv_layers(), gates)}
+            assert got[tau] == pytest.approx(spkv.density_stats(keeps, 8)["overall"], abs=1e-6)
+        assert len(set(got.values())) == len(taus)  # the taus do split the gates
 
 
 def test_a_depth_that_does_not_fit_is_one_line(tmp_path):

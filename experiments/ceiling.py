@@ -2,12 +2,14 @@
 
     python experiments/ceiling.py --distill_seqs=32        # the shipped model, windows 32..256, densities 0.1, 0.25
     python experiments/ceiling.py --windows=32 --densities=0.05,0.1,0.25,0.5
+    python experiments/ceiling.py --ckpt=ckpt/smollm2-135m-instruct.pt --draw_heldout=16 --windows=64 --distill_seqs=16
 
 SP-KV's hard gate decides once, when a pair is written, whether the pair stays for every later
 query. StreamingLLM keeps what is recent to each query, which no write-time decision can express
 beyond the window. So before asking whether training finds good gates, this asks whether good
 gates exist: on the shipped model's held-out sequences (models/stdlib_bytes_heldout.bin, the 16 x
-1024 bytes of its bar), at each window and density, the loss under
+1024 bytes of its bar; --draw_heldout=16 draws such rows from the val split instead, for a
+model shipped without them, as convert.py's SmolLM2), at each window and density, the loss under
     full        plain causal attention
     window      the window alone
     streaming   StreamingLLM: 4 sinks + the most recent old keys, at the density
@@ -67,6 +69,8 @@ ORACLES = {"oracle_sum": dict(rank_by="sum"), "oracle_max": dict(rank_by="max"),
 class Flags:
     ckpt: str = ""  # the dense model; "" = models/stdlib_bytes.pt
     heldout: str = ""  # its held-out sequences (a .bin of uint16 rows, shape in the model's .json); "" = the shipped ones
+    draw_heldout: int = 0  # > 0: measure on this many --draw_len-token rows of --data's val split (harness.val_rows, 4 a batch) instead, for a model shipped without rows (convert.py's SmolLM2)
+    draw_len: int = 1024  # tokens a drawn held-out row
     windows: str = "32,64,128,256"  # comma list
     densities: str = "0.1,0.25"  # comma list of kept fractions of old pairs
     batch_size: int = 4  # sequences a forward
@@ -271,6 +275,23 @@ def plot(results: list, path: str):
     fig.savefig(path)
 
 
+def held_out_rows(ckpt: str, o: dict) -> torch.Tensor:
+    """(N, T + 1) the rows every figure is measured on: those shipped beside ckpt (or --heldout), or
+    with --draw_heldout, rows drawn from --data's val split in ckpt's tokenizer. Says which."""
+    if not o["draw_heldout"]:
+        if not os.path.isfile(ckpt[:-len(".pt")] + ".json"):
+            raise cli.BadInput(f"{ckpt} has no .json naming its held-out rows; give --draw_heldout=16 to draw "
+                               "rows from --data's val split instead")
+        rows = harness.heldout_rows(ckpt, o["heldout"])
+        print(f"held-out rows: {rows.shape[0]} x {rows.shape[1] - 1} tokens shipped with {ckpt}")
+        return rows
+    folder = datalib.prepare(o["data"], load_model(ckpt)[1], o["data_cache"] or datalib.DEFAULT_CACHE)
+    rows = harness.val_rows(datalib.Batches(folder, "val", o["draw_len"]), o["draw_heldout"] // 4, 4)
+    print(f"held-out rows: {rows.shape[0]} x {o['draw_len']} tokens drawn from the val split of "
+          f"{o['data'] or 'the stdlib source'} (--draw_heldout)")
+    return rows
+
+
 def main(argv):
     given = cli.parse(argv, Flags, "ceiling.py")
     o = {**dataclasses.asdict(Flags()), **given}
@@ -292,12 +313,15 @@ def main(argv):
             or not 0 < o["save_density"] < 1 or not all(0 <= d <= 1 for d in densities)):
         raise cli.BadInput("--batch_size, --threads and --distill_steps must be >= 1, --distill_seqs and --seed >= 0, "
                            "--save_density in (0, 1), --windows >= 1, --densities in [0, 1]")
+    if o["draw_heldout"] % 4 or o["draw_heldout"] < 0 or o["draw_len"] < 2:
+        raise cli.BadInput(f"--draw_heldout={o['draw_heldout']} must be a multiple of 4 (drawn 4 a batch), 0 for the "
+                           f"shipped rows; --draw_len={o['draw_len']} at least 2")
     if o["ship_gates"] and (len(windows) != 1 or o["distill_seqs"] < 1):
         raise cli.BadInput("--ship_gates writes one window's learned gates: give one --windows and --distill_seqs >= 1")
     if o["ship_gates"] and os.path.exists(o["ship_gates"]):
         raise cli.BadInput(f"--ship_gates={o['ship_gates']} exists; move it away or give a new path")
     torch.set_num_threads(o["threads"])
-    rows = harness.heldout_rows(ckpt, o["heldout"])
+    rows = held_out_rows(ckpt, o)
     if max(windows) >= rows.shape[1] - 1:
         raise cli.BadInput(f"--windows: {max(windows)} is not below the sequence length {rows.shape[1] - 1}")
     model = load_model(ckpt, dense=True)[0].eval()

@@ -55,6 +55,13 @@ def write_json(path: str, obj):
     os.replace(path + ".tmp", path)
 
 
+def val_rows(val: datalib.Batches, n_batches: int, batch_size: int) -> torch.Tensor:
+    """(n_batches * batch_size, T + 1) held-out token rows: the windows baselines.policy_losses draws
+    from val for a bar (seed 1, batch after batch), each with its last target."""
+    gen = torch.Generator().manual_seed(1)
+    return torch.cat([torch.cat([x, y[:, -1:]], 1) for x, y in (val.sample(batch_size, gen) for _ in range(n_batches))])
+
+
 def heldout_rows(ckpt: str, given: str = "") -> torch.Tensor:
     """(N, T + 1) token rows: the bar's held-out sequences shipped beside a model (its .json names the
     file and shape), or a .bin of the same shape given as `given`."""

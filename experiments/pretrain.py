@@ -372,9 +372,7 @@ def ship_heldout(o: dict, path: str) -> dict:
     that a test can check the shipped model against its bar without this machine's stdlib. Its
     figures on them are the bar's, in the provenance beside it."""
     val = datalib.Batches(os.path.join(o["out"], "data_mix"), "val", o["seq_len"])
-    gen = torch.Generator().manual_seed(1)  # baselines.policy_losses' draw: the bar's batches
-    rows = torch.cat([torch.cat([x, y[:, -1:]], 1) for x, y in (val.sample(o["bar_batch_size"], gen)
-                                                               for _ in range(o["bar_batches"]))])  # (n * bs, T + 1)
+    rows = harness.val_rows(val, o["bar_batches"], o["bar_batch_size"])  # (n * bs, T + 1): the bar's batches
     rows.numpy().astype(np.uint16).tofile(path + ".tmp")
     os.replace(path + ".tmp", path)
     return {"file": os.path.basename(path), "shape": list(rows.shape), "dtype": "uint16"}

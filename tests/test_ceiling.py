@@ -88,3 +88,31 @@ def test_ship_gates_writes_one_windows_learned_gates_alone_and_never_over_a_file
     assert raw["window"] == 8 and raw["predictors"] and all(torch.equal(state[k], v) for k, v in raw["predictors"].items())
     with pytest.raises(BadInput, match="exists"):
         ceiling.main([*common, "--windows=8", f"--ship_gates={gates}"])
+
+
+def test_a_model_shipped_without_rows_is_measured_on_rows_drawn_from_the_val_split(tmp_path, capsys):
+    """--draw_heldout (convert.py's SmolLM2 has no bar rows): the figures are those of harness.val_rows
+    on --data's val split; without it such a model is refused in one line that names the flag."""
+    import baselines
+    import data as datalib
+    import harness
+    from checkpoint import load_model
+    from tiny import tiny_checkpoint, tiny_text_dir
+
+    ckpt = tiny_checkpoint(tmp_path / "bare.pt", predictors=False)  # no .json, no rows beside it
+    text = tiny_text_dir(tmp_path / "text")
+    common = [f"--ckpt={ckpt}", "--windows=8", "--densities=0.25", f"--data={text}", f"--data_cache={tmp_path / 'cache'}",
+              "--batch_size=2", "--threads=1", f"--out={tmp_path / 'out'}"]
+    with pytest.raises(BadInput, match="--draw_heldout"):
+        ceiling.main(common)
+    with pytest.raises(BadInput, match="multiple of 4"):
+        ceiling.main([*common, "--draw_heldout=6"])
+    ceiling.main([*common, "--draw_heldout=4", "--draw_len=40"])
+    assert "4 x 40 tokens drawn from the val split" in capsys.readouterr().out
+    (path,) = (tmp_path / "out" / "results").glob("ceiling-*.json")
+    full = json.loads(path.read_text())["results"][0]["full"]
+    model, tok, _ = load_model(ckpt, dense=True)
+    rows = harness.val_rows(datalib.Batches(datalib.prepare(text, tok, str(tmp_path / "cache")), "val", 40), 1, 4)
+    assert rows.shape == (4, 41)
+    want = ceiling.loss_of(model.eval(), rows, lambda layer, q, k, logit: baselines.causal_visible(40), 2)
+    assert full == pytest.approx(want, rel=1e-6)

@@ -4,6 +4,8 @@ several predictor recipes, against the same steps of dense training.
     python experiments/smollm2.py                     # every recipe, ~2 h in all on 2 cores (estimated)
     python experiments/smollm2.py --recipes=neutral   # one recipe, ~35 min
     python experiments/smollm2.py --eval_only=True    # measure the finished runs again
+    python experiments/smollm2.py --recipes=paper --spkv_base=<ceiling.py's learned_w64 checkpoint of SmolLM2>
+                                                      # from gates fitted to the model's own attention
 
 The model is the embedded SmolLM2-135M-Instruct (or --ckpt), on stdlib source at 1024 tokens with a
 window of 64: --steps steps of 1 sequence at base LR 1e-4. Every run is train.py: the dense run,
@@ -39,6 +41,8 @@ RECIPES = {  # name -> (train.py flags of the SP-KV run on top of the shared one
                 "init bias 0 (u = 0.5): the gate's slope u(1 - u) is 0.25 there, 0.007 at u = 0.993"),
     "closed": ({"predictor_lr_mult": 100, "predictor_init_bias": -2.0},
                "init bias -2 (u = 0.12): old keys start down-weighted by log u = -2.1"),
+    "paper": ({"predictor_lr_mult": 5},
+              "the paper's predictor recipe (LR x5, weight decay 0.1); with --spkv_base, from gates fitted by ceiling.py"),
 }
 
 
@@ -54,6 +58,7 @@ class Flags:
     tiny: bool = False  # tests: 64 tokens, a window of 8, to check the plumbing in seconds (give a tiny --ckpt)
     data: str = ""  # training text, as train.py's --data; "" = the Python standard library source
     ckpt: str = ""  # the pretrained model, as train.py's --ckpt; "" = the embedded SmolLM2-135M
+    spkv_base: str = ""  # where the SP-KV runs start instead: ceiling.py's learned-gates checkpoint of --ckpt; "" = --ckpt
 
 
 def shared_flags(o: dict) -> dict:
@@ -68,16 +73,22 @@ def shared_flags(o: dict) -> dict:
 def plan(o: dict) -> dict:
     """{run name: train.py flags}: the dense run, then the chosen recipes."""
     base = shared_flags(o)
+    start = {"ckpt": o["spkv_base"]} if o["spkv_base"] else {}
     return {"smollm2_dense": {**base, "dense": True},
-            **{f"smollm2_spkv_{name}": {**base, **RECIPES[name][0]}
+            **{f"smollm2_spkv_{name}{run_suffix(o)}": {**base, **start, **RECIPES[name][0]}
                for name in harness.chosen("recipes", o["recipes"], RECIPES)}}
+
+
+def run_suffix(o: dict) -> str:
+    """Runs from another start than --ckpt have folders of their own beside the dense run."""
+    return f"_from_{os.path.splitext(os.path.basename(o['spkv_base']))[0]}" if o["spkv_base"] else ""
 
 
 def measure_recipe(o: dict, name: str, flags: dict) -> dict:
     """One recipe's SP-KV run against the dense run: measure_against_dense at its trained tau and at
     the tau calibrated on training text, and train.py's final eval."""
     folder = lambda run: os.path.join(o["out"], run)  # noqa: E731
-    run = f"smollm2_spkv_{name}"
+    run = f"smollm2_spkv_{name}{run_suffix(o)}"
     train, val = harness.train_and_val(os.path.join(folder(run), "ckpt.pt"), o["data"], flags["seq_len"])
     measured = harness.measure_against_dense(os.path.join(folder(run), "ckpt.pt"),
                                              os.path.join(folder("smollm2_dense"), "ckpt.pt"), val, (),
@@ -88,6 +99,9 @@ def measure_recipe(o: dict, name: str, flags: dict) -> dict:
 
 
 def check(o: dict):
+    if o["spkv_base"] and not os.path.isfile(o["spkv_base"]):
+        raise cli.BadInput(f"--spkv_base={o['spkv_base']} does not exist; give ceiling.py's learned-gates checkpoint "
+                           "(ceiling.py --ckpt=<this model> --draw_heldout=16 --distill_seqs=16 saves one)")
     if min(o["steps"], o["eval_batches"], o["threads"]) < 1:
         raise cli.BadInput("--steps, --eval_batches and --threads must be >= 1")
     if not 0 < o["target_density"] <= 1:
@@ -102,8 +116,8 @@ def main(argv):
     torch.set_num_threads(o["threads"])
     runs = plan(o)
     harness.train_all(o["out"], runs, o["threads"], o["eval_only"])
-    results = [measure_recipe(o, name.removeprefix("smollm2_spkv_"), flags) for name, flags in runs.items()
-               if name != "smollm2_dense"]
+    results = [measure_recipe(o, name.removeprefix("smollm2_spkv_").removesuffix(run_suffix(o)), flags)
+               for name, flags in runs.items() if name != "smollm2_dense"]
     harness.print_points("SmolLM2-135M adapted, held-out stdlib:",
                          [(f"{r['recipe']}, {label}", r["measured"], r["measured"][key]) for r in results
                           for key, label in (("trained_tau", "tau as trained"),

@@ -45,3 +45,21 @@ def test_recipes_adapt_the_checkpoint_against_dense_and_each_run_writes_a_new_fi
         assert (saved["predictor_lr_mult"], saved["predictor_weight_decay"], saved["predictor_init_bias"]) == (100, decay, bias)
     with pytest.raises(BadInput, match="unknown recipe 'x5'"):
         smollm2.main(flags + ["--recipes=x5"])
+
+
+def test_spkv_base_starts_the_spkv_runs_from_fitted_gates_beside_the_same_dense_run(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "bytes.pt", predictors=False)
+    fitted = tiny_checkpoint(tmp_path / "learned_w8.pt", seed=1)  # stands for ceiling.py's learned-gates checkpoint
+    out = tmp_path / "rt"
+    flags = [f"--out={out}", "--tiny=True", "--steps=2", "--eval_batches=1", "--threads=1", "--recipes=paper",
+             f"--ckpt={ckpt}", f"--data={tiny_text_dir(tmp_path / 'text')}"]
+    with pytest.raises(BadInput, match="--spkv_base=.*does not exist"):
+        smollm2.main(flags + [f"--spkv_base={tmp_path / 'none.pt'}"])
+    smollm2.main(flags + [f"--spkv_base={fitted}"])
+    run = out / "smollm2_spkv_paper_from_learned_w8"
+    spkv = json.loads((run / "final.json").read_text())["train_config"]
+    dense = json.loads((out / "smollm2_dense" / "final.json").read_text())["train_config"]
+    assert spkv["ckpt"] == fitted and dense["ckpt"] == ckpt and spkv["predictor_lr_mult"] == 5
+    (path,) = (out / "results").glob("smollm2-*.json")
+    (res,) = json.loads(path.read_text())["results"]["recipes"]
+    assert res["run"] == run.name and res["recipe"] == "paper"

@@ -59,6 +59,7 @@ class Flags:
     data: str = ""  # training text, as train.py's --data; "" = the Python standard library source
     ckpt: str = ""  # the pretrained model, as train.py's --ckpt; "" = the embedded SmolLM2-135M
     spkv_base: str = ""  # where the SP-KV runs start instead: ceiling.py's learned-gates checkpoint of --ckpt; "" = --ckpt
+    tau: float = 0.5  # the SP-KV runs' hard-gate threshold (train.py --tau); from fitted gates, the tau that keeps a chosen share of old pairs at the start (experiments/tau.py --target_density)
 
 
 def shared_flags(o: dict) -> dict:
@@ -74,14 +75,17 @@ def plan(o: dict) -> dict:
     """{run name: train.py flags}: the dense run, then the chosen recipes."""
     base = shared_flags(o)
     start = {"ckpt": o["spkv_base"]} if o["spkv_base"] else {}
+    start["tau"] = o["tau"]
     return {"smollm2_dense": {**base, "dense": True},
             **{f"smollm2_spkv_{name}{run_suffix(o)}": {**base, **start, **RECIPES[name][0]}
                for name in harness.chosen("recipes", o["recipes"], RECIPES)}}
 
 
 def run_suffix(o: dict) -> str:
-    """Runs from another start than --ckpt have folders of their own beside the dense run."""
-    return f"_from_{os.path.splitext(os.path.basename(o['spkv_base']))[0]}" if o["spkv_base"] else ""
+    """Runs from another start than --ckpt, or at another tau than 0.5, have folders of their own
+    beside the dense run."""
+    start = f"_from_{os.path.splitext(os.path.basename(o['spkv_base']))[0]}" if o["spkv_base"] else ""
+    return start + (f"_tau{o['tau']:g}" if o["tau"] != 0.5 else "")
 
 
 def measure_recipe(o: dict, name: str, flags: dict) -> dict:
@@ -102,6 +106,8 @@ def check(o: dict):
     if o["spkv_base"] and not os.path.isfile(o["spkv_base"]):
         raise cli.BadInput(f"--spkv_base={o['spkv_base']} does not exist; give ceiling.py's learned-gates checkpoint "
                            "(ceiling.py --ckpt=<this model> --draw_heldout=16 --distill_seqs=16 saves one)")
+    if not 0 < o["tau"] < 1:
+        raise cli.BadInput(f"--tau={o['tau']} must be in (0, 1): the gate value an old pair needs to be kept")
     if min(o["steps"], o["eval_batches"], o["threads"]) < 1:
         raise cli.BadInput("--steps, --eval_batches and --threads must be >= 1")
     if not 0 < o["target_density"] <= 1:

@@ -63,3 +63,8 @@ def test_spkv_base_starts_the_spkv_runs_from_fitted_gates_beside_the_same_dense_
     (path,) = (out / "results").glob("smollm2-*.json")
     (res,) = json.loads(path.read_text())["results"]["recipes"]
     assert res["run"] == run.name and res["recipe"] == "paper"
+    with pytest.raises(BadInput, match="--tau=1.0 must be in"):
+        smollm2.main(flags + [f"--spkv_base={fitted}", "--tau=1.0"])
+    smollm2.main(flags + [f"--spkv_base={fitted}", "--tau=0.3"])  # another tau: a run of its own, the first kept
+    cut = json.loads((out / f"{run.name}_tau0.3" / "final.json").read_text())["train_config"]
+    assert cut["tau"] == 0.3 and spkv["tau"] == 0.5 and cut["ckpt"] == fitted

@@ -10,7 +10,7 @@ several predictor recipes, against the same steps of dense training.
 The model is the embedded SmolLM2-135M-Instruct (or --ckpt), on stdlib source at 1024 tokens with a
 window of 64: --steps steps of 1 sequence at base LR 1e-4. Every run is train.py: the dense run,
 and one SP-KV adaptation per recipe (RECIPES: named train.py overrides, each with its reason), all
-with the predictor at x100 the base LR. Each SP-KV model is measured on --eval_batches held-out
+with the predictor at x100 the base LR (paper: x5, from --spkv_base). Each SP-KV model is measured on --eval_batches held-out
 sequences under hard gates (harness.measure_against_dense) at its trained tau and at the tau that
 keeps --target_density of old pairs on training text, against the dense run under full attention
 and the window alone, with H2O and StreamingLLM on the dense run at SP-KV's density and window; a

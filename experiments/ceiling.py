@@ -275,9 +275,9 @@ def plot(results: list, path: str):
     fig.savefig(path)
 
 
-def held_out_rows(ckpt: str, o: dict) -> torch.Tensor:
+def held_out_rows(ckpt: str, tok, o: dict) -> torch.Tensor:
     """(N, T + 1) the rows every figure is measured on: those shipped beside ckpt (or --heldout), or
-    with --draw_heldout, rows drawn from --data's val split in ckpt's tokenizer. Says which."""
+    with --draw_heldout, rows drawn from --data's val split in the model's tokenizer tok. Says which."""
     if not o["draw_heldout"]:
         if not os.path.isfile(ckpt[:-len(".pt")] + ".json"):
             raise cli.BadInput(f"{ckpt} has no .json naming its held-out rows; give --draw_heldout=16 to draw "
@@ -285,7 +285,7 @@ def held_out_rows(ckpt: str, o: dict) -> torch.Tensor:
         rows = harness.heldout_rows(ckpt, o["heldout"])
         print(f"held-out rows: {rows.shape[0]} x {rows.shape[1] - 1} tokens shipped with {ckpt}")
         return rows
-    folder = datalib.prepare(o["data"], load_model(ckpt)[1], o["data_cache"] or datalib.DEFAULT_CACHE)
+    folder = datalib.prepare(o["data"], tok, o["data_cache"] or datalib.DEFAULT_CACHE)
     rows = harness.val_rows(datalib.Batches(folder, "val", o["draw_len"]), o["draw_heldout"] // 4, 4)
     print(f"held-out rows: {rows.shape[0]} x {o['draw_len']} tokens drawn from the val split of "
           f"{o['data'] or 'the stdlib source'} (--draw_heldout)")
@@ -321,10 +321,11 @@ def main(argv):
     if o["ship_gates"] and os.path.exists(o["ship_gates"]):
         raise cli.BadInput(f"--ship_gates={o['ship_gates']} exists; move it away or give a new path")
     torch.set_num_threads(o["threads"])
-    rows = held_out_rows(ckpt, o)
+    model, tok, _ = load_model(ckpt, dense=True)
+    rows = held_out_rows(ckpt, tok, o)
     if max(windows) >= rows.shape[1] - 1:
         raise cli.BadInput(f"--windows: {max(windows)} is not below the sequence length {rows.shape[1] - 1}")
-    model = load_model(ckpt, dense=True)[0].eval()
+    model.eval()
     learned = None
     if o["distill_seqs"] > 0:
         torch.manual_seed(0)

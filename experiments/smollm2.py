@@ -77,22 +77,22 @@ def plan(o: dict) -> dict:
     start = {"ckpt": o["spkv_base"]} if o["spkv_base"] else {}
     start["tau"] = o["tau"]
     return {"smollm2_dense": {**base, "dense": True},
-            **{f"smollm2_spkv_{name}{run_suffix(o)}": {**base, **start, **RECIPES[name][0]}
+            **{spkv_run(o, name): {**base, **start, **RECIPES[name][0]}
                for name in harness.chosen("recipes", o["recipes"], RECIPES)}}
 
 
-def run_suffix(o: dict) -> str:
-    """Runs from another start than --ckpt, or at another tau than 0.5, have folders of their own
-    beside the dense run."""
+def spkv_run(o: dict, recipe: str) -> str:
+    """The folder of a recipe's SP-KV run. Runs from another start than --ckpt, or at another tau
+    than 0.5, have folders of their own beside the dense run."""
     start = f"_from_{os.path.splitext(os.path.basename(o['spkv_base']))[0]}" if o["spkv_base"] else ""
-    return start + (f"_tau{o['tau']:g}" if o["tau"] != 0.5 else "")
+    return f"smollm2_spkv_{recipe}{start}" + (f"_tau{o['tau']:g}" if o["tau"] != 0.5 else "")
 
 
 def measure_recipe(o: dict, name: str, flags: dict) -> dict:
     """One recipe's SP-KV run against the dense run: measure_against_dense at its trained tau and at
     the tau calibrated on training text, and train.py's final eval."""
     folder = lambda run: os.path.join(o["out"], run)  # noqa: E731
-    run = f"smollm2_spkv_{name}{run_suffix(o)}"
+    run = spkv_run(o, name)
     train, val = harness.train_and_val(os.path.join(folder(run), "ckpt.pt"), o["data"], flags["seq_len"])
     measured = harness.measure_against_dense(os.path.join(folder(run), "ckpt.pt"),
                                              os.path.join(folder("smollm2_dense"), "ckpt.pt"), val, (),
@@ -122,8 +122,7 @@ def main(argv):
     torch.set_num_threads(o["threads"])
     runs = plan(o)
     harness.train_all(o["out"], runs, o["threads"], o["eval_only"])
-    results = [measure_recipe(o, name.removeprefix("smollm2_spkv_").removesuffix(run_suffix(o)), flags)
-               for name, flags in runs.items() if name != "smollm2_dense"]
+    results = [measure_recipe(o, name, runs[spkv_run(o, name)]) for name in harness.chosen("recipes", o["recipes"], RECIPES)]
     harness.print_points("SmolLM2-135M adapted, held-out stdlib:",
                          [(f"{r['recipe']}, {label}", r["measured"], r["measured"][key]) for r in results
                           for key, label in (("trained_tau", "tau as trained"),

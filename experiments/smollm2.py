@@ -6,6 +6,7 @@ several predictor recipes, against the same steps of dense training.
     python experiments/smollm2.py --eval_only=True    # measure the finished runs again
     python experiments/smollm2.py --recipes=paper --spkv_base=<ceiling.py's learned_w64 checkpoint of SmolLM2>
                                                       # from gates fitted to the model's own attention
+    python experiments/smollm2.py --recipes=paper --spkv_base=... --seed=1338   # another seed: dense and SP-KV runs of its own
 
 The model is the embedded SmolLM2-135M-Instruct (or --ckpt), on stdlib source at 1024 tokens with a
 window of 64: --steps steps of 1 sequence at base LR 1e-4. Every run is train.py: the dense run,
@@ -60,6 +61,7 @@ class Flags:
     ckpt: str = ""  # the pretrained model, as train.py's --ckpt; "" = the embedded SmolLM2-135M
     spkv_base: str = ""  # where the SP-KV runs start instead: ceiling.py's learned-gates checkpoint of --ckpt; "" = --ckpt
     tau: float = 0.5  # the SP-KV runs' hard-gate threshold (train.py --tau); from fitted gates, the tau that keeps a chosen share of old pairs at the start (experiments/tau.py --target_density)
+    seed: int = 1337  # train.py --seed of every run (data order, fresh predictors' init); another seed than 1337 has run folders of its own
 
 
 def shared_flags(o: dict) -> dict:
@@ -68,7 +70,7 @@ def shared_flags(o: dict) -> dict:
     return {"init": "pretrained", "ckpt": o["ckpt"], "data": o["data"], "device": "cpu", "preset": "cpu", "gates": "",
             "seq_len": shape["seq_len"], "window": shape["window"], "batch_size": 1, "lr": 1e-4, "weight_decay": 0.0,
             "warmup_steps": max(1, steps // 10), "max_steps": steps, "eval_every": 20, "eval_batches": 2,
-            "ckpt_every": 20}
+            "ckpt_every": 20, "seed": o["seed"]}
 
 
 def plan(o: dict) -> dict:
@@ -76,16 +78,26 @@ def plan(o: dict) -> dict:
     base = shared_flags(o)
     start = {"ckpt": o["spkv_base"]} if o["spkv_base"] else {}
     start["tau"] = o["tau"]
-    return {"smollm2_dense": {**base, "dense": True},
+    return {dense_run(o): {**base, "dense": True},
             **{spkv_run(o, name): {**base, **start, **RECIPES[name][0]}
                for name in harness.chosen("recipes", o["recipes"], RECIPES)}}
 
 
+def seed_suffix(o: dict) -> str:
+    """"" at train.py's default seed (the folders of runs made before --seed existed), else _s<seed>."""
+    return "" if o["seed"] == 1337 else f"_s{o['seed']}"
+
+
+def dense_run(o: dict) -> str:
+    """The folder of the dense run of --seed."""
+    return "smollm2_dense" + seed_suffix(o)
+
+
 def spkv_run(o: dict, recipe: str) -> str:
-    """The folder of a recipe's SP-KV run. Runs from another start than --ckpt, or at another tau
-    than 0.5, have folders of their own beside the dense run."""
+    """The folder of a recipe's SP-KV run. Runs from another start than --ckpt, at another tau than
+    0.5, or at another seed, have folders of their own beside the dense run."""
     start = f"_from_{os.path.splitext(os.path.basename(o['spkv_base']))[0]}" if o["spkv_base"] else ""
-    return f"smollm2_spkv_{recipe}{start}" + (f"_tau{o['tau']:g}" if o["tau"] != 0.5 else "")
+    return f"smollm2_spkv_{recipe}{start}" + (f"_tau{o['tau']:g}" if o["tau"] != 0.5 else "") + seed_suffix(o)
 
 
 def measure_recipe(o: dict, name: str, flags: dict) -> dict:
@@ -95,10 +107,10 @@ def measure_recipe(o: dict, name: str, flags: dict) -> dict:
     run = spkv_run(o, name)
     train, val = harness.train_and_val(os.path.join(folder(run), "ckpt.pt"), o["data"], flags["seq_len"])
     measured = harness.measure_against_dense(os.path.join(folder(run), "ckpt.pt"),
-                                             os.path.join(folder("smollm2_dense"), "ckpt.pt"), val, (),
+                                             os.path.join(folder(dense_run(o)), "ckpt.pt"), val, (),
                                              o["eval_batches"], flags["batch_size"], target_density=o["target_density"],
                                              calibrate_on=train, with_sinks=True)
-    return {"recipe": name, "why": RECIPES[name][1], "run": run, "dense": "smollm2_dense", "train_flags": flags,
+    return {"recipe": name, "why": RECIPES[name][1], "run": run, "dense": dense_run(o), "train_flags": flags,
             "final_eval": harness.final_eval(folder(run)), "measured": measured}
 
 
@@ -108,6 +120,8 @@ def check(o: dict):
                            "(ceiling.py --ckpt=<this model> --draw_heldout=16 --distill_seqs=16 saves one)")
     if not 0 < o["tau"] < 1:
         raise cli.BadInput(f"--tau={o['tau']} must be in (0, 1): the gate value an old pair needs to be kept")
+    if not 0 <= o["seed"] < 2 ** 63:
+        raise cli.BadInput(f"--seed={o['seed']} must be in [0, 2**63) (train.py's --seed)")
     if min(o["steps"], o["eval_batches"], o["threads"]) < 1:
         raise cli.BadInput("--steps, --eval_batches and --threads must be >= 1")
     if not 0 < o["target_density"] <= 1:

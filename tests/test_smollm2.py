@@ -68,3 +68,22 @@ def test_spkv_base_starts_the_spkv_runs_from_fitted_gates_beside_the_same_dense_
     smollm2.main(flags + [f"--spkv_base={fitted}", "--tau=0.3"])  # another tau: a run of its own, the first kept
     cut = json.loads((out / f"{run.name}_tau0.3" / "final.json").read_text())["train_config"]
     assert cut["tau"] == 0.3 and spkv["tau"] == 0.5 and cut["ckpt"] == fitted
+
+
+def test_another_seed_trains_a_dense_run_and_spkv_runs_of_its_own(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "bytes.pt", predictors=False)
+    out = tmp_path / "rt"
+    flags = [f"--out={out}", "--tiny=True", "--steps=2", "--eval_batches=1", "--threads=1", "--recipes=neutral",
+             f"--ckpt={ckpt}", f"--data={tiny_text_dir(tmp_path / 'text')}"]
+    with pytest.raises(BadInput, match="--seed=-1 must be in"):
+        smollm2.main(flags + ["--seed=-1"])
+    smollm2.main(flags)
+    first = (out / "smollm2_dense" / "final.json").read_bytes()
+    smollm2.main(flags + ["--seed=7"])
+    assert (out / "smollm2_dense" / "final.json").read_bytes() == first  # the default seed's runs are kept
+    for run in ("smollm2_dense_s7", "smollm2_spkv_neutral_s7"):
+        assert json.loads((out / run / "final.json").read_text())["train_config"]["seed"] == 7
+    assert json.loads(first)["train_config"]["seed"] == 1337
+    newest = max((out / "results").glob("smollm2-*.json"), key=lambda p: p.stat().st_mtime_ns)
+    (res,) = json.loads(newest.read_text())["results"]["recipes"]
+    assert (res["run"], res["dense"]) == ("smollm2_spkv_neutral_s7", "smollm2_dense_s7")

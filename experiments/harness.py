@@ -137,6 +137,12 @@ def new_result_path(out: str, name: str, ext: str = "json") -> str:
             path, n = f"{base}-{n}.{ext}", n + 1
 
 
+def start_suffix(spkv_base: str) -> str:
+    """The part of an SP-KV run's folder name that says where it started: "" from the dense model,
+    else _from_<checkpoint name>, so runs from other starts never share a folder."""
+    return f"_from_{os.path.splitext(os.path.basename(spkv_base))[0]}" if spkv_base else ""
+
+
 def out_folder(given: dict, name: str) -> str:
     """--out as given, else out/<name>, or out/<name>_tiny with --tiny=True: a tiny run never lands
     in the real run's folder, where its runs would be refused (other flags) or block the real ones."""

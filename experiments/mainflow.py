@@ -91,8 +91,7 @@ def plan(o: dict) -> list:
         for name in o["recipes"].split(","):
             if name not in RECIPES:
                 raise cli.BadInput(f"--recipes: unknown recipe {name!r}; use a comma list of {sorted(RECIPES)}")
-            start = f"_from_{os.path.splitext(os.path.basename(o['spkv_base']))[0]}" if o["spkv_base"] else ""
-            run = f"spkv_{name}{start}_s{seed}"  # runs from another start have folders of their own beside the twin
+            run = f"spkv_{name}{harness.start_suffix(o['spkv_base'])}_s{seed}"  # runs from another start have folders of their own beside the twin
             o["flags"][run] = train_flags(o, seed, False, RECIPES[name][0])
             rows.append((run, dense, name, seed))
     return rows

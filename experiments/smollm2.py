@@ -85,7 +85,7 @@ def plan(o: dict) -> dict:
 
 def seed_suffix(o: dict) -> str:
     """"" at train.py's default seed (the folders of runs made before --seed existed), else _s<seed>."""
-    return "" if o["seed"] == 1337 else f"_s{o['seed']}"
+    return "" if o["seed"] == Flags.seed else f"_s{o['seed']}"
 
 
 def dense_run(o: dict) -> str:
@@ -96,8 +96,7 @@ def dense_run(o: dict) -> str:
 def spkv_run(o: dict, recipe: str) -> str:
     """The folder of a recipe's SP-KV run. Runs from another start than --ckpt, at another tau than
     0.5, or at another seed, have folders of their own beside the dense run."""
-    start = f"_from_{os.path.splitext(os.path.basename(o['spkv_base']))[0]}" if o["spkv_base"] else ""
-    return f"smollm2_spkv_{recipe}{start}" + (f"_tau{o['tau']:g}" if o["tau"] != 0.5 else "") + seed_suffix(o)
+    return f"smollm2_spkv_{recipe}{harness.start_suffix(o['spkv_base'])}" + (f"_tau{o['tau']:g}" if o["tau"] != 0.5 else "") + seed_suffix(o)
 
 
 def measure_recipe(o: dict, name: str, flags: dict) -> dict:
